@@ -1,0 +1,131 @@
+//! The client side: connect, get the server's bootstrap capability, make calls.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::rc::Rc;
+
+use capnp::capability::FromClientHook;
+use capnp_rpc::RpcSystem;
+use futures::future::{FutureExt, Shared};
+use futures::channel::oneshot;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::network::{new_network, ConnectionControl};
+use crate::{ConnectionStats, Error, Limits, Side};
+
+/// Configures a [`Client`].
+#[derive(Clone, Debug, Default)]
+#[must_use]
+pub struct ClientBuilder {
+    limits: Limits,
+}
+
+impl ClientBuilder {
+    /// Limits for this connection (the server is a peer like any other: its frames are
+    /// checked as strictly as a client's).
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Connects over TCP.
+    pub async fn connect(self, addr: SocketAddr) -> Result<Client, Error> {
+        let s = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| Error::io(format!("connecting to tcp://{addr}"), e))?;
+        let _ = s.set_nodelay(true);
+        let (r, w) = s.into_split();
+        Ok(self.from_stream(r, w))
+    }
+
+    /// Connects to a Unix socket.
+    pub async fn connect_unix(self, path: impl AsRef<Path>) -> Result<Client, Error> {
+        let path = path.as_ref();
+        let s = tokio::net::UnixStream::connect(path)
+            .await
+            .map_err(|e| Error::io(format!("connecting to unix:{}", path.display()), e))?;
+        let (r, w) = s.into_split();
+        Ok(self.from_stream(r, w))
+    }
+
+    /// Runs the client over any pair of streams (pipes, stdio of a child process, TLS).
+    pub fn from_stream<R, W>(self, reader: R, writer: W) -> Client
+    where
+        R: AsyncRead + Unpin + 'static,
+        W: AsyncWrite + Unpin + 'static,
+    {
+        let (network, control) = new_network(reader, writer, Side::Client, self.limits);
+        let mut rpc = RpcSystem::new(Box::new(network), None);
+        let bootstrap: capnp::capability::Client = rpc.bootstrap(Side::Server);
+        let (tx, rx) = oneshot::channel();
+        tokio::task::spawn_local(async move {
+            let r = rpc.await;
+            let _ = tx.send(r);
+        });
+        let done = rx
+            .map(|r| match r {
+                Ok(r) => r,
+                Err(_) => Err(capnp::Error::disconnected("capgate: client task ended".into())),
+            })
+            .boxed_local()
+            .shared();
+        Client {
+            bootstrap,
+            control: Rc::new(control),
+            done,
+        }
+    }
+}
+
+/// A connection to a capgate (or any Cap'n Proto two-party) server.
+///
+/// Like capnp-rpc itself, a `Client` lives on one thread: create and use it inside a
+/// `tokio::task::LocalSet`. Clones share the connection.
+#[derive(Clone)]
+pub struct Client {
+    bootstrap: capnp::capability::Client,
+    control: Rc<ConnectionControl>,
+    done: Shared<futures::future::LocalBoxFuture<'static, Result<(), capnp::Error>>>,
+}
+
+impl Client {
+    /// Connects over TCP with default limits.
+    pub async fn connect(addr: SocketAddr) -> Result<Self, Error> {
+        ClientBuilder::default().connect(addr).await
+    }
+
+    /// Connects to a Unix socket with default limits.
+    pub async fn connect_unix(path: impl AsRef<Path>) -> Result<Self, Error> {
+        ClientBuilder::default().connect_unix(path).await
+    }
+
+    /// Starts configuring a client.
+    pub fn builder() -> ClientBuilder {
+        ClientBuilder::default()
+    }
+
+    /// The server's bootstrap capability, as the typed client `T` (e.g. `store::Client`).
+    /// Calls made before the server answers are pipelined.
+    pub fn bootstrap<T: FromClientHook>(&self) -> T {
+        T::new(self.bootstrap.hook.add_ref())
+    }
+
+    /// Resolves when the connection has ended; the error says why (e.g. the server's
+    /// `Abort` reason).
+    pub async fn closed(&self) -> Result<(), capnp::Error> {
+        self.done.clone().await
+    }
+
+    /// Closes the connection.
+    pub async fn shutdown(self) -> Result<(), capnp::Error> {
+        self.control.abort(capnp::Error::disconnected(
+            "capgate: the client closed the connection".into(),
+        ));
+        self.done.clone().await
+    }
+
+    /// Traffic counters of this connection.
+    pub fn stats(&self) -> ConnectionStats {
+        self.control.stats()
+    }
+}

@@ -1,0 +1,172 @@
+use capnp::message::ReaderSegments;
+use proptest::prelude::*;
+
+use super::*;
+
+const LIMITS: FrameLimits = FrameLimits {
+    max_message_bytes: 1 << 20,
+    max_segments: 64,
+};
+
+fn header(count_field: u32, sizes: &[u32]) -> Vec<u8> {
+    let mut v = count_field.to_le_bytes().to_vec();
+    for s in sizes {
+        v.extend_from_slice(&s.to_le_bytes());
+    }
+    if v.len() % 8 != 0 {
+        v.extend_from_slice(&[0; 4]);
+    }
+    v
+}
+
+/// Feeds `input` in one go, collecting frames; returns frames and the first error.
+fn decode_all(dec: &mut FrameDecoder, mut input: &[u8]) -> (Vec<Frame>, Option<FrameError>) {
+    let mut frames = Vec::new();
+    while !input.is_empty() {
+        match dec.feed(input) {
+            Ok((n, f)) => {
+                input = &input[n..];
+                frames.extend(f);
+                if n == 0 {
+                    break;
+                }
+            }
+            Err(e) => return (frames, Some(e)),
+        }
+    }
+    (frames, None)
+}
+
+fn segments_of(frame: &Frame) -> Vec<Vec<u8>> {
+    (0..frame.segment_count() as u32)
+        .map(|i| frame.get_segment(i).unwrap().to_vec())
+        .collect()
+}
+
+#[test]
+fn rejects_huge_claim_before_allocating() {
+    let mut dec = FrameDecoder::new(LIMITS);
+    let (_, err) = decode_all(&mut dec, &header(0, &[1 << 31]));
+    let err = err.expect("a 16 GiB claim is refused");
+    assert!(matches!(err, FrameError::TooLarge { claimed, .. } if claimed == (1u64 << 34) + 8));
+    assert_eq!(dec.committed_bytes(), 4, "only the one-entry segment table");
+    assert!(err.to_string().contains("exceeds max_message_bytes = 1048576 bytes (1 MiB)"));
+}
+
+#[test]
+fn rejects_segment_count_overflow_and_too_many_segments() {
+    let mut dec = FrameDecoder::new(LIMITS);
+    assert_eq!(dec.feed(&u32::MAX.to_le_bytes()).unwrap_err(), FrameError::SegmentCountOverflow);
+    let mut dec = FrameDecoder::new(LIMITS);
+    let e = dec.feed(&511u32.to_le_bytes()).unwrap_err();
+    assert_eq!(e, FrameError::TooManySegments { count: 512, limit: 64 });
+    assert_eq!(dec.committed_bytes(), 0);
+}
+
+#[test]
+fn claim_of_exactly_the_limit_commits_nothing_until_bytes_arrive() {
+    let mut dec = FrameDecoder::new(LIMITS);
+    let words = (LIMITS.max_message_bytes - 8) / 8;
+    let (frames, err) = decode_all(&mut dec, &header(0, &[words as u32]));
+    assert!(frames.is_empty() && err.is_none());
+    assert!(dec.in_frame());
+    assert_eq!(dec.committed_bytes(), 4, "only the one-entry segment table");
+    // 100 bytes of body commit at most one growth step.
+    decode_all(&mut dec, &[0u8; 100]);
+    assert!(dec.committed_bytes() <= 8 * 1024 + 8);
+    // One byte over the limit is refused.
+    let mut dec = FrameDecoder::new(LIMITS);
+    let (_, err) = decode_all(&mut dec, &header(0, &[words as u32 + 1]));
+    assert!(matches!(err, Some(FrameError::TooLarge { .. })));
+}
+
+#[test]
+fn empty_frame_is_refused() {
+    let mut dec = FrameDecoder::new(LIMITS);
+    let (_, err) = decode_all(&mut dec, &header(1, &[0, 0]));
+    assert_eq!(err, Some(FrameError::Empty));
+}
+
+#[test]
+fn direct_body_reads_complete_a_frame() {
+    let payload: Vec<u8> = (0..64 * 1024u32).map(|i| i as u8).collect();
+    let mut wire = Vec::new();
+    encode_frame(&mut wire, &[&payload]);
+    let mut dec = FrameDecoder::new(LIMITS);
+    let (n, f) = dec.feed(&wire[..8]).unwrap();
+    assert_eq!((n, f.is_none()), (8, true));
+    let mut pos = 8;
+    let frame = loop {
+        let spare = dec.body_spare(1).expect("in body");
+        let k = spare.len().min(wire.len() - pos).min(5000);
+        spare[..k].copy_from_slice(&wire[pos..pos + k]);
+        pos += k;
+        if let Some(f) = dec.advance_body(k) {
+            break f;
+        }
+    };
+    assert_eq!(segments_of(&frame), vec![payload]);
+}
+
+fn arb_segments() -> impl Strategy<Value = Vec<Vec<u8>>> {
+    prop::collection::vec(
+        prop::collection::vec(any::<u8>(), 1..40).prop_map(|mut v| {
+            v.resize(v.len().div_ceil(8) * 8, 0);
+            v
+        }),
+        1..6,
+    )
+}
+
+proptest! {
+    /// Any framing of any segments decodes back to the same segments, however the byte
+    /// stream is split into reads.
+    #[test]
+    fn encode_decode_round_trip(
+        frames in prop::collection::vec(arb_segments(), 1..4),
+        chunk in 1usize..64,
+    ) {
+        let mut wire = Vec::new();
+        for segs in &frames {
+            let refs: Vec<&[u8]> = segs.iter().map(|s| s.as_slice()).collect();
+            let before = wire.len();
+            encode_frame(&mut wire, &refs);
+            prop_assert_eq!(wire.len() - before, frame_len(&refs));
+        }
+        let mut dec = FrameDecoder::new(LIMITS);
+        let mut got = Vec::new();
+        for piece in wire.chunks(chunk) {
+            let (fs, err) = decode_all(&mut dec, piece);
+            prop_assert!(err.is_none());
+            got.extend(fs.iter().map(segments_of));
+        }
+        prop_assert_eq!(got, frames);
+        prop_assert!(!dec.in_frame());
+    }
+
+    /// Arbitrary bytes never panic, and memory committed for a partial frame never exceeds
+    /// twice what arrived plus a constant (one growth step and the segment table).
+    #[test]
+    fn arbitrary_bytes_never_overcommit(
+        bytes in prop::collection::vec(any::<u8>(), 0..4096),
+        chunk in 1usize..512,
+    ) {
+        let mut dec = FrameDecoder::new(LIMITS);
+        let mut received = 0usize;
+        'outer: for piece in bytes.chunks(chunk) {
+            let mut input = piece;
+            while !input.is_empty() {
+                match dec.feed(input) {
+                    Ok((n, _)) => {
+                        received += n;
+                        input = &input[n..];
+                        let bound = 2 * received + 8 * 1024 + 4 * 64 + 8;
+                        prop_assert!(dec.committed_bytes() <= bound,
+                            "committed {} after {} bytes", dec.committed_bytes(), received);
+                    }
+                    Err(_) => break 'outer,
+                }
+            }
+        }
+    }
+}

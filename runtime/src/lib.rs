@@ -1,0 +1,29 @@
+//! capgate runtime: capability-secured Cap'n Proto RPC over hardened transports.
+//!
+//! The path of one connection: socket -> [`FrameDecoder`] (limits checked before any
+//! allocation) -> [`Guard`] -> capnp-rpc `RpcSystem` -> your capability; and back through the
+//! guard's accounting to a coalescing, byte-bounded writer. See `DESIGN.md`.
+#![forbid(unsafe_code)]
+
+mod client;
+mod error;
+mod framing;
+mod guard;
+mod latency;
+mod limits;
+mod network;
+mod peer;
+mod server;
+
+pub use client::{Client, ClientBuilder};
+pub use framing::{encode_frame, encode_header, frame_len, Frame, FrameDecoder, FrameError, FrameLimits};
+pub use guard::{Guard, Verdict};
+pub use latency::LatencyProxy;
+pub use limits::Limits;
+pub use network::{new_network, ConnectionControl, ConnectionStats, GuardedNetwork};
+pub use peer::{PeerAddr, PeerInfo};
+pub use error::Error;
+pub use server::{BootstrapFactory, ListenAddr, Server, ServerBuilder, ShutdownHandle};
+
+/// Re-exported so users name the same `Side` type capgate uses.
+pub use capnp_rpc::rpc_twoparty_capnp::Side;

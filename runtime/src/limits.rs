@@ -1,0 +1,92 @@
+//! Every resource limit a capgate connection enforces, in one place.
+
+use std::time::Duration;
+
+/// Limits applied to each connection, on the server and on the client side.
+///
+/// Every field is a cap that stops a specific attack if kept; the defaults are chosen so that
+/// ordinary Cap'n Proto peers (capnp-rust, pycapnp, C++) never meet them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Limits {
+    /// Largest incoming frame (segment table + segments), in bytes. Default 4 MiB.
+    ///
+    /// Checked against the segment table *before* any allocation: a frame that claims more is
+    /// refused with an `Abort` naming the claimed size. Stops a peer from making the server
+    /// allocate what it merely claims. Raise it to carry larger payloads in one call.
+    pub max_message_bytes: usize,
+    /// Most segments one incoming frame may have. Default 64.
+    ///
+    /// Writers emit a handful of segments even for large messages (capnp-rust and C++ grow
+    /// segments geometrically); thousands of tiny segments only serve to inflate the segment
+    /// table and per-segment bookkeeping. The C++ reader refuses 512 or more.
+    pub max_segments: u32,
+    /// Time allowed for a frame to arrive completely once its first byte has arrived. Default
+    /// 30 s. Stops a slow-loris peer from pinning a partly received frame forever.
+    pub frame_timeout: Duration,
+    /// A connection with no frames in either direction and no incoming calls in flight for
+    /// this long is closed. Default 5 min. Stops idle sockets from accumulating.
+    pub idle_timeout: Duration,
+    /// Most bytes queued for a peer that has not read them yet (including messages being
+    /// written). Default 16 MiB. A peer that stops reading is cut off instead of growing
+    /// server memory without bound.
+    pub max_outgoing_bytes: usize,
+    /// Time one socket write may stall before the peer is considered gone. Default 30 s.
+    pub write_timeout: Duration,
+    /// Nesting limit passed to the Cap'n Proto reader for incoming messages. Default 64.
+    pub nesting_limit: i32,
+    /// Traversal limit for incoming messages, as a multiple of the frame's own size in words
+    /// (the reader can never read more than this many words per message). Default 8.
+    /// Stops amplification through overlapping pointers.
+    pub traversal_factor: usize,
+    /// On graceful shutdown, how long in-flight calls may run before connections are closed
+    /// anyway. Default 10 s.
+    pub shutdown_timeout: Duration,
+    /// After a connection is closed with an error, how long the server keeps reading (and
+    /// discarding) what the peer still sends, so the peer receives the `Abort` reason instead
+    /// of a TCP reset. Bounded by time and by `max_message_bytes + 64 KiB`. Default 1 s.
+    pub linger_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 4 << 20,
+            max_segments: 64,
+            frame_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(300),
+            max_outgoing_bytes: 16 << 20,
+            write_timeout: Duration::from_secs(30),
+            nesting_limit: 64,
+            traversal_factor: 8,
+            shutdown_timeout: Duration::from_secs(10),
+            linger_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+impl Limits {
+    /// The framing limits of this configuration.
+    pub fn frame_limits(&self) -> crate::FrameLimits {
+        crate::FrameLimits {
+            max_message_bytes: self.max_message_bytes,
+            max_segments: self.max_segments,
+        }
+    }
+}
+
+/// Formats a byte count for error messages: `4194304 bytes (4 MiB)`.
+pub(crate) fn fmt_bytes(n: u64) -> String {
+    const UNITS: [(&str, u64); 3] = [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+    for (unit, size) in UNITS {
+        if n >= size {
+            let whole = n / size;
+            return if n % size == 0 {
+                format!("{n} bytes ({whole} {unit})")
+            } else {
+                format!("{n} bytes ({:.1} {unit})", n as f64 / size as f64)
+            };
+        }
+    }
+    format!("{n} bytes")
+}

@@ -1,0 +1,377 @@
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+
+use capnp::capability::Promise;
+use capnp::message::{Builder, HeapAllocator, ReaderOptions};
+use capnp_rpc::rpc_twoparty_capnp::Side;
+use futures::future::{FutureExt, Shared};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::reader::{Lease, ReadState};
+use super::writer::{self, Outbox};
+use crate::framing::{Frame, FrameDecoder};
+use crate::guard::{Guard, Verdict};
+use crate::Limits;
+
+/// State shared by the reader, the writer, outgoing messages and the connection's owner.
+pub(crate) struct ConnShared {
+    pub(super) limits: Limits,
+    pub(super) outbox: Outbox,
+    guard: RefCell<Guard>,
+    abort: RefCell<Option<capnp::Error>>,
+    abort_notify: Notify,
+    last_activity: Cell<Instant>,
+    stats: RefCell<ConnectionStats>,
+}
+
+/// Traffic counters of one connection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnectionStats {
+    /// Frames received and handed to capnp-rpc.
+    pub frames_in: u64,
+    /// Bytes read from the peer.
+    pub bytes_in: u64,
+    /// Frames written to the peer.
+    pub frames_out: u64,
+    /// Bytes written to the peer.
+    pub bytes_out: u64,
+    /// Socket writes that carried those frames (coalescing makes this smaller).
+    pub writes: u64,
+}
+
+impl ConnShared {
+    /// Closes the connection with `error` as the reason (sent to the peer in an `Abort`).
+    /// The first reason wins.
+    pub(super) fn abort(&self, error: capnp::Error) {
+        let mut slot = self.abort.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(error);
+            self.abort_notify.notify_one();
+        }
+    }
+
+    pub(super) async fn aborted(&self) {
+        loop {
+            if self.abort.borrow().is_some() {
+                return;
+            }
+            self.abort_notify.notified().await;
+        }
+    }
+
+    pub(super) fn abort_error(&self) -> capnp::Error {
+        self.abort
+            .borrow()
+            .clone()
+            .unwrap_or_else(|| capnp::Error::disconnected("capgate: connection closed".into()))
+    }
+
+    pub(super) fn last_activity(&self) -> Instant {
+        self.last_activity.get()
+    }
+
+    pub(super) fn touch(&self) {
+        self.last_activity.set(Instant::now());
+    }
+
+    pub(super) fn in_flight_calls(&self) -> usize {
+        self.guard.borrow().in_flight_calls()
+    }
+
+    pub(super) fn note_received(&self, bytes: usize) {
+        self.stats.borrow_mut().bytes_in += bytes as u64;
+    }
+
+    pub(super) fn note_sent(&self, frames: u64, bytes: usize) {
+        let mut s = self.stats.borrow_mut();
+        s.frames_out += frames;
+        s.bytes_out += bytes as u64;
+        s.writes += 1;
+        drop(s);
+        self.touch();
+    }
+
+    fn reader_options(&self, frame: &Frame) -> ReaderOptions {
+        let words = frame.size_in_words().max(64);
+        ReaderOptions {
+            traversal_limit_in_words: Some(words.saturating_mul(self.limits.traversal_factor)),
+            nesting_limit: self.limits.nesting_limit,
+        }
+    }
+}
+
+/// An incoming message as capnp-rpc sees it.
+struct Incoming {
+    message: capnp::message::Reader<Frame>,
+}
+
+impl capnp_rpc::IncomingMessage for Incoming {
+    fn get_body(&self) -> capnp::Result<capnp::any_pointer::Reader<'_>> {
+        self.message.get_root()
+    }
+}
+
+/// An outgoing message being built by capnp-rpc.
+struct Outgoing {
+    message: Builder<HeapAllocator>,
+    shared: Rc<ConnShared>,
+}
+
+impl capnp_rpc::OutgoingMessage for Outgoing {
+    fn get_body(&mut self) -> capnp::Result<capnp::any_pointer::Builder<'_>> {
+        self.message.get_root()
+    }
+
+    fn get_body_as_reader(&self) -> capnp::Result<capnp::any_pointer::Reader<'_>> {
+        self.message.get_root_as_reader()
+    }
+
+    fn send(self: Box<Self>) -> (Promise<(), capnp::Error>, Rc<Builder<HeapAllocator>>) {
+        let Self { message, shared } = *self;
+        if let Ok(root) = message.get_root_as_reader() {
+            shared.guard.borrow_mut().outgoing(root);
+        }
+        let message = Rc::new(message);
+        if let Err(e) = shared.outbox.push(message.clone()) {
+            tracing::info!(reason = %e, "connection cut off");
+            shared.abort(e);
+        }
+        // Completion is tracked by the outbox's byte budget, not per message.
+        (Promise::ok(()), message)
+    }
+
+    fn take(self: Box<Self>) -> Builder<HeapAllocator> {
+        self.message
+    }
+
+    fn size_in_words(&self) -> usize {
+        self.message.size_in_words()
+    }
+}
+
+struct GuardedConnection<R> {
+    shared: Rc<ConnShared>,
+    read: Rc<RefCell<Option<ReadState<R>>>>,
+    peer_side: Side,
+}
+
+impl<R: AsyncRead + Unpin + 'static> capnp_rpc::Connection<Side> for GuardedConnection<R> {
+    fn get_peer_vat_id(&self) -> Side {
+        self.peer_side
+    }
+
+    fn new_outgoing_message(
+        &mut self,
+        first_segment_word_size: u32,
+    ) -> Box<dyn capnp_rpc::OutgoingMessage> {
+        let words = if first_segment_word_size == 0 {
+            capnp::message::SUGGESTED_FIRST_SEGMENT_WORDS
+        } else {
+            first_segment_word_size
+        };
+        Box::new(Outgoing {
+            message: Builder::new(HeapAllocator::new().first_segment_words(words)),
+            shared: self.shared.clone(),
+        })
+    }
+
+    fn receive_incoming_message(
+        &mut self,
+    ) -> Promise<Option<Box<dyn capnp_rpc::IncomingMessage>>, capnp::Error> {
+        let Some(mut lease) = Lease::take(&self.read) else {
+            return Promise::err(capnp::Error::failed(
+                "capgate: concurrent receive on one connection".into(),
+            ));
+        };
+        let shared = self.shared.clone();
+        Promise::from_future(async move {
+            let Some(frame) = lease.get().next_frame(&shared).await? else {
+                return Ok(None);
+            };
+            shared.touch();
+            shared.stats.borrow_mut().frames_in += 1;
+            let message = {
+                let options = shared.reader_options(&frame);
+                frame.into_reader(options)
+            };
+            Ok(Some(deliver(&shared, message)?))
+        })
+    }
+
+    fn shutdown(&mut self, _result: capnp::Result<()>) -> Promise<(), capnp::Error> {
+        self.shared.outbox.close();
+        let shared = self.shared.clone();
+        Promise::from_future(async move {
+            shared.outbox.finished().await;
+            Ok(())
+        })
+    }
+}
+
+fn deliver(
+    shared: &ConnShared,
+    message: capnp::message::Reader<Frame>,
+) -> Result<Box<dyn capnp_rpc::IncomingMessage>, capnp::Error> {
+    if let Ok(root) = message.get_root::<capnp_rpc::rpc_capnp::message::Reader<'_>>() {
+        if let Verdict::Abort(reason) = shared.guard.borrow_mut().incoming(root) {
+            return Err(capnp::Error::failed(format!("capgate: {reason}")));
+        }
+    }
+    Ok(Box::new(Incoming { message }))
+}
+
+/// capgate's `VatNetwork` for one connection (either side).
+pub struct GuardedNetwork {
+    make_connection: Box<dyn Fn() -> Box<dyn capnp_rpc::Connection<Side>>>,
+    accepted: bool,
+    side: Side,
+    driver: Shared<Promise<(), capnp::Error>>,
+}
+
+impl capnp_rpc::VatNetwork<Side> for GuardedNetwork {
+    fn connect(&mut self, host_id: Side) -> Option<Box<dyn capnp_rpc::Connection<Side>>> {
+        // Two parties: every connect() names the one peer connection (capnp-rpc keeps the
+        // first and drops later duplicates).
+        (host_id != self.side).then(|| (self.make_connection)())
+    }
+
+    fn accept(&mut self) -> Promise<Box<dyn capnp_rpc::Connection<Side>>, capnp::Error> {
+        if self.accepted {
+            return Promise::from_future(futures::future::pending());
+        }
+        self.accepted = true;
+        Promise::ok((self.make_connection)())
+    }
+
+    fn drive_until_shutdown(&mut self) -> Promise<(), capnp::Error> {
+        Promise::from_future(self.driver.clone())
+    }
+}
+
+/// The owner's handle on a connection: abort it, read its counters, linger after close.
+pub struct ConnectionControl {
+    shared: Rc<ConnShared>,
+    linger: Box<dyn LingerRead>,
+}
+
+trait LingerRead {
+    fn take(&self) -> Option<Box<dyn LingerState>>;
+}
+
+trait LingerState {
+    fn linger<'a>(
+        &'a mut self,
+        time: std::time::Duration,
+        max_bytes: usize,
+    ) -> futures::future::LocalBoxFuture<'a, ()>;
+}
+
+impl<R: AsyncRead + Unpin + 'static> LingerRead for Rc<RefCell<Option<ReadState<R>>>> {
+    fn take(&self) -> Option<Box<dyn LingerState>> {
+        self.borrow_mut()
+            .take()
+            .map(|s| Box::new(s) as Box<dyn LingerState>)
+    }
+}
+
+impl<R: AsyncRead + Unpin + 'static> LingerState for ReadState<R> {
+    fn linger<'a>(
+        &'a mut self,
+        time: std::time::Duration,
+        max_bytes: usize,
+    ) -> futures::future::LocalBoxFuture<'a, ()> {
+        Box::pin(ReadState::linger(self, time, max_bytes))
+    }
+}
+
+impl ConnectionControl {
+    /// Closes the connection: the peer gets an `Abort` carrying `error`'s text.
+    pub fn abort(&self, error: capnp::Error) {
+        self.shared.abort(error);
+    }
+
+    /// Incoming calls delivered and neither returned nor finished.
+    pub fn in_flight_calls(&self) -> usize {
+        self.shared.in_flight_calls()
+    }
+
+    /// Traffic counters so far.
+    pub fn stats(&self) -> ConnectionStats {
+        *self.shared.stats.borrow()
+    }
+
+    /// Bytes queued for the peer and not yet written.
+    pub fn queued_bytes(&self) -> usize {
+        self.shared.outbox.queued_bytes()
+    }
+
+    /// After the RPC system has finished: keep reading and discarding for a short, bounded
+    /// time so the peer receives our `Abort` before the socket closes (see
+    /// [`Limits::linger_timeout`]).
+    pub async fn linger(&self) {
+        if let Some(mut state) = self.linger.take() {
+            let limits = &self.shared.limits;
+            state
+                .linger(limits.linger_timeout, limits.max_message_bytes + 64 * 1024)
+                .await;
+        }
+    }
+}
+
+/// Builds the `VatNetwork` for one connection over a read half and a write half.
+///
+/// `side` is this end's role: the server side serves its bootstrap capability, the client
+/// side asks for the server's.
+pub fn new_network<R, W>(
+    reader: R,
+    writer: W,
+    side: Side,
+    limits: Limits,
+) -> (GuardedNetwork, ConnectionControl)
+where
+    R: AsyncRead + Unpin + 'static,
+    W: AsyncWrite + Unpin + 'static,
+{
+    let shared = Rc::new(ConnShared {
+        outbox: Outbox::new(limits.max_outgoing_bytes),
+        guard: RefCell::new(Guard::new()),
+        abort: RefCell::new(None),
+        abort_notify: Notify::new(),
+        last_activity: Cell::new(Instant::now()),
+        stats: RefCell::new(ConnectionStats::default()),
+        limits,
+    });
+    let decoder = FrameDecoder::new(shared.limits.frame_limits());
+    let read = Rc::new(RefCell::new(Some(ReadState::new(reader, decoder))));
+    let peer_side = match side {
+        Side::Client => Side::Server,
+        Side::Server => Side::Client,
+    };
+    let make_connection = {
+        let shared = shared.clone();
+        let read = read.clone();
+        Box::new(move || {
+            Box::new(GuardedConnection {
+                shared: shared.clone(),
+                read: read.clone(),
+                peer_side,
+            }) as Box<dyn capnp_rpc::Connection<Side>>
+        })
+    };
+    let driver = Promise::from_future(writer::run(writer, shared.clone())).shared();
+    let control = ConnectionControl {
+        shared: shared.clone(),
+        linger: Box::new(read),
+    };
+    (
+        GuardedNetwork {
+            make_connection,
+            accepted: false,
+            side,
+            driver,
+        },
+        control,
+    )
+}

@@ -1,0 +1,216 @@
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::time::Instant;
+
+use super::connection::ConnShared;
+use crate::framing::{Frame, FrameDecoder};
+use crate::limits::fmt_bytes;
+
+/// Socket reads go into a buffer of this size, allocated when the first byte is expected.
+const READ_BUFFER_BYTES: usize = 8 * 1024;
+
+/// The read side of a connection: the stream, the decoder and the read buffer.
+pub(super) struct ReadState<R> {
+    stream: R,
+    decoder: FrameDecoder,
+    buf: Vec<u8>,
+    pos: usize,
+    end: usize,
+    frame_started: Option<Instant>,
+    eof: bool,
+}
+
+impl<R: AsyncRead + Unpin> ReadState<R> {
+    pub(super) fn new(stream: R, decoder: FrameDecoder) -> Self {
+        Self {
+            stream,
+            decoder,
+            buf: Vec::new(),
+            pos: 0,
+            end: 0,
+            frame_started: None,
+            eof: false,
+        }
+    }
+
+    /// Reads the next frame. `Ok(None)` on a clean end of stream between frames.
+    pub(super) async fn next_frame(
+        &mut self,
+        shared: &ConnShared,
+    ) -> Result<Option<Frame>, capnp::Error> {
+        loop {
+            while self.pos < self.end {
+                let (n, frame) = self
+                    .decoder
+                    .feed(&self.buf[self.pos..self.end])
+                    .map_err(|e| capnp::Error::failed(format!("capgate: {e}")))?;
+                self.pos += n;
+                if let Some(frame) = frame {
+                    self.frame_started = None;
+                    return Ok(Some(frame));
+                }
+                if self.frame_started.is_none() && self.decoder.in_frame() {
+                    self.frame_started = Some(Instant::now());
+                }
+            }
+            self.pos = 0;
+            self.end = 0;
+            if let Some(frame) = self.wait_and_read(shared).await? {
+                self.frame_started = None;
+                return Ok(Some(frame));
+            }
+            if self.eof {
+                return if self.decoder.in_frame() {
+                    Err(capnp::Error::disconnected(
+                        "capgate: the peer closed the connection in the middle of a frame"
+                            .into(),
+                    ))
+                } else {
+                    Ok(None)
+                };
+            }
+        }
+    }
+
+    /// Waits for bytes (or a deadline, or an abort). Bytes of a large frame body go straight
+    /// into the frame; a completed frame is returned.
+    async fn wait_and_read(&mut self, shared: &ConnShared) -> Result<Option<Frame>, capnp::Error> {
+        let limits = &shared.limits;
+        loop {
+            let (deadline, in_frame) = match self.frame_started {
+                Some(t) => (t + limits.frame_timeout, true),
+                None => (shared.last_activity() + limits.idle_timeout, false),
+            };
+            let direct = self.decoder.body_spare(READ_BUFFER_BYTES).is_some();
+            if !direct && self.buf.is_empty() {
+                self.buf = vec![0; READ_BUFFER_BYTES];
+            }
+            let Self {
+                stream,
+                decoder,
+                buf,
+                ..
+            } = self;
+            let dst: &mut [u8] = if direct {
+                decoder.body_spare(READ_BUFFER_BYTES).unwrap_or(&mut [])
+            } else {
+                &mut buf[..]
+            };
+            let event = tokio::select! {
+                biased;
+                () = shared.aborted() => Event::Aborted,
+                r = stream.read(dst) => Event::Read(r),
+                () = tokio::time::sleep_until(deadline) => Event::Deadline,
+            };
+            match event {
+                Event::Aborted => return Err(shared.abort_error()),
+                Event::Read(r) => {
+                    let n = r.map_err(|e| {
+                        capnp::Error::disconnected(format!("capgate: read failed: {e}"))
+                    })?;
+                    if n == 0 {
+                        self.eof = true;
+                        return Ok(None);
+                    }
+                    shared.note_received(n);
+                    if self.frame_started.is_none() {
+                        self.frame_started = Some(Instant::now());
+                    }
+                    if direct {
+                        return Ok(self.decoder.advance_body(n));
+                    }
+                    self.end = n;
+                    return Ok(None);
+                }
+                Event::Deadline if in_frame => {
+                    return Err(capnp::Error::failed(format!(
+                        "capgate: frame not completed within {} (frame_timeout); \
+                         {} of it had arrived",
+                        fmt_duration(limits.frame_timeout),
+                        fmt_bytes(self.decoder.received_bytes() as u64),
+                    )));
+                }
+                Event::Deadline => {
+                    let quiet = shared.last_activity() + limits.idle_timeout <= Instant::now();
+                    if quiet && shared.in_flight_calls() == 0 {
+                        return Err(capnp::Error::disconnected(format!(
+                            "capgate: connection idle for {} (idle_timeout): no frames in \
+                             either direction and no calls in flight",
+                            fmt_duration(limits.idle_timeout),
+                        )));
+                    }
+                    if quiet {
+                        // Calls are running: idleness restarts now.
+                        shared.touch();
+                    }
+                }
+            }
+        }
+    }
+
+    /// After the connection closed with an error: read and discard what the peer still sends,
+    /// for at most `time` or `max_bytes`, so that closing does not reset the connection (which
+    /// could destroy the `Abort` we sent before the peer reads it).
+    pub(super) async fn linger(&mut self, time: Duration, max_bytes: usize) {
+        if self.eof {
+            return;
+        }
+        let mut scratch = [0u8; 4096];
+        let mut left = max_bytes;
+        let drain = async {
+            while left > 0 {
+                match self.stream.read(&mut scratch).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
+        };
+        let _ = tokio::time::timeout(time, drain).await;
+    }
+}
+
+enum Event {
+    Aborted,
+    Read(std::io::Result<usize>),
+    Deadline,
+}
+
+/// Lends the read state to one receive future and puts it back when that future ends or is
+/// dropped, so the connection can still linger after capnp-rpc is gone.
+pub(super) struct Lease<R> {
+    slot: Rc<RefCell<Option<ReadState<R>>>>,
+    state: Option<ReadState<R>>,
+}
+
+impl<R> Lease<R> {
+    pub(super) fn take(slot: &Rc<RefCell<Option<ReadState<R>>>>) -> Option<Self> {
+        let state = slot.borrow_mut().take()?;
+        Some(Self {
+            slot: slot.clone(),
+            state: Some(state),
+        })
+    }
+
+    pub(super) fn get(&mut self) -> &mut ReadState<R> {
+        self.state.as_mut().expect("lease holds the state until dropped")
+    }
+}
+
+impl<R> Drop for Lease<R> {
+    fn drop(&mut self) {
+        if let Some(state) = self.state.take() {
+            *self.slot.borrow_mut() = Some(state);
+        }
+    }
+}
+
+pub(crate) fn fmt_duration(d: Duration) -> String {
+    if d.as_millis() % 1000 == 0 {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{} ms", d.as_millis())
+    }
+}

@@ -1,0 +1,209 @@
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::pin::pin;
+use std::rc::Rc;
+
+use capnp::message::{Builder, HeapAllocator};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::Notify;
+
+use super::connection::ConnShared;
+use crate::framing::{encode_frame, encode_header, frame_len};
+use crate::limits::fmt_bytes;
+
+/// Messages larger than this skip the coalescing buffer (their segments are written as is).
+const DIRECT_WRITE_BYTES: usize = 64 * 1024;
+/// The coalescing buffer is released while idle if it grew beyond this.
+const KEEP_BUFFER_BYTES: usize = 16 * 1024;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum State {
+    Open,
+    /// Shutdown requested: flush what is queued, then close.
+    Closing,
+    /// Cut off or the socket failed: drop everything.
+    Failed,
+}
+
+pub(super) type Message = Rc<Builder<HeapAllocator>>;
+
+/// The outgoing queue of one connection, bounded in bytes.
+pub(super) struct Outbox {
+    queue: RefCell<VecDeque<(Message, usize)>>,
+    queued_bytes: Cell<usize>,
+    max_bytes: usize,
+    state: Cell<State>,
+    wake: Notify,
+    done: Cell<bool>,
+    done_notify: Notify,
+}
+
+impl Outbox {
+    pub(super) fn new(max_bytes: usize) -> Self {
+        Self {
+            queue: RefCell::new(VecDeque::new()),
+            queued_bytes: Cell::new(0),
+            max_bytes,
+            state: Cell::new(State::Open),
+            wake: Notify::new(),
+            done: Cell::new(false),
+            done_notify: Notify::new(),
+        }
+    }
+
+    /// Queues a message. Returns an error (and fails the outbox) when the byte budget would
+    /// be exceeded: the peer is not reading what we send.
+    pub(super) fn push(&self, msg: Message) -> Result<(), capnp::Error> {
+        if self.state.get() != State::Open {
+            return Ok(());
+        }
+        let bytes = frame_len(&msg.get_segments_for_output());
+        let queued = self.queued_bytes.get();
+        if queued > 0 && queued + bytes > self.max_bytes {
+            self.fail();
+            return Err(capnp::Error::failed(format!(
+                "capgate: peer is not reading: {} queued for it would exceed \
+                 max_outgoing_bytes = {}; the connection is cut off",
+                fmt_bytes((queued + bytes) as u64),
+                fmt_bytes(self.max_bytes as u64)
+            )));
+        }
+        self.queued_bytes.set(queued + bytes);
+        let mut q = self.queue.borrow_mut();
+        q.push_back((msg, bytes));
+        if q.len() == 1 {
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Bytes queued or being written.
+    pub(super) fn queued_bytes(&self) -> usize {
+        self.queued_bytes.get()
+    }
+
+    /// Flush what is queued, then close the write side.
+    pub(super) fn close(&self) {
+        if self.state.get() == State::Open {
+            self.state.set(State::Closing);
+        }
+        self.wake.notify_one();
+    }
+
+    /// Drop everything queued and close.
+    pub(super) fn fail(&self) {
+        self.state.set(State::Failed);
+        self.queue.borrow_mut().clear();
+        self.queued_bytes.set(0);
+        self.wake.notify_one();
+    }
+
+    /// Resolves once the writer has finished.
+    pub(super) async fn finished(&self) {
+        loop {
+            let mut notified = pin!(self.done_notify.notified());
+            notified.as_mut().enable();
+            if self.done.get() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn set_done(&self) {
+        self.done.set(true);
+        self.done_notify.notify_waiters();
+    }
+}
+
+/// Writes queued messages, coalescing everything queued into one write, until the outbox is
+/// closed (then flushes and shuts the stream down) or fails.
+pub(super) async fn run<W: AsyncWrite + Unpin>(
+    mut stream: W,
+    shared: Rc<ConnShared>,
+) -> Result<(), capnp::Error> {
+    let result = write_loop(&mut stream, &shared).await;
+    if let Err(e) = &result {
+        shared.abort(e.clone());
+    }
+    shared.outbox.set_done();
+    result
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(
+    stream: &mut W,
+    shared: &ConnShared,
+) -> Result<(), capnp::Error> {
+    let outbox = &shared.outbox;
+    let limits = &shared.limits;
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        match outbox.state.get() {
+            State::Failed => return Ok(()),
+            State::Open | State::Closing => {}
+        }
+        let mut batch_bytes = 0usize;
+        let mut batch_frames = 0u64;
+        let mut large: Option<Message> = None;
+        {
+            let mut q = outbox.queue.borrow_mut();
+            while let Some((msg, bytes)) = q.pop_front() {
+                batch_bytes += bytes;
+                batch_frames += 1;
+                if bytes >= DIRECT_WRITE_BYTES {
+                    large = Some(msg);
+                    break;
+                }
+                encode_frame(&mut buf, &msg.get_segments_for_output());
+            }
+        }
+        if batch_bytes == 0 {
+            if outbox.state.get() == State::Closing {
+                let _ = tokio::time::timeout(limits.write_timeout, stream.shutdown()).await;
+                return Ok(());
+            }
+            if buf.capacity() > KEEP_BUFFER_BYTES {
+                buf = Vec::new();
+            }
+            outbox.wake.notified().await;
+            continue;
+        }
+        let write = async {
+            if !buf.is_empty() {
+                stream.write_all(&buf).await?;
+            }
+            if let Some(msg) = &large {
+                let segments = msg.get_segments_for_output();
+                let mut header = Vec::with_capacity(8 + 4 * segments.len());
+                encode_header(&mut header, &segments);
+                stream.write_all(&header).await?;
+                for s in segments.iter() {
+                    stream.write_all(s).await?;
+                }
+            }
+            stream.flush().await
+        };
+        match tokio::time::timeout(limits.write_timeout, write).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                // The peer is gone. Stop writing, but let the reader see the peer's last
+                // words (often an Abort with the reason) before the connection ends.
+                tracing::debug!(cause = %e, "write failed");
+                outbox.fail();
+                return Ok(());
+            }
+            Err(_) => {
+                outbox.fail();
+                return Err(capnp::Error::failed(format!(
+                    "capgate: a write to the peer stalled for {:?} (write_timeout); \
+                     the connection is cut off",
+                    limits.write_timeout
+                )));
+            }
+        }
+        buf.clear();
+        let q = outbox.queued_bytes.get();
+        outbox.queued_bytes.set(q.saturating_sub(batch_bytes));
+        shared.note_sent(batch_frames, batch_bytes);
+    }
+}

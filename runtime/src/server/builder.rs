@@ -1,0 +1,166 @@
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::Arc;
+
+use capnp::capability::FromClientHook;
+
+use super::{Error, Listener, Server, ServerShared, ShutdownHandle};
+use crate::{Limits, PeerInfo};
+
+/// Makes the bootstrap capability for each connection. Called on the connection's worker
+/// thread (the capability it returns is `!Send` and lives there); the factory itself is
+/// shared by all workers.
+pub trait BootstrapFactory: Send + Sync + 'static {
+    /// The capability the peer gets when it asks for the bootstrap interface.
+    fn bootstrap(&self, peer: &PeerInfo) -> capnp::capability::Client;
+}
+
+struct FnFactory<F>(F);
+
+impl<F, C> BootstrapFactory for FnFactory<F>
+where
+    F: Fn(&PeerInfo) -> C + Send + Sync + 'static,
+    C: FromClientHook,
+{
+    fn bootstrap(&self, peer: &PeerInfo) -> capnp::capability::Client {
+        capnp::capability::Client::new((self.0)(peer).into_client_hook())
+    }
+}
+
+/// Configures a [`Server`]. Nothing is defaulted silently where it matters for security:
+/// a server needs at least one listener and a bootstrap factory.
+#[must_use]
+pub struct ServerBuilder {
+    tcp: Vec<SocketAddr>,
+    unix: Vec<PathBuf>,
+    limits: Limits,
+    workers: Option<NonZeroUsize>,
+    factory: Option<Arc<dyn BootstrapFactory>>,
+}
+
+impl ServerBuilder {
+    pub(super) fn new() -> Self {
+        Self {
+            tcp: Vec::new(),
+            unix: Vec::new(),
+            limits: Limits::default(),
+            workers: None,
+            factory: None,
+        }
+    }
+
+    /// Listens on a TCP address (port 0 picks a free port; see [`Server::local_addrs`]).
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.tcp.push(addr);
+        self
+    }
+
+    /// Listens on a Unix socket path. A stale socket file left by a dead server is replaced;
+    /// a live one is an error.
+    pub fn listen_unix(mut self, path: impl AsRef<Path>) -> Self {
+        self.unix.push(path.as_ref().to_path_buf());
+        self
+    }
+
+    /// Replaces the connection limits (default: [`Limits::default`]).
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Number of worker threads (default: the available cores).
+    pub fn workers(mut self, n: NonZeroUsize) -> Self {
+        self.workers = Some(n);
+        self
+    }
+
+    /// Sets the per-connection bootstrap factory. It receives the peer's identity and returns
+    /// any capability client type, e.g. `capnp_rpc::new_client::<store::Client, _>(..)`.
+    pub fn bootstrap_factory<F, C>(mut self, f: F) -> Self
+    where
+        F: Fn(&PeerInfo) -> C + Send + Sync + 'static,
+        C: FromClientHook,
+    {
+        self.factory = Some(Arc::new(FnFactory(f)));
+        self
+    }
+
+    /// Like [`ServerBuilder::bootstrap_factory`], with a factory object.
+    pub fn bootstrap(mut self, factory: Arc<dyn BootstrapFactory>) -> Self {
+        self.factory = Some(factory);
+        self
+    }
+
+    /// Binds every listener. Call [`Server::serve`] to start serving.
+    pub fn build(self) -> Result<Server, Error> {
+        let factory = self.factory.ok_or_else(|| {
+            Error::Config("no bootstrap factory: call bootstrap_factory(..)".into())
+        })?;
+        if self.tcp.is_empty() && self.unix.is_empty() {
+            return Err(Error::Config(
+                "no listener: call listen(..) or listen_unix(..)".into(),
+            ));
+        }
+        if self.limits.max_message_bytes < 64 || self.limits.max_segments == 0 {
+            return Err(Error::Config(format!(
+                "max_message_bytes ({}) must be at least 64 and max_segments ({}) at least 1",
+                self.limits.max_message_bytes, self.limits.max_segments
+            )));
+        }
+        let mut listeners = Vec::new();
+        for addr in self.tcp {
+            let l = std::net::TcpListener::bind(addr)
+                .map_err(|e| Error::io(format!("binding tcp://{addr}"), e))?;
+            l.set_nonblocking(true)
+                .map_err(|e| Error::io("configuring a listener", e))?;
+            let local = l
+                .local_addr()
+                .map_err(|e| Error::io("reading a listener's address", e))?;
+            listeners.push(Listener::Tcp(l, local));
+        }
+        for path in self.unix {
+            let l = bind_unix(&path)?;
+            listeners.push(Listener::Unix(l, path));
+        }
+        let workers = self
+            .workers
+            .or_else(|| std::thread::available_parallelism().ok())
+            .map_or(1, NonZeroUsize::get);
+        Ok(Server {
+            listeners,
+            shared: Arc::new(ServerShared {
+                limits: self.limits,
+                factory,
+                next_connection_id: AtomicU64::new(0),
+                open_connections: AtomicUsize::new(0),
+            }),
+            workers,
+            shutdown: ShutdownHandle::new(),
+        })
+    }
+}
+
+fn bind_unix(path: &Path) -> Result<std::os::unix::net::UnixListener, Error> {
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let shown = path.display();
+    let l = match UnixListener::bind(path) {
+        Ok(l) => l,
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            if UnixStream::connect(path).is_ok() {
+                return Err(Error::io(
+                    format!("binding unix:{shown}: another server is listening there"),
+                    e,
+                ));
+            }
+            std::fs::remove_file(path)
+                .map_err(|e| Error::io(format!("removing stale socket unix:{shown}"), e))?;
+            UnixListener::bind(path).map_err(|e| Error::io(format!("binding unix:{shown}"), e))?
+        }
+        Err(e) => return Err(Error::io(format!("binding unix:{shown}"), e)),
+    };
+    l.set_nonblocking(true)
+        .map_err(|e| Error::io("configuring a listener", e))?;
+    Ok(l)
+}

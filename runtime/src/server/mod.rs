@@ -1,0 +1,242 @@
+//! The server: listeners, an acceptor per listener, N worker threads each running its
+//! connections on a current-thread runtime with a `LocalSet`.
+
+mod builder;
+mod connection;
+
+mod worker;
+
+pub use builder::{BootstrapFactory, ServerBuilder};
+pub use crate::error::Error;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::{Limits, PeerAddr, PeerInfo};
+use worker::{Accepted, Worker};
+
+/// A bound, ready-to-run capgate server. Made by [`Server::builder`].
+pub struct Server {
+    listeners: Vec<Listener>,
+    shared: Arc<ServerShared>,
+    workers: usize,
+    shutdown: ShutdownHandle,
+}
+
+pub(crate) struct ServerShared {
+    pub(crate) limits: Limits,
+    pub(crate) factory: Arc<dyn BootstrapFactory>,
+    next_connection_id: AtomicU64,
+    pub(crate) open_connections: AtomicUsize,
+}
+
+enum Listener {
+    Tcp(std::net::TcpListener, SocketAddr),
+    Unix(std::os::unix::net::UnixListener, PathBuf),
+}
+
+/// Stops a running server gracefully: no new connections; in-flight calls get up to
+/// [`Limits::shutdown_timeout`] to finish; then every connection is closed with an `Abort`
+/// saying the server is shutting down. Cheap to clone, usable from any thread.
+#[derive(Clone)]
+pub struct ShutdownHandle {
+    tx: Arc<watch::Sender<bool>>,
+}
+
+impl ShutdownHandle {
+    fn new() -> Self {
+        Self {
+            tx: Arc::new(watch::channel(false).0),
+        }
+    }
+
+    /// Begins the graceful shutdown. Idempotent.
+    pub fn shutdown(&self) {
+        self.tx.send_replace(true);
+    }
+
+    fn subscribe(&self) -> watch::Receiver<bool> {
+        self.tx.subscribe()
+    }
+}
+
+/// Where a server listens, for printing (`tcp://127.0.0.1:4000`, `unix:/run/x.sock`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// A TCP listener's bound address (the real port when 0 was asked for).
+    Tcp(SocketAddr),
+    /// A Unix socket path.
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "tcp://{a}"),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+impl Server {
+    /// Starts configuring a server.
+    pub fn builder() -> ServerBuilder {
+        ServerBuilder::new()
+    }
+
+    /// The addresses the server is bound to, in the order they were added.
+    pub fn local_addrs(&self) -> Vec<ListenAddr> {
+        self.listeners
+            .iter()
+            .map(|l| match l {
+                Listener::Tcp(_, a) => ListenAddr::Tcp(*a),
+                Listener::Unix(_, p) => ListenAddr::Unix(p.clone()),
+            })
+            .collect()
+    }
+
+    /// A handle that stops the server gracefully.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        self.shutdown.clone()
+    }
+
+    /// Connections currently open, across all workers.
+    pub fn open_connections(&self) -> usize {
+        self.shared.open_connections.load(Ordering::Relaxed)
+    }
+
+    /// Serves until [`ShutdownHandle::shutdown`] is called, then shuts down gracefully and
+    /// returns once every worker has finished.
+    pub async fn serve(self) -> Result<(), Error> {
+        let Server {
+            listeners,
+            shared,
+            workers,
+            shutdown,
+        } = self;
+        let workers: Vec<Worker> = (0..workers)
+            .map(|i| Worker::spawn(i, shared.clone(), shutdown.subscribe()))
+            .collect::<Result<_, _>>()?;
+        let workers = Arc::new(workers);
+        let mut acceptors = Vec::new();
+        let mut unix_paths = Vec::new();
+        for l in listeners {
+            let workers = workers.clone();
+            let shared = shared.clone();
+            let stop = shutdown.subscribe();
+            match l {
+                Listener::Tcp(l, _) => {
+                    let l = tokio::net::TcpListener::from_std(l)
+                        .map_err(|e| Error::io("registering a TCP listener", e))?;
+                    acceptors.push(futures::future::Either::Left(accept_tcp(
+                        l, workers, shared, stop,
+                    )));
+                }
+                Listener::Unix(l, path) => {
+                    unix_paths.push(path);
+                    let l = tokio::net::UnixListener::from_std(l)
+                        .map_err(|e| Error::io("registering a Unix listener", e))?;
+                    acceptors.push(futures::future::Either::Right(accept_unix(
+                        l, workers, shared, stop,
+                    )));
+                }
+            }
+        }
+        futures::future::join_all(acceptors).await;
+        for p in unix_paths {
+            let _ = std::fs::remove_file(p);
+        }
+        // Acceptors are gone: workers drain their connections and exit.
+        let workers = Arc::try_unwrap(workers).unwrap_or_else(|_| {
+            unreachable!("acceptors have returned; no other reference to the workers remains")
+        });
+        for w in workers {
+            w.join().await;
+        }
+        Ok(())
+    }
+}
+
+impl ServerShared {
+    fn peer(&self, addr: PeerAddr) -> PeerInfo {
+        PeerInfo::new(
+            self.next_connection_id.fetch_add(1, Ordering::Relaxed) + 1,
+            addr,
+        )
+    }
+}
+
+/// Backoff after an accept error (EMFILE and friends): the listener keeps serving once the
+/// condition clears, without spinning meanwhile.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+
+async fn accept_tcp(
+    listener: tokio::net::TcpListener,
+    workers: Arc<Vec<Worker>>,
+    shared: Arc<ServerShared>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, addr)) => {
+                let _ = stream.set_nodelay(true);
+                let peer = shared.peer(PeerAddr::Tcp(addr));
+                match stream.into_std() {
+                    Ok(s) => worker::dispatch(&workers, Accepted::Tcp(s, peer)),
+                    Err(e) => tracing::warn!(cause = %e, "cannot hand a connection to a worker"),
+                }
+            }
+            Err(e) => {
+                tracing::warn!(cause = %e, "accept failed; retrying");
+                tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+            }
+        }
+    }
+}
+
+async fn accept_unix(
+    listener: tokio::net::UnixListener,
+    workers: Arc<Vec<Worker>>,
+    shared: Arc<ServerShared>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                let addr = match stream.peer_cred() {
+                    Ok(c) => PeerAddr::Unix {
+                        uid: c.uid(),
+                        gid: c.gid(),
+                        pid: c.pid(),
+                    },
+                    Err(e) => {
+                        tracing::warn!(cause = %e, "no peer credentials; refusing connection");
+                        continue;
+                    }
+                };
+                let peer = shared.peer(addr);
+                match stream.into_std() {
+                    Ok(s) => worker::dispatch(&workers, Accepted::Unix(s, peer)),
+                    Err(e) => tracing::warn!(cause = %e, "cannot hand a connection to a worker"),
+                }
+            }
+            Err(e) => {
+                tracing::warn!(cause = %e, "accept failed; retrying");
+                tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,111 @@
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::{connection, Error, ServerShared};
+use crate::PeerInfo;
+
+/// A socket accepted by a listener, on its way to a worker.
+pub(super) enum Accepted {
+    Tcp(std::net::TcpStream, PeerInfo),
+    Unix(std::os::unix::net::UnixStream, PeerInfo),
+}
+
+/// One worker thread: a current-thread runtime with a `LocalSet` running its connections.
+pub(super) struct Worker {
+    tx: mpsc::UnboundedSender<Accepted>,
+    load: Arc<AtomicUsize>,
+    done: oneshot::Receiver<()>,
+}
+
+impl Worker {
+    pub(super) fn spawn(
+        index: usize,
+        shared: Arc<ServerShared>,
+        stop: watch::Receiver<bool>,
+    ) -> Result<Self, Error> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (done_tx, done) = oneshot::channel();
+        let load = Arc::new(AtomicUsize::new(0));
+        let thread_load = load.clone();
+        std::thread::Builder::new()
+            .name(format!("capgate-worker-{index}"))
+            .spawn(move || {
+                run(rx, shared, stop, thread_load);
+                let _ = done_tx.send(());
+            })
+            .map_err(|e| Error::io("starting a worker thread", e))?;
+        Ok(Self { tx, load, done })
+    }
+
+    pub(super) async fn join(self) {
+        drop(self.tx);
+        let _ = self.done.await;
+    }
+}
+
+/// Hands a connection to the least loaded worker.
+pub(super) fn dispatch(workers: &[Worker], accepted: Accepted) {
+    let Some(w) = workers
+        .iter()
+        .min_by_key(|w| w.load.load(Ordering::Relaxed))
+    else {
+        return;
+    };
+    w.load.fetch_add(1, Ordering::Relaxed);
+    if w.tx.send(accepted).is_err() {
+        w.load.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn run(
+    mut rx: mpsc::UnboundedReceiver<Accepted>,
+    shared: Arc<ServerShared>,
+    stop: watch::Receiver<bool>,
+    load: Arc<AtomicUsize>,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(cause = %e, "worker runtime failed to start");
+            return;
+        }
+    };
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let mut tasks = Vec::new();
+        while let Some(accepted) = rx.recv().await {
+            tasks.retain(|t: &tokio::task::JoinHandle<()>| !t.is_finished());
+            let shared = shared.clone();
+            let stop = stop.clone();
+            let load = load.clone();
+            tasks.push(tokio::task::spawn_local(async move {
+                // Counts down even if the connection's task panics and unwinds.
+                shared.open_connections.fetch_add(1, Ordering::Relaxed);
+                let _load = LoadGuard(load, shared.clone());
+                connection::serve(accepted, shared, stop).await;
+            }));
+        }
+        // The acceptors are gone (shutdown): let every connection finish its graceful close.
+        for t in tasks {
+            if let Err(e) = t.await {
+                if e.is_panic() {
+                    tracing::error!("a connection task panicked during shutdown");
+                }
+            }
+        }
+    });
+}
+
+struct LoadGuard(Arc<AtomicUsize>, Arc<ServerShared>);
+
+impl Drop for LoadGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.1.open_connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
