@@ -113,7 +113,11 @@ impl Client {
     /// Resolves when the connection has ended; the error says why (e.g. the server's
     /// `Abort` reason).
     pub async fn closed(&self) -> Result<(), capnp::Error> {
-        self.done.clone().await
+        let result = self.done.clone().await;
+        match self.control.peer_abort() {
+            Some(e) => Err(e),
+            None => result,
+        }
     }
 
     /// Closes the connection.

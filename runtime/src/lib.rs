@@ -14,12 +14,14 @@ mod limits;
 mod network;
 mod peer;
 mod server;
+mod units;
 
 pub use client::{Client, ClientBuilder};
 pub use framing::{encode_frame, encode_header, frame_len, Frame, FrameDecoder, FrameError, FrameLimits};
 pub use guard::{Guard, Verdict};
 pub use latency::LatencyProxy;
 pub use limits::Limits;
+pub use units::{parse_bytes, parse_duration};
 pub use network::{new_network, ConnectionControl, ConnectionStats, GuardedNetwork};
 pub use peer::{PeerAddr, PeerInfo};
 pub use error::Error;
@@ -27,3 +29,12 @@ pub use server::{BootstrapFactory, ListenAddr, Server, ServerBuilder, ShutdownHa
 
 /// Re-exported so users name the same `Side` type capgate uses.
 pub use capnp_rpc::rpc_twoparty_capnp::Side;
+
+/// Views a capability as another interface type, typically a superclass:
+/// `cast::<reader::Client>(&namespace)` calls inherited methods such as `Reader.get`.
+/// (The server answers `Unimplemented` if the object does not implement `T`.)
+pub fn cast<T: capnp::capability::FromClientHook>(
+    client: &impl capnp::capability::FromClientHook,
+) -> T {
+    T::new(client.as_client_hook().add_ref())
+}

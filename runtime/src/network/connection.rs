@@ -24,6 +24,8 @@ pub(crate) struct ConnShared {
     abort_notify: Notify,
     last_activity: Cell<Instant>,
     stats: RefCell<ConnectionStats>,
+    /// The reason the peer gave in its `Abort`, if it sent one.
+    peer_abort: RefCell<Option<capnp::Error>>,
 }
 
 /// Traffic counters of one connection.
@@ -214,7 +216,21 @@ fn deliver(
     shared: &ConnShared,
     message: capnp::message::Reader<Frame>,
 ) -> Result<Box<dyn capnp_rpc::IncomingMessage>, capnp::Error> {
-    if let Ok(root) = message.get_root::<capnp_rpc::rpc_capnp::message::Reader<'_>>() {
+    use capnp_rpc::rpc_capnp::{exception, message};
+    if let Ok(root) = message.get_root::<message::Reader<'_>>() {
+        if let Ok(message::Abort(Ok(e))) = root.which() {
+            let reason = e
+                .get_reason()
+                .ok()
+                .and_then(|r| r.to_str().ok())
+                .unwrap_or("(no reason given)");
+            let text = format!("the peer aborted the connection: {reason}");
+            *shared.peer_abort.borrow_mut() = Some(match e.get_type() {
+                Ok(exception::Type::Overloaded) => capnp::Error::overloaded(text),
+                Ok(exception::Type::Disconnected) => capnp::Error::disconnected(text),
+                _ => capnp::Error::failed(text),
+            });
+        }
         if let Verdict::Abort(reason) = shared.guard.borrow_mut().incoming(root) {
             return Err(capnp::Error::failed(format!("capgate: {reason}")));
         }
@@ -302,6 +318,11 @@ impl ConnectionControl {
         *self.shared.stats.borrow()
     }
 
+    /// The reason the peer gave when it aborted the connection, if it did.
+    pub fn peer_abort(&self) -> Option<capnp::Error> {
+        self.shared.peer_abort.borrow().clone()
+    }
+
     /// Bytes queued for the peer and not yet written.
     pub fn queued_bytes(&self) -> usize {
         self.shared.outbox.queued_bytes()
@@ -341,6 +362,7 @@ where
         abort_notify: Notify::new(),
         last_activity: Cell::new(Instant::now()),
         stats: RefCell::new(ConnectionStats::default()),
+        peer_abort: RefCell::new(None),
         limits,
     });
     let decoder = FrameDecoder::new(shared.limits.frame_limits());

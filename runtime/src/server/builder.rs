@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use capnp::capability::FromClientHook;
 
-use super::{Error, Listener, Server, ServerShared, ShutdownHandle};
+use super::{Listener, Server, ServerShared, ShutdownHandle};
+use crate::Error;
 use crate::{Limits, PeerInfo};
 
 /// Makes the bootstrap capability for each connection. Called on the connection's worker

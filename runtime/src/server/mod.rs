@@ -7,7 +7,7 @@ mod connection;
 mod worker;
 
 pub use builder::{BootstrapFactory, ServerBuilder};
-pub use crate::error::Error;
+
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -16,6 +16,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
+
+use crate::Error;
 
 use crate::{Limits, PeerAddr, PeerInfo};
 use worker::{Accepted, Worker};

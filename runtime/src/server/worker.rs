@@ -3,7 +3,8 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{connection, Error, ServerShared};
+use super::{connection, ServerShared};
+use crate::Error;
 use crate::PeerInfo;
 
 /// A socket accepted by a listener, on its way to a worker.

@@ -1,0 +1,112 @@
+//! Command-line interface.
+
+mod demo;
+mod serve;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use capgate::{parse_bytes, parse_duration, Limits};
+
+#[derive(Parser)]
+#[command(name = "capgate", version, about = "Capability-secured Cap'n Proto RPC")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the demo Store until Ctrl-C / SIGTERM (then shut down gracefully).
+    Serve(serve::ServeArgs),
+    /// Run a server and a client in one process and print a short report: pipelining,
+    /// a callback, a remote exception, an oversized message refused.
+    Demo(demo::DemoArgs),
+}
+
+/// Connection limits, settable on the command line (defaults: see `capgate::Limits`).
+#[derive(Args, Clone, Debug)]
+pub(crate) struct LimitArgs {
+    /// Largest incoming message, e.g. "4 MiB".
+    #[arg(long, value_parser = parse_bytes)]
+    max_message_bytes: Option<usize>,
+    /// Most segments in one incoming message.
+    #[arg(long)]
+    max_segments: Option<u32>,
+    /// Time for a started message to arrive completely, e.g. "30s".
+    #[arg(long, value_parser = parse_duration)]
+    frame_timeout: Option<Duration>,
+    /// Close connections idle (no traffic, no calls in flight) this long, e.g. "5 min".
+    #[arg(long, value_parser = parse_duration)]
+    idle_timeout: Option<Duration>,
+    /// Most bytes queued for a peer that does not read, e.g. "16 MiB".
+    #[arg(long, value_parser = parse_bytes)]
+    max_outgoing_bytes: Option<usize>,
+    /// Time one write to a peer may stall, e.g. "30s".
+    #[arg(long, value_parser = parse_duration)]
+    write_timeout: Option<Duration>,
+    /// On shutdown, time in-flight calls get to finish, e.g. "10s".
+    #[arg(long, value_parser = parse_duration)]
+    shutdown_timeout: Option<Duration>,
+}
+
+impl LimitArgs {
+    pub(crate) fn limits(&self) -> Limits {
+        let mut l = Limits::default();
+        if let Some(v) = self.max_message_bytes {
+            l.max_message_bytes = v;
+        }
+        if let Some(v) = self.max_segments {
+            l.max_segments = v;
+        }
+        if let Some(v) = self.frame_timeout {
+            l.frame_timeout = v;
+        }
+        if let Some(v) = self.idle_timeout {
+            l.idle_timeout = v;
+        }
+        if let Some(v) = self.max_outgoing_bytes {
+            l.max_outgoing_bytes = v;
+        }
+        if let Some(v) = self.write_timeout {
+            l.write_timeout = v;
+        }
+        if let Some(v) = self.shutdown_timeout {
+            l.shutdown_timeout = v;
+        }
+        l
+    }
+}
+
+pub(crate) fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,capgate=info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Serve(args) => serve::run(args),
+        Command::Demo(args) => demo::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("capgate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A single-threaded runtime with a `LocalSet`, as capnp-rpc clients need.
+pub(crate) fn block_on_local<F: std::future::Future>(f: F) -> Result<F::Output, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))?;
+    Ok(tokio::task::LocalSet::new().block_on(&rt, f))
+}

@@ -1,0 +1,79 @@
+use std::io::Write;
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+
+use clap::Args;
+
+use capgate::demo::Store;
+use capgate::Server;
+
+use super::LimitArgs;
+
+#[derive(Args)]
+pub(crate) struct ServeArgs {
+    /// TCP address to listen on (repeatable), e.g. 127.0.0.1:4000 or 127.0.0.1:0.
+    #[arg(long)]
+    listen: Vec<SocketAddr>,
+    /// Unix socket path to listen on (repeatable).
+    #[arg(long)]
+    unix: Vec<PathBuf>,
+    /// Worker threads (default: available cores).
+    #[arg(long)]
+    workers: Option<NonZeroUsize>,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+pub(crate) fn run(args: ServeArgs) -> Result<(), String> {
+    if args.listen.is_empty() && args.unix.is_empty() {
+        return Err("nothing to listen on: pass --listen ADDR and/or --unix PATH".into());
+    }
+    let store = Store::new();
+    let mut builder = Server::builder()
+        .limits(args.limits.limits())
+        .bootstrap_factory(move |_peer| store.client());
+    for a in args.listen {
+        builder = builder.listen(a);
+    }
+    for p in args.unix {
+        builder = builder.listen_unix(p);
+    }
+    if let Some(n) = args.workers {
+        builder = builder.workers(n);
+    }
+    let server = builder.build().map_err(|e| e.to_string())?;
+    {
+        let mut out = std::io::stdout().lock();
+        for a in server.local_addrs() {
+            let _ = writeln!(out, "listening on {a}");
+        }
+        let _ = out.flush();
+    }
+    let handle = server.shutdown_handle();
+    super::block_on_local(async move {
+        tokio::task::spawn_local(async move {
+            wait_for_signal().await;
+            tracing::info!("shutting down: no new connections, finishing in-flight calls");
+            handle.shutdown();
+        });
+        server.serve().await
+    })?
+    .map_err(|e| e.to_string())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(cause = %e, "cannot watch SIGTERM; only Ctrl-C stops the server");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,7 @@
+//! The demo services: the Store (schema/store.capnp) and the Echo benchmark service.
+
+mod echo;
+mod store;
+
+pub use echo::EchoService;
+pub use store::{LiveObjects, Store, StoreLimits};
