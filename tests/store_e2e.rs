@@ -1,0 +1,366 @@
+//! The demo Store end to end over TCP and Unix sockets: every method, callbacks, exceptions,
+//! Release, and connection lifecycle (idle timeout, graceful shutdown, panics).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use capgate::store_capnp::{namespace, reader, store, watcher};
+use capgate::{cast, Client};
+use capnp::capability::Rc;
+use common::*;
+use tokio::sync::mpsc;
+
+struct ChannelWatcher(mpsc::UnboundedSender<(String, Vec<u8>, bool)>);
+
+impl watcher::Server for ChannelWatcher {
+    async fn changed(
+        self: Rc<Self>,
+        params: watcher::ChangedParams,
+        _: watcher::ChangedResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let _ = self.0.send((
+            p.get_key()?.to_string()?,
+            p.get_value()?.to_vec(),
+            p.get_deleted(),
+        ));
+        Ok(())
+    }
+}
+
+fn open(s: &store::Client, name: &str) -> namespace::Client {
+    let mut req = s.namespace_request();
+    req.get().set_name(name);
+    req.send().pipeline.get_ns()
+}
+
+async fn put(ns: &namespace::Client, key: &str, value: &[u8]) {
+    let mut req = ns.put_request();
+    req.get().set_key(key);
+    req.get().set_value(value);
+    req.send().promise.await.expect("put");
+}
+
+async fn get(r: &reader::Client, key: &str) -> Option<Vec<u8>> {
+    let mut req = r.get_request();
+    req.get().set_key(key);
+    let reply = req.send().promise.await.expect("get");
+    let r = reply.get().unwrap();
+    r.get_found().then(|| r.get_value().unwrap().to_vec())
+}
+
+async fn list(r: &reader::Client, prefix: &str) -> Vec<String> {
+    let mut req = r.list_request();
+    req.get().set_prefix(prefix);
+    let reply = req.send().promise.await.expect("list");
+    reply
+        .get()
+        .unwrap()
+        .get_keys()
+        .unwrap()
+        .iter()
+        .map(|k| k.unwrap().to_string().unwrap())
+        .collect()
+}
+
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Every Store method, a callback, an exception and Release, over one connection.
+async fn scenario(client: Client, server_store: &capgate::demo::Store) {
+    let s: store::Client = client.bootstrap();
+
+    // Store.namespace / Namespace.put / Reader.get (inherited, on a Namespace) / list.
+    let ns = open(&s, "fruit");
+    put(&ns, "apple", b"red").await;
+    put(&ns, "apricot", b"orange").await;
+    put(&ns, "banana", b"yellow").await;
+    let as_reader: reader::Client = cast(&ns);
+    assert_eq!(get(&as_reader, "apple").await, Some(b"red".to_vec()));
+    assert_eq!(get(&as_reader, "cherry").await, None);
+    assert_eq!(list(&as_reader, "ap").await, ["apple", "apricot"]);
+
+    // Store.namespaces.
+    let reply = s.namespaces_request().send().promise.await.unwrap();
+    let names: Vec<String> = reply
+        .get()
+        .unwrap()
+        .get_names()
+        .unwrap()
+        .iter()
+        .map(|n| n.unwrap().to_string().unwrap())
+        .collect();
+    assert!(names.contains(&"fruit".to_string()), "{names:?}");
+
+    // Namespace.delete.
+    let mut del = ns.delete_request();
+    del.get().set_key("banana");
+    assert!(del.send().promise.await.unwrap().get().unwrap().get_existed());
+    let mut del = ns.delete_request();
+    del.get().set_key("banana");
+    assert!(!del.send().promise.await.unwrap().get().unwrap().get_existed());
+
+    // Namespace.sub: nested and distinct from the parent.
+    let mut sub = ns.sub_request();
+    sub.get().set_name("tropical");
+    let tropical = sub.send().pipeline.get_ns();
+    put(&tropical, "mango", b"sweet").await;
+    assert_eq!(get(&cast(&tropical), "mango").await, Some(b"sweet".to_vec()));
+    assert_eq!(get(&as_reader, "mango").await, None);
+
+    // Namespace.readOnly: reads work; the Reader is not a Namespace.
+    let ro = ns.read_only_request().send().pipeline.get_reader();
+    assert_eq!(get(&ro, "apricot").await, Some(b"orange".to_vec()));
+    let pretend: namespace::Client = cast(&ro);
+    let mut sneaky = pretend.put_request();
+    sneaky.get().set_key("apple");
+    sneaky.get().set_value(b"green");
+    let e = sneaky.send().promise.await.err().expect("a Reader has no put");
+    assert_eq!(e.kind, capnp::ErrorKind::Unimplemented, "{e}");
+    assert_eq!(get(&as_reader, "apple").await, Some(b"red".to_vec()));
+
+    // Namespace.watch: the server calls our Watcher; cancel stops it.
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut w = ns.watch_request();
+    w.get()
+        .set_watcher(capnp_rpc::new_client(ChannelWatcher(tx)));
+    let subscription = w
+        .send()
+        .promise
+        .await
+        .unwrap()
+        .get()
+        .unwrap()
+        .get_subscription()
+        .unwrap();
+    put(&ns, "fig", b"purple").await;
+    let change = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(change, ("fig".into(), b"purple".to_vec(), false));
+    let mut del = ns.delete_request();
+    del.get().set_key("fig");
+    del.send().promise.await.unwrap();
+    let change = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(change, ("fig".into(), Vec::new(), true));
+    subscription.cancel_request().send().promise.await.unwrap();
+    put(&ns, "grape", b"green").await;
+    // The watcher was released by the server after cancel: the channel closes, no event.
+    let after = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+    assert!(matches!(after, Ok(None)), "no call after cancel: {after:?}");
+
+    // Namespace.wait: a long poll answered by a later put.
+    let mut wait = ns.wait_request();
+    wait.get().set_key("kiwi");
+    let waiting = wait.send().promise;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    put(&ns, "kiwi", b"brown").await;
+    let got = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.get().unwrap().get_value().unwrap(), b"brown");
+
+    // Exceptions carry the server's text.
+    let bad = open(&s, "");
+    let e = bad.put_request().send().promise.await.err().expect("empty name");
+    assert_eq!(e.kind, capnp::ErrorKind::Failed);
+    assert!(e.to_string().contains("invalid namespace name: it must not be empty"), "{e}");
+
+    // Release: caps we drop are freed on the server.
+    assert!(server_store.live_objects().namespaces >= 2);
+    assert_eq!(server_store.live_objects().readers, 1);
+    drop((ns, as_reader, tropical, ro, pretend, subscription, bad));
+    wait_until("namespace and reader caps to be released", || {
+        let l = server_store.live_objects();
+        l.namespaces == 0 && l.readers == 0 && l.subscriptions == 0 && l.watchers == 0
+    })
+    .await;
+    drop(s);
+    client.shutdown().await.ok();
+    wait_until("the bootstrap to be released", || {
+        server_store.live_objects().stores == 0
+    })
+    .await;
+}
+
+#[test]
+fn every_store_method_over_tcp() {
+    let server = TestServer::start(quick_limits());
+    let store = server.store.clone();
+    local(async {
+        let c = Client::connect(server.tcp).await.unwrap();
+        scenario(c, &store).await;
+    });
+    server.stop().unwrap();
+}
+
+#[test]
+fn every_store_method_over_a_unix_socket() {
+    let dir = std::env::temp_dir().join(format!("capgate-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("store.sock");
+    let server = TestServer::start_with(quick_limits(), Some(path.clone()));
+    let store = server.store.clone();
+    local(async {
+        let c = Client::connect_unix(&path).await.unwrap();
+        scenario(c, &store).await;
+    });
+    server.stop().unwrap();
+    assert!(!path.exists(), "the socket file is removed at shutdown");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn watcher_of_a_disconnected_client_is_dropped() {
+    let server = TestServer::start(quick_limits());
+    let store = server.store.clone();
+    local(async {
+        let (watching, s) = store_client(server.tcp).await;
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let mut w = open(&s, "w").watch_request();
+        w.get().set_watcher(capnp_rpc::new_client(ChannelWatcher(tx)));
+        let _sub = w.send().promise.await.unwrap();
+        assert_eq!(store.live_objects().watchers, 1);
+        watching.shutdown().await.ok();
+        // The subscription dies with its connection; the watcher is dropped, not retried.
+        let (_other, s2) = store_client(server.tcp).await;
+        put(&open(&s2, "w"), "k", b"v").await;
+        wait_until("the dead watcher to be dropped", || {
+            let l = store.live_objects();
+            l.watchers == 0 && l.subscriptions == 0
+        })
+        .await;
+    });
+    server.stop().unwrap();
+}
+
+#[test]
+fn idle_connection_is_closed_with_the_reason_but_a_long_poll_is_not_idle() {
+    let mut limits = quick_limits();
+    limits.idle_timeout = Duration::from_millis(300);
+    let server = TestServer::start(limits);
+    local(async {
+        let (idle, s) = store_client(server.tcp).await;
+        s.namespaces_request().send().promise.await.unwrap();
+        let started = Instant::now();
+        let e = tokio::time::timeout(Duration::from_secs(5), idle.closed())
+            .await
+            .expect("closed within 5 s")
+            .err().expect("closed with a reason");
+        assert!(started.elapsed() >= Duration::from_millis(250));
+        assert!(
+            e.to_string()
+                .contains("connection idle for 300 ms (idle_timeout): no frames in either direction and no calls in flight"),
+            "{e}"
+        );
+
+        // A connection with a call in flight is not idle, however quiet.
+        let (_busy, s) = store_client(server.tcp).await;
+        let ns = open(&s, "idle");
+        let mut wait = ns.wait_request();
+        wait.get().set_key("later");
+        let waiting = wait.send().promise;
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        let (_c, other) = store_client(server.tcp).await;
+        put(&open(&other, "idle"), "later", b"done").await;
+        let got = waiting.await.expect("the long poll survived 3 idle periods");
+        assert_eq!(got.get().unwrap().get_value().unwrap(), b"done");
+    });
+    server.stop().unwrap();
+}
+
+#[test]
+fn graceful_shutdown_lets_in_flight_calls_finish_then_closes() {
+    let mut limits = quick_limits();
+    limits.shutdown_timeout = Duration::from_secs(5);
+    let server = TestServer::start(limits);
+    let handle = server.shutdown_handle();
+    local(async {
+        let (_c, s) = store_client(server.tcp).await;
+        let ns = open(&s, "g");
+        put(&ns, "warm", b"up").await;
+        let mut wait = ns.wait_request();
+        wait.get().set_key("k");
+        let waiting = wait.send().promise;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        handle.shutdown();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // New connections are refused; this one still serves until its calls are done.
+        assert!(Client::connect(server.tcp).await.is_err() || {
+            // The listener may still be in the kernel's backlog: a call must fail then.
+            let (_c2, s2) = store_client(server.tcp).await;
+            s2.namespaces_request().send().promise.await.is_err()
+        });
+        put(&ns, "k", b"finished").await;
+        let got = waiting.await.expect("the in-flight call completed");
+        assert_eq!(got.get().unwrap().get_value().unwrap(), b"finished");
+    });
+    server.stop().expect("server exits cleanly");
+}
+
+#[test]
+fn graceful_shutdown_deadline_fails_stuck_calls_with_a_clear_error() {
+    let mut limits = quick_limits();
+    limits.shutdown_timeout = Duration::from_millis(300);
+    let server = TestServer::start(limits);
+    let handle = server.shutdown_handle();
+    local(async {
+        let (_c, s) = store_client(server.tcp).await;
+        let mut wait = open(&s, "stuck").wait_request();
+        wait.get().set_key("never");
+        let waiting = wait.send().promise;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let started = Instant::now();
+        handle.shutdown();
+        let e = waiting.await.err().expect("the stuck call fails at the deadline");
+        assert!(started.elapsed() >= Duration::from_millis(250));
+        assert!(e.to_string().contains("the server is shutting down"), "{e}");
+    });
+    server.stop().expect("server exits cleanly");
+}
+
+#[test]
+fn a_panicking_handler_costs_only_its_connection() {
+    use capgate::bench_capnp::echo;
+    let (addr, handle) = TestServer::start_echo(quick_limits());
+    local(async {
+        // One worker: both connections share the thread that panics.
+        let good = Client::connect(addr).await.unwrap();
+        let good_echo: echo::Client = good.bootstrap();
+        let mut req = good_echo.echo_request();
+        req.get().set_payload(b"before");
+        req.send().promise.await.unwrap();
+
+        let bad = Client::connect(addr).await.unwrap();
+        let bad_echo: echo::Client = bad.bootstrap();
+        let e = bad_echo
+            .panic_request()
+            .send()
+            .promise
+            .await
+            .err().expect("the panicking call fails");
+        assert_eq!(e.kind, capnp::ErrorKind::Disconnected, "{e}");
+
+        let mut req = good_echo.echo_request();
+        req.get().set_payload(b"after");
+        let reply = req.send().promise.await.expect("the other connection still works");
+        assert_eq!(reply.get().unwrap().get_payload().unwrap(), b"after");
+        let fresh = Client::connect(addr).await.unwrap();
+        let e: echo::Client = fresh.bootstrap();
+        let mut req = e.echo_request();
+        req.get().set_payload(b"new");
+        req.send().promise.await.expect("new connections are served");
+    });
+    handle.shutdown();
+}
