@@ -273,3 +273,43 @@ pub fn quick_limits() -> Limits {
     l.linger_timeout = Duration::from_millis(200);
     l
 }
+
+/// A framed rpc `Bootstrap` message.
+pub fn rpc_bootstrap(question_id: u32) -> Vec<u8> {
+    let mut m = capnp::message::Builder::new_default();
+    m.init_root::<capnp_rpc::rpc_capnp::message::Builder>()
+        .init_bootstrap()
+        .set_question_id(question_id);
+    frame(&m)
+}
+
+/// A framed `Echo.echo` call on the bootstrap answer (question 0), as capnp-rust sends it.
+pub fn rpc_echo_call(question_id: u32, payload_bytes: u32) -> Vec<u8> {
+    use capgate::bench_capnp::echo;
+    use capnp::traits::HasTypeId;
+    let mut m = capnp::message::Builder::new_default();
+    {
+        let mut call = m
+            .init_root::<capnp_rpc::rpc_capnp::message::Builder>()
+            .init_call();
+        call.set_question_id(question_id);
+        call.set_interface_id(echo::Client::TYPE_ID);
+        call.set_method_id(0);
+        call.reborrow()
+            .init_target()
+            .init_promised_answer()
+            .set_question_id(0);
+        let params = call.init_params();
+        params
+            .get_content()
+            .init_as::<echo::echo_params::Builder>()
+            .init_payload(payload_bytes);
+    }
+    frame(&m)
+}
+
+pub fn frame(m: &capnp::message::Builder<capnp::message::HeapAllocator>) -> Vec<u8> {
+    let mut out = Vec::new();
+    capgate::encode_frame(&mut out, &m.get_segments_for_output());
+    out
+}

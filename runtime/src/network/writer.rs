@@ -34,6 +34,8 @@ pub(super) struct Outbox {
     max_bytes: usize,
     state: Cell<State>,
     wake: Notify,
+    /// Signalled when the outbox fails: abandons a write in progress.
+    cut: Notify,
     done: Cell<bool>,
     done_notify: Notify,
 }
@@ -46,6 +48,7 @@ impl Outbox {
             max_bytes,
             state: Cell::new(State::Open),
             wake: Notify::new(),
+            cut: Notify::new(),
             done: Cell::new(false),
             done_notify: Notify::new(),
         }
@@ -90,12 +93,13 @@ impl Outbox {
         self.wake.notify_one();
     }
 
-    /// Drop everything queued and close.
+    /// Drop everything queued, abandon a write in progress, and close.
     pub(super) fn fail(&self) {
         self.state.set(State::Failed);
         self.queue.borrow_mut().clear();
         self.queued_bytes.set(0);
         self.wake.notify_one();
+        self.cut.notify_one();
     }
 
     /// Resolves once the writer has finished.
@@ -183,7 +187,11 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             }
             stream.flush().await
         };
-        match tokio::time::timeout(limits.write_timeout, write).await {
+        let written = tokio::select! {
+            r = tokio::time::timeout(limits.write_timeout, write) => r,
+            () = outbox.cut.notified() => return Ok(()),
+        };
+        match written {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 // The peer is gone. Stop writing, but let the reader see the peer's last

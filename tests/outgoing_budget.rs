@@ -1,0 +1,66 @@
+//! A peer that sends calls but never reads the answers is cut off once the bytes queued for
+//! it exceed `max_outgoing_bytes`, instead of growing server memory; others are served.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use capgate::bench_capnp::echo;
+use capgate::Client;
+use common::*;
+
+#[test]
+fn a_peer_that_never_reads_is_cut_off() {
+    let mut limits = quick_limits();
+    limits.max_outgoing_bytes = 1 << 20;
+    let (addr, handle) = TestServer::start_echo(limits);
+    let before = rss_bytes();
+
+    // 400 calls of 64 KiB: 25 MiB of answers, far beyond socket buffers plus 1 MiB.
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(&rpc_bootstrap(0)).unwrap();
+    let call_bytes: usize = {
+        let mut sent = 0;
+        for q in 1..=400u32 {
+            match s.write_all(&rpc_echo_call(q, 64 * 1024)) {
+                Ok(()) => sent += 1,
+                Err(_) => break, // already cut off: the server closed the socket
+            }
+        }
+        sent
+    };
+    assert!(call_bytes > 0);
+    std::thread::sleep(Duration::from_millis(300));
+    let grown = rss_bytes().saturating_sub(before);
+
+    // Meanwhile, another client is served.
+    local(async {
+        let c = Client::connect(addr).await.unwrap();
+        let e: echo::Client = c.bootstrap();
+        let mut req = e.echo_request();
+        req.get().set_payload(b"still here");
+        let reply = req.send().promise.await.unwrap();
+        assert_eq!(reply.get().unwrap().get_payload().unwrap(), b"still here");
+    });
+
+    // Now read: what was already in flight arrives, then the server has closed the socket.
+    let start = Instant::now();
+    let mut total = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let closed = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(n) => total += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break false,
+            Err(_) => break true, // reset: also closed
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "bounded");
+    };
+    assert!(closed, "the server closed the non-reading peer (read {total} bytes)");
+    let answers = 400 * 64 * 1024;
+    assert!(total < answers / 2, "cut off early: got {total} of {answers} bytes");
+    assert!(grown < 24 << 20, "server memory stayed bounded: RSS grew {grown} bytes");
+    handle.shutdown();
+}
