@@ -1,1 +1,334 @@
-fn main() {}
+//! capgate vs raw capnp-rpc `twoparty` (buffered streams), side by side in one run, on
+//! loopback, same Echo service: sequential latency, throughput at 1/16/128 calls in flight on
+//! one connection, and idle memory per server-side connection.
+//!
+//! `cargo bench --bench rpc` runs criterion, then an interleaved percentile pass and the
+//! memory pass, and prints ratios. `cargo bench --bench rpc -- --test` is the quick smoke run.
+
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use capgate::bench_capnp::echo;
+use capgate::demo::EchoService;
+use capgate::{Client, ListenAddr, Server};
+use capnp_rpc::{rpc_twoparty_capnp::Side, twoparty, RpcSystem};
+use criterion::{BenchmarkId, Criterion, Throughput};
+use futures::AsyncReadExt;
+use tokio::runtime::Runtime;
+use tokio::task::LocalSet;
+use tokio_util::compat::TokioAsyncReadCompatExt;
+
+const PAYLOAD: &[u8] = &[42u8; 64];
+
+/// Raw capnp-rpc twoparty server (the baseline), one thread, buffered streams.
+fn start_twoparty_server() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        LocalSet::new().block_on(&rt, async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                stream.set_nodelay(true).unwrap();
+                let (r, w) = stream.compat().split();
+                let network = twoparty::VatNetwork::new(
+                    futures::io::BufReader::new(r),
+                    futures::io::BufWriter::new(w),
+                    Side::Server,
+                    Default::default(),
+                );
+                let client: echo::Client = capnp_rpc::new_client(EchoService);
+                tokio::task::spawn_local(RpcSystem::new(Box::new(network), Some(client.client)));
+            }
+        });
+    });
+    addr
+}
+
+fn start_capgate_server() -> SocketAddr {
+    let server = Server::builder()
+        .listen("127.0.0.1:0".parse().unwrap())
+        .workers(NonZeroUsize::new(1).unwrap())
+        .bootstrap_factory(|_| EchoService.client())
+        .build()
+        .unwrap();
+    let ListenAddr::Tcp(addr) = server.local_addrs()[0].clone() else {
+        unreachable!()
+    };
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(server.serve())
+    });
+    addr
+}
+
+async fn twoparty_client(addr: SocketAddr) -> echo::Client {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    let (r, w) = stream.compat().split();
+    let network = twoparty::VatNetwork::new(
+        futures::io::BufReader::new(r),
+        futures::io::BufWriter::new(w),
+        Side::Client,
+        Default::default(),
+    );
+    let mut rpc = RpcSystem::new(Box::new(network), None);
+    let client: echo::Client = rpc.bootstrap(Side::Server);
+    tokio::task::spawn_local(rpc);
+    client
+}
+
+async fn capgate_client(addr: SocketAddr) -> (Client, echo::Client) {
+    let c = Client::connect(addr).await.unwrap();
+    let e = c.bootstrap();
+    (c, e)
+}
+
+async fn call(e: &echo::Client) {
+    let mut req = e.echo_request();
+    req.get().set_payload(PAYLOAD);
+    let reply = req.send().promise.await.unwrap();
+    assert_eq!(reply.get().unwrap().get_payload().unwrap().len(), PAYLOAD.len());
+}
+
+/// Runs `total` calls with `inflight` of them outstanding at any time.
+async fn run_calls(e: &echo::Client, total: u64, inflight: usize) -> Duration {
+    let start = Instant::now();
+    let left = Rc::new(std::cell::Cell::new(total));
+    let workers: Vec<_> = (0..inflight)
+        .map(|_| {
+            let e = e.clone();
+            let left = left.clone();
+            tokio::task::spawn_local(async move {
+                while left.get() > 0 {
+                    left.set(left.get() - 1);
+                    call(&e).await;
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await.unwrap();
+    }
+    start.elapsed()
+}
+
+struct Setup {
+    rt: Runtime,
+    local: LocalSet,
+    raw: echo::Client,
+    gate: echo::Client,
+    _gate_conn: Client,
+    raw_addr: SocketAddr,
+    gate_addr: SocketAddr,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let raw_addr = start_twoparty_server();
+        let gate_addr = start_capgate_server();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let local = LocalSet::new();
+        let (raw, (gate_conn, gate)) = local.block_on(&rt, async {
+            let raw = twoparty_client(raw_addr).await;
+            let gate = capgate_client(gate_addr).await;
+            call(&raw).await;
+            call(&gate.1).await;
+            (raw, gate)
+        });
+        Self {
+            rt,
+            local,
+            raw,
+            gate,
+            _gate_conn: gate_conn,
+            raw_addr,
+            gate_addr,
+        }
+    }
+
+    fn run<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.local.block_on(&self.rt, f)
+    }
+}
+
+fn criterion_benches(c: &mut Criterion, s: &Setup) {
+    let mut g = c.benchmark_group("sequential_echo_64B");
+    for (name, e) in [("twoparty", &s.raw), ("capgate", &s.gate)] {
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| s.run(run_calls(e, iters, 1)));
+        });
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("throughput_echo_64B");
+    for inflight in [1usize, 16, 128] {
+        let batch = 2_000u64;
+        g.throughput(Throughput::Elements(batch));
+        for (name, e) in [("twoparty", &s.raw), ("capgate", &s.gate)] {
+            g.bench_with_input(BenchmarkId::new(name, inflight), &inflight, |b, &k| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        total += s.run(run_calls(e, batch, k));
+                    }
+                    total
+                });
+            });
+        }
+    }
+    g.finish();
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+/// Interleaved blocks so both see the same machine conditions.
+fn latency_report(s: &Setup, blocks: usize, per_block: usize) {
+    let mut raw = Vec::new();
+    let mut gate = Vec::new();
+    s.run(async {
+        for _ in 0..blocks {
+            for (e, out) in [(&s.raw, &mut raw), (&s.gate, &mut gate)] {
+                for _ in 0..per_block {
+                    let t = Instant::now();
+                    call(e).await;
+                    out.push(t.elapsed());
+                }
+            }
+        }
+    });
+    raw.sort();
+    gate.sort();
+    println!("\nsequential echo latency (64 B), {} calls each, interleaved:", raw.len());
+    for (label, p) in [("p50", 0.5), ("p99", 0.99)] {
+        let (r, g) = (percentile(&raw, p), percentile(&gate, p));
+        println!(
+            "  {label}: twoparty {:7.1} us   capgate {:7.1} us   ratio capgate/twoparty {:.2}",
+            us(r),
+            us(g),
+            us(g) / us(r)
+        );
+    }
+}
+
+fn throughput_report(s: &Setup, calls: u64, rounds: usize) {
+    println!("\nthroughput (64 B echo, one connection), best of {rounds} interleaved rounds:");
+    for inflight in [1usize, 16, 128] {
+        let (mut best_raw, mut best_gate) = (Duration::MAX, Duration::MAX);
+        for _ in 0..rounds {
+            best_raw = best_raw.min(s.run(run_calls(&s.raw, calls, inflight)));
+            best_gate = best_gate.min(s.run(run_calls(&s.gate, calls, inflight)));
+        }
+        let r = calls as f64 / best_raw.as_secs_f64();
+        let g = calls as f64 / best_gate.as_secs_f64();
+        println!(
+            "  {inflight:>3} in flight: twoparty {r:>9.0} calls/s   capgate {g:>9.0} calls/s   ratio {:.2}",
+            g / r
+        );
+        let st = s._gate_conn.stats();
+        println!(
+            "      capgate client so far: {} frames out in {} writes ({:.1} frames/write)",
+            st.frames_out,
+            st.writes,
+            st.frames_out as f64 / st.writes.max(1) as f64
+        );
+    }
+}
+
+fn rss_bytes() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb: usize = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    kb * 1024
+}
+
+/// Server-side memory of idle connections: raw TCP peers (no client-side state in this
+/// process) that bootstrap once and go quiet.
+fn memory_report(s: &Setup, conns: usize) {
+    use std::io::{Read, Write};
+    let mut bootstrap = Vec::new();
+    {
+        let mut m = capnp::message::Builder::new_default();
+        m.init_root::<capnp_rpc::rpc_capnp::message::Builder>()
+            .init_bootstrap()
+            .set_question_id(0);
+        capgate::encode_frame(&mut bootstrap, &m.get_segments_for_output());
+    }
+    println!("\nidle memory per server-side connection ({conns} connections, after bootstrap):");
+    let mut per = Vec::new();
+    for (name, addr) in [("twoparty", s.raw_addr), ("capgate", s.gate_addr)] {
+        let before = rss_bytes();
+        let socks: Vec<_> = (0..conns)
+            .map(|_| {
+                let mut t = std::net::TcpStream::connect(addr).unwrap();
+                t.write_all(&bootstrap).unwrap();
+                let mut b = [0u8; 256];
+                t.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let _ = t.read(&mut b).unwrap();
+                t
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(200));
+        let bytes = rss_bytes().saturating_sub(before) / conns;
+        per.push(bytes);
+        println!("  {name}: {:.1} KiB", bytes as f64 / 1024.0);
+        drop(socks);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!("  ratio capgate/twoparty {:.2}", per[1] as f64 / per[0].max(1) as f64);
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--test");
+    let s = Setup::new();
+    // For profilers: CAPGATE_PROFILE=capgate|twoparty runs 128-in-flight calls for 5 s.
+    if let Ok(which) = std::env::var("CAPGATE_PROFILE") {
+        let e = if which == "twoparty" { &s.raw } else { &s.gate };
+        let start = Instant::now();
+        let mut calls = 0u64;
+        while start.elapsed() < Duration::from_secs(5) {
+            s.run(run_calls(e, 10_000, 128));
+            calls += 10_000;
+        }
+        println!("{which}: {:.0} calls/s", calls as f64 / start.elapsed().as_secs_f64());
+        return;
+    }
+    let mut c = Criterion::default()
+        .configure_from_args()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    criterion_benches(&mut c, &s);
+    c.final_summary();
+    if quick {
+        latency_report(&s, 2, 50);
+        throughput_report(&s, 500, 1);
+        memory_report(&s, 20);
+    } else {
+        latency_report(&s, 10, 2_000);
+        throughput_report(&s, 20_000, 3);
+        memory_report(&s, 500);
+    }
+}

@@ -244,6 +244,15 @@ pub struct GuardedNetwork {
     accepted: bool,
     side: Side,
     driver: Shared<Promise<(), capnp::Error>>,
+    writer_task: tokio::task::AbortHandle,
+}
+
+impl Drop for GuardedNetwork {
+    /// The RPC system is gone (finished, dropped, or unwound by a panic): stop the writer
+    /// so the socket closes with it.
+    fn drop(&mut self) {
+        self.writer_task.abort();
+    }
 }
 
 impl capnp_rpc::VatNetwork<Side> for GuardedNetwork {
@@ -342,6 +351,7 @@ impl ConnectionControl {
 }
 
 /// Builds the `VatNetwork` for one connection over a read half and a write half.
+/// Must be called inside a `tokio::task::LocalSet` (the writer runs as a local task).
 ///
 /// `side` is this end's role: the server side serves its bootstrap capability, the client
 /// side asks for the server's.
@@ -382,7 +392,27 @@ where
             }) as Box<dyn capnp_rpc::Connection<Side>>
         })
     };
-    let driver = Promise::from_future(writer::run(writer, shared.clone())).shared();
+    // The writer is its own task, so that it runs after the tasks that produce messages have
+    // had their turn: that is what lets it coalesce many messages into one write.
+    let result = Rc::new(RefCell::new(None));
+    let writer_task = {
+        let shared = shared.clone();
+        let result = result.clone();
+        async move {
+            let r = writer::run(writer, shared).await;
+            *result.borrow_mut() = Some(r);
+        }
+    };
+    let writer_task = tokio::task::spawn_local(writer_task).abort_handle();
+    let driver = {
+        let shared = shared.clone();
+        Promise::from_future(async move {
+            shared.outbox.finished().await;
+            let r = result.borrow_mut().take();
+            r.unwrap_or(Ok(()))
+        })
+        .shared()
+    };
     let control = ConnectionControl {
         shared: shared.clone(),
         linger: Box::new(read),
@@ -393,6 +423,7 @@ where
             accepted: false,
             side,
             driver,
+            writer_task,
         },
         control,
     )

@@ -13,6 +13,11 @@ use crate::limits::fmt_bytes;
 
 /// Messages larger than this skip the coalescing buffer (their segments are written as is).
 const DIRECT_WRITE_BYTES: usize = 64 * 1024;
+/// While more messages keep arriving, the writer yields to other tasks up to this many times
+/// before writing, so that one write carries them all.
+const MAX_GATHER_YIELDS: usize = 16;
+/// ...but stops gathering once this many bytes are queued.
+const GATHER_BYTES: usize = 64 * 1024;
 /// The coalescing buffer is released while idle if it grew beyond this.
 const KEEP_BUFFER_BYTES: usize = 16 * 1024;
 
@@ -145,6 +150,19 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         match outbox.state.get() {
             State::Failed => return Ok(()),
             State::Open | State::Closing => {}
+        }
+        // Gather: let the tasks that produce messages run while the queue keeps growing.
+        let mut seen = outbox.queue.borrow().len();
+        for _ in 0..MAX_GATHER_YIELDS {
+            if seen == 0 || outbox.queued_bytes.get() >= GATHER_BYTES {
+                break;
+            }
+            tokio::task::yield_now().await;
+            let now = outbox.queue.borrow().len();
+            if now == seen {
+                break;
+            }
+            seen = now;
         }
         let mut batch_bytes = 0usize;
         let mut batch_frames = 0u64;
