@@ -98,7 +98,10 @@ async fn call(e: &echo::Client) {
     let mut req = e.echo_request();
     req.get().set_payload(PAYLOAD);
     let reply = req.send().promise.await.unwrap();
-    assert_eq!(reply.get().unwrap().get_payload().unwrap().len(), PAYLOAD.len());
+    assert_eq!(
+        reply.get().unwrap().get_payload().unwrap().len(),
+        PAYLOAD.len()
+    );
 }
 
 /// Runs `total` calls with `inflight` of them outstanding at any time.
@@ -218,7 +221,10 @@ fn latency_report(s: &Setup, blocks: usize, per_block: usize) {
     });
     raw.sort();
     gate.sort();
-    println!("\nsequential echo latency (64 B), {} calls each, interleaved:", raw.len());
+    println!(
+        "\nsequential echo latency (64 B), {} calls each, interleaved:",
+        raw.len()
+    );
     for (label, p) in [("p50", 0.5), ("p99", 0.99)] {
         let (r, g) = (percentile(&raw, p), percentile(&gate, p));
         println!(
@@ -298,7 +304,10 @@ fn memory_report(s: &Setup, conns: usize) {
         drop(socks);
         std::thread::sleep(Duration::from_millis(200));
     }
-    println!("  ratio capgate/twoparty {:.2}", per[1] as f64 / per[0].max(1) as f64);
+    println!(
+        "  ratio capgate/twoparty {:.2}",
+        per[1] as f64 / per[0].max(1) as f64
+    );
 }
 
 fn main() {
@@ -313,7 +322,10 @@ fn main() {
             s.run(run_calls(e, 10_000, 128));
             calls += 10_000;
         }
-        println!("{which}: {:.0} calls/s", calls as f64 / start.elapsed().as_secs_f64());
+        println!(
+            "{which}: {:.0} calls/s",
+            calls as f64 / start.elapsed().as_secs_f64()
+        );
         return;
     }
     let mut c = Criterion::default()

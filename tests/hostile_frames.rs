@@ -27,8 +27,14 @@ fn expect_abort(bytes: &[u8], reason: &str, max_growth: usize) {
     let mut s = raw_send(server.tcp, bytes);
     let out = observe(&mut s, Duration::from_secs(5));
     let grown = rss_bytes().saturating_sub(before);
-    let abort = out.abort.clone().unwrap_or_else(|| panic!("no Abort received: {out:?}"));
-    assert!(abort.contains(reason), "abort reason {abort:?} lacks {reason:?}");
+    let abort = out
+        .abort
+        .clone()
+        .unwrap_or_else(|| panic!("no Abort received: {out:?}"));
+    assert!(
+        abort.contains(reason),
+        "abort reason {abort:?} lacks {reason:?}"
+    );
     assert!(out.closed, "connection closed after the Abort");
     assert!(grown < max_growth, "RSS grew by {grown} bytes");
     assert_served(server.tcp);
@@ -95,15 +101,24 @@ fn claim_of_exactly_the_max_then_silence_commits_little_and_times_out() {
     // Meanwhile another client is served.
     assert_served(server.tcp);
     let grown = rss_bytes().saturating_sub(before);
-    assert!(grown < MIB, "a 4 MiB claim with no body made RSS grow by {grown} bytes");
+    assert!(
+        grown < MIB,
+        "a 4 MiB claim with no body made RSS grow by {grown} bytes"
+    );
     let out = observe(&mut s, Duration::from_secs(5));
     let abort = out.abort.expect("Abort at the frame deadline");
     assert!(
-        abort.contains("frame not completed within 500 ms (frame_timeout); 8 bytes of it had arrived"),
+        abort.contains(
+            "frame not completed within 500 ms (frame_timeout); 8 bytes of it had arrived"
+        ),
         "{abort}"
     );
     assert!(out.closed);
-    assert!(out.elapsed < Duration::from_secs(3), "closed after {:?}", out.elapsed);
+    assert!(
+        out.elapsed < Duration::from_secs(3),
+        "closed after {:?}",
+        out.elapsed
+    );
     server.stop().unwrap();
 }
 
@@ -118,9 +133,16 @@ fn truncated_body_then_silence_is_closed_at_the_deadline() {
     assert_served(server.tcp);
     let out = observe(&mut s, Duration::from_secs(5));
     let abort = out.abort.expect("Abort at the frame deadline");
-    assert!(abort.contains("(frame_timeout); 108 bytes of it had arrived"), "{abort}");
+    assert!(
+        abort.contains("(frame_timeout); 108 bytes of it had arrived"),
+        "{abort}"
+    );
     assert!(out.closed);
-    assert!(out.elapsed >= Duration::from_millis(300), "closed early: {:?}", out.elapsed);
+    assert!(
+        out.elapsed >= Duration::from_millis(300),
+        "closed early: {:?}",
+        out.elapsed
+    );
     server.stop().unwrap();
 }
 
@@ -199,6 +221,9 @@ fn valid_frame_with_a_non_rpc_root() {
     let mut s = raw_send(server.tcp, &bytes);
     let out = observe(&mut s, Duration::from_millis(500));
     assert_eq!(out.others, vec!["unimplemented".to_string()], "{out:?}");
-    assert!(!out.closed, "an unknown message kind does not close the connection");
+    assert!(
+        !out.closed,
+        "an unknown message kind does not close the connection"
+    );
     server.stop().unwrap();
 }

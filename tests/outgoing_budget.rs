@@ -58,9 +58,18 @@ fn a_peer_that_never_reads_is_cut_off() {
         }
         assert!(start.elapsed() < Duration::from_secs(10), "bounded");
     };
-    assert!(closed, "the server closed the non-reading peer (read {total} bytes)");
+    assert!(
+        closed,
+        "the server closed the non-reading peer (read {total} bytes)"
+    );
     let answers = 400 * 64 * 1024;
-    assert!(total < answers / 2, "cut off early: got {total} of {answers} bytes");
-    assert!(grown < 24 << 20, "server memory stayed bounded: RSS grew {grown} bytes");
+    assert!(
+        total < answers / 2,
+        "cut off early: got {total} of {answers} bytes"
+    );
+    assert!(
+        grown < 24 << 20,
+        "server memory stayed bounded: RSS grew {grown} bytes"
+    );
     handle.shutdown();
 }

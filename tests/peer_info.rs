@@ -55,10 +55,16 @@ fn bootstrap_factory_sees_tcp_address_and_unix_uid() {
     let seen = seen.lock().unwrap().clone();
     assert_eq!(seen.len(), 2, "{seen:?}");
     assert_eq!(seen[0].0.addr, PeerAddr::Tcp(local_addr));
-    assert!(matches!(seen[1].0.addr, PeerAddr::Unix { uid, .. } if uid == my_uid), "{seen:?}");
+    assert!(
+        matches!(seen[1].0.addr, PeerAddr::Unix { uid, .. } if uid == my_uid),
+        "{seen:?}"
+    );
     assert_ne!(seen[0].0.connection_id, seen[1].0.connection_id);
     for (_, thread) in &seen {
-        assert!(thread.starts_with("capgate-worker-"), "factory ran on {thread}");
+        assert!(
+            thread.starts_with("capgate-worker-"),
+            "factory ran on {thread}"
+        );
     }
     handle.shutdown();
     thread.join().unwrap().unwrap();

@@ -27,7 +27,14 @@ fn chain(s: &store::Client) -> reader::Client {
 async fn resolved_sub(ns: &namespace::Client, name: &str) -> namespace::Client {
     let mut req = ns.sub_request();
     req.get().set_name(name);
-    req.send().promise.await.unwrap().get().unwrap().get_ns().unwrap()
+    req.send()
+        .promise
+        .await
+        .unwrap()
+        .get()
+        .unwrap()
+        .get_ns()
+        .unwrap()
 }
 
 #[test]
@@ -55,7 +62,15 @@ fn four_call_chain_costs_one_round_trip_pipelined_and_four_awaited() {
         let start = Instant::now();
         let mut a = s.namespace_request();
         a.get().set_name("a");
-        let a = a.send().promise.await.unwrap().get().unwrap().get_ns().unwrap();
+        let a = a
+            .send()
+            .promise
+            .await
+            .unwrap()
+            .get()
+            .unwrap()
+            .get_ns()
+            .unwrap();
         let b = resolved_sub(&a, "b").await;
         let c = resolved_sub(&b, "c").await;
         let mut get = cast::<reader::Client>(&c).get_request();
@@ -64,7 +79,10 @@ fn four_call_chain_costs_one_round_trip_pipelined_and_four_awaited() {
         let awaited = start.elapsed();
         assert_eq!(reply.get().unwrap().get_value().unwrap(), b"v");
 
-        assert!(pipelined < 2 * RTT, "pipelined chain took {pipelined:?} (RTT {RTT:?})");
+        assert!(
+            pipelined < 2 * RTT,
+            "pipelined chain took {pipelined:?} (RTT {RTT:?})"
+        );
         assert!(awaited >= 4 * RTT, "awaited chain took only {awaited:?}");
         println!("pipelined {pipelined:?}, awaited {awaited:?}, RTT {RTT:?}");
     });

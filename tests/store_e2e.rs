@@ -101,17 +101,34 @@ async fn scenario(client: Client, server_store: &capgate::demo::Store) {
     // Namespace.delete.
     let mut del = ns.delete_request();
     del.get().set_key("banana");
-    assert!(del.send().promise.await.unwrap().get().unwrap().get_existed());
+    assert!(del
+        .send()
+        .promise
+        .await
+        .unwrap()
+        .get()
+        .unwrap()
+        .get_existed());
     let mut del = ns.delete_request();
     del.get().set_key("banana");
-    assert!(!del.send().promise.await.unwrap().get().unwrap().get_existed());
+    assert!(!del
+        .send()
+        .promise
+        .await
+        .unwrap()
+        .get()
+        .unwrap()
+        .get_existed());
 
     // Namespace.sub: nested and distinct from the parent.
     let mut sub = ns.sub_request();
     sub.get().set_name("tropical");
     let tropical = sub.send().pipeline.get_ns();
     put(&tropical, "mango", b"sweet").await;
-    assert_eq!(get(&cast(&tropical), "mango").await, Some(b"sweet".to_vec()));
+    assert_eq!(
+        get(&cast(&tropical), "mango").await,
+        Some(b"sweet".to_vec())
+    );
     assert_eq!(get(&as_reader, "mango").await, None);
 
     // Namespace.readOnly: reads work; the Reader is not a Namespace.
@@ -121,7 +138,12 @@ async fn scenario(client: Client, server_store: &capgate::demo::Store) {
     let mut sneaky = pretend.put_request();
     sneaky.get().set_key("apple");
     sneaky.get().set_value(b"green");
-    let e = sneaky.send().promise.await.err().expect("a Reader has no put");
+    let e = sneaky
+        .send()
+        .promise
+        .await
+        .err()
+        .expect("a Reader has no put");
     assert_eq!(e.kind, capnp::ErrorKind::Unimplemented, "{e}");
     assert_eq!(get(&as_reader, "apple").await, Some(b"red".to_vec()));
 
@@ -173,9 +195,19 @@ async fn scenario(client: Client, server_store: &capgate::demo::Store) {
 
     // Exceptions carry the server's text.
     let bad = open(&s, "");
-    let e = bad.put_request().send().promise.await.err().expect("empty name");
+    let e = bad
+        .put_request()
+        .send()
+        .promise
+        .await
+        .err()
+        .expect("empty name");
     assert_eq!(e.kind, capnp::ErrorKind::Failed);
-    assert!(e.to_string().contains("invalid namespace name: it must not be empty"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("invalid namespace name: it must not be empty"),
+        "{e}"
+    );
 
     // Release: caps we drop are freed on the server.
     assert!(server_store.live_objects().namespaces >= 2);
@@ -229,7 +261,8 @@ fn watcher_of_a_disconnected_client_is_dropped() {
         let (watching, s) = store_client(server.tcp).await;
         let (tx, _rx) = mpsc::unbounded_channel();
         let mut w = open(&s, "w").watch_request();
-        w.get().set_watcher(capnp_rpc::new_client(ChannelWatcher(tx)));
+        w.get()
+            .set_watcher(capnp_rpc::new_client(ChannelWatcher(tx)));
         let _sub = w.send().promise.await.unwrap();
         assert_eq!(store.live_objects().watchers, 1);
         watching.shutdown().await.ok();
@@ -257,7 +290,7 @@ fn idle_connection_is_closed_with_the_reason_but_a_long_poll_is_not_idle() {
         let e = tokio::time::timeout(Duration::from_secs(5), idle.closed())
             .await
             .expect("closed within 5 s")
-            .err().expect("closed with a reason");
+            .expect_err("closed with a reason");
         assert!(started.elapsed() >= Duration::from_millis(250));
         assert!(
             e.to_string()
@@ -274,7 +307,9 @@ fn idle_connection_is_closed_with_the_reason_but_a_long_poll_is_not_idle() {
         tokio::time::sleep(Duration::from_millis(900)).await;
         let (_c, other) = store_client(server.tcp).await;
         put(&open(&other, "idle"), "later", b"done").await;
-        let got = waiting.await.expect("the long poll survived 3 idle periods");
+        let got = waiting
+            .await
+            .expect("the long poll survived 3 idle periods");
         assert_eq!(got.get().unwrap().get_value().unwrap(), b"done");
     });
     server.stop().unwrap();
@@ -297,11 +332,13 @@ fn graceful_shutdown_lets_in_flight_calls_finish_then_closes() {
         handle.shutdown();
         tokio::time::sleep(Duration::from_millis(100)).await;
         // New connections are refused; this one still serves until its calls are done.
-        assert!(Client::connect(server.tcp).await.is_err() || {
-            // The listener may still be in the kernel's backlog: a call must fail then.
-            let (_c2, s2) = store_client(server.tcp).await;
-            s2.namespaces_request().send().promise.await.is_err()
-        });
+        assert!(
+            Client::connect(server.tcp).await.is_err() || {
+                // The listener may still be in the kernel's backlog: a call must fail then.
+                let (_c2, s2) = store_client(server.tcp).await;
+                s2.namespaces_request().send().promise.await.is_err()
+            }
+        );
         put(&ns, "k", b"finished").await;
         let got = waiting.await.expect("the in-flight call completed");
         assert_eq!(got.get().unwrap().get_value().unwrap(), b"finished");
@@ -323,7 +360,10 @@ fn graceful_shutdown_deadline_fails_stuck_calls_with_a_clear_error() {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let started = Instant::now();
         handle.shutdown();
-        let e = waiting.await.err().expect("the stuck call fails at the deadline");
+        let e = waiting
+            .await
+            .err()
+            .expect("the stuck call fails at the deadline");
         assert!(started.elapsed() >= Duration::from_millis(250));
         assert!(e.to_string().contains("the server is shutting down"), "{e}");
     });
@@ -349,18 +389,26 @@ fn a_panicking_handler_costs_only_its_connection() {
             .send()
             .promise
             .await
-            .err().expect("the panicking call fails");
+            .err()
+            .expect("the panicking call fails");
         assert_eq!(e.kind, capnp::ErrorKind::Disconnected, "{e}");
 
         let mut req = good_echo.echo_request();
         req.get().set_payload(b"after");
-        let reply = req.send().promise.await.expect("the other connection still works");
+        let reply = req
+            .send()
+            .promise
+            .await
+            .expect("the other connection still works");
         assert_eq!(reply.get().unwrap().get_payload().unwrap(), b"after");
         let fresh = Client::connect(addr).await.unwrap();
         let e: echo::Client = fresh.bootstrap();
         let mut req = e.echo_request();
         req.get().set_payload(b"new");
-        req.send().promise.await.expect("new connections are served");
+        req.send()
+            .promise
+            .await
+            .expect("new connections are served");
     });
     handle.shutdown();
 }

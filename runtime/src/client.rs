@@ -6,8 +6,8 @@ use std::rc::Rc;
 
 use capnp::capability::FromClientHook;
 use capnp_rpc::RpcSystem;
-use futures::future::{FutureExt, Shared};
 use futures::channel::oneshot;
+use futures::future::{FutureExt, Shared};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::network::{new_network, ConnectionControl};
@@ -65,7 +65,9 @@ impl ClientBuilder {
         let done = rx
             .map(|r| match r {
                 Ok(r) => r,
-                Err(_) => Err(capnp::Error::disconnected("capgate: client task ended".into())),
+                Err(_) => Err(capnp::Error::disconnected(
+                    "capgate: client task ended".into(),
+                )),
             })
             .boxed_local()
             .shared();

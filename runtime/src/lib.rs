@@ -17,15 +17,17 @@ mod server;
 mod units;
 
 pub use client::{Client, ClientBuilder};
-pub use framing::{encode_frame, encode_header, frame_len, Frame, FrameDecoder, FrameError, FrameLimits};
+pub use error::Error;
+pub use framing::{
+    encode_frame, encode_header, frame_len, Frame, FrameDecoder, FrameError, FrameLimits,
+};
 pub use guard::{Guard, Verdict};
 pub use latency::LatencyProxy;
 pub use limits::Limits;
-pub use units::{parse_bytes, parse_duration};
 pub use network::{new_network, ConnectionControl, ConnectionStats, GuardedNetwork};
 pub use peer::{PeerAddr, PeerInfo};
-pub use error::Error;
 pub use server::{BootstrapFactory, ListenAddr, Server, ServerBuilder, ShutdownHandle};
+pub use units::{parse_bytes, parse_duration};
 
 /// Re-exported so users name the same `Side` type capgate uses.
 pub use capnp_rpc::rpc_twoparty_capnp::Side;

@@ -50,7 +50,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 
 fn split_number(s: &str) -> Result<(u64, &str), String> {
     let t = s.trim();
-    let digits = t.find(|c: char| !c.is_ascii_digit() && c != '_').unwrap_or(t.len());
+    let digits = t
+        .find(|c: char| !c.is_ascii_digit() && c != '_')
+        .unwrap_or(t.len());
     if digits == 0 {
         return Err(format!("{s:?} does not start with a number"));
     }
@@ -70,7 +72,9 @@ mod tests {
         assert_eq!(parse_bytes("4 MiB"), Ok(4 << 20));
         assert_eq!(parse_bytes("512KiB"), Ok(512 << 10));
         assert_eq!(parse_bytes("65_536"), Ok(65536));
-        assert!(parse_bytes("4 parsecs").unwrap_err().contains("unknown size unit"));
+        assert!(parse_bytes("4 parsecs")
+            .unwrap_err()
+            .contains("unknown size unit"));
         assert!(parse_bytes("MiB").is_err());
     }
 

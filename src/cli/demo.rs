@@ -85,7 +85,15 @@ async fn demo(one_way: Duration) -> Result<(), String> {
     {
         let mut req = s.namespace_request();
         req.get().set_name("a");
-        let a = req.send().promise.await.map_err(err)?.get().map_err(err)?.get_ns().map_err(err)?;
+        let a = req
+            .send()
+            .promise
+            .await
+            .map_err(err)?
+            .get()
+            .map_err(err)?
+            .get_ns()
+            .map_err(err)?;
         let b = sub(&a, "b").await?;
         let c = sub(&b, "c").await?;
         let mut get = capgate::cast::<reader::Client>(&c).get_request();
@@ -93,10 +101,7 @@ async fn demo(one_way: Duration) -> Result<(), String> {
         get.send().promise.await.map_err(err)?;
     }
     let awaited = start.elapsed();
-    println!(
-        "   one call (measured round trip)  : {:>8}",
-        ms(rtt)
-    );
+    println!("   one call (measured round trip)  : {:>8}", ms(rtt));
     println!(
         "   pipelined, 4 calls sent at once : {:>8}  = {:.1} round trips",
         ms(pipelined),
@@ -117,7 +122,9 @@ async fn demo(one_way: Duration) -> Result<(), String> {
     let ns = open(&s, &["a"]);
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut watch = ns.watch_request();
-    watch.get().set_watcher(capnp_rpc::new_client(PrintWatcher(tx)));
+    watch
+        .get()
+        .set_watcher(capnp_rpc::new_client(PrintWatcher(tx)));
     let subscription = watch
         .send()
         .promise

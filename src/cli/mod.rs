@@ -11,7 +11,11 @@ use clap::{Args, Parser, Subcommand};
 use capgate::{parse_bytes, parse_duration, Limits};
 
 #[derive(Parser)]
-#[command(name = "capgate", version, about = "Capability-secured Cap'n Proto RPC")]
+#[command(
+    name = "capgate",
+    version,
+    about = "Capability-secured Cap'n Proto RPC"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -258,7 +258,10 @@ async fn get(
 ) -> Result<(), capnp::Error> {
     let key = text(params.get()?.get_key()?)?;
     let data = store.data();
-    let value = data.namespaces.get(&path[..]).and_then(|ns| ns.keys.get(&key));
+    let value = data
+        .namespaces
+        .get(&path[..])
+        .and_then(|ns| ns.keys.get(&key));
     let mut r = results.get();
     r.set_found(value.is_some());
     if let Some(v) = value {
@@ -300,7 +303,11 @@ struct NamespaceCap {
 
 impl Drop for NamespaceCap {
     fn drop(&mut self) {
-        self.store.inner.live.namespaces.fetch_sub(1, Ordering::Relaxed);
+        self.store
+            .inner
+            .live
+            .namespaces
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -413,7 +420,11 @@ impl namespace::Server for NamespaceCap {
         _: namespace::ReadOnlyParams,
         mut results: namespace::ReadOnlyResults,
     ) -> Result<(), capnp::Error> {
-        self.store.inner.live.readers.fetch_add(1, Ordering::Relaxed);
+        self.store
+            .inner
+            .live
+            .readers
+            .fetch_add(1, Ordering::Relaxed);
         results.get().set_reader(capnp_rpc::new_client(ReaderCap {
             store: self.store.clone(),
             path: self.path.clone(),
@@ -428,7 +439,11 @@ impl namespace::Server for NamespaceCap {
     ) -> Result<(), capnp::Error> {
         let watcher = params.get()?.get_watcher()?;
         let limits = self.store.limits();
-        let id = self.store.inner.next_watch_id.fetch_add(1, Ordering::Relaxed);
+        let id = self
+            .store
+            .inner
+            .next_watch_id
+            .fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(limits.max_pending_changes);
         {
             let mut data = self.store.data();
@@ -448,11 +463,13 @@ impl namespace::Server for NamespaceCap {
             .live
             .subscriptions
             .fetch_add(1, Ordering::Relaxed);
-        results.get().set_subscription(capnp_rpc::new_client(SubscriptionCap {
-            store: self.store.clone(),
-            path: self.path.clone(),
-            id,
-        }));
+        results
+            .get()
+            .set_subscription(capnp_rpc::new_client(SubscriptionCap {
+                store: self.store.clone(),
+                path: self.path.clone(),
+                id,
+            }));
         Ok(())
     }
 
@@ -519,7 +536,11 @@ struct ReaderCap {
 
 impl Drop for ReaderCap {
     fn drop(&mut self) {
-        self.store.inner.live.readers.fetch_sub(1, Ordering::Relaxed);
+        self.store
+            .inner
+            .live
+            .readers
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }
 

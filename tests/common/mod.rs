@@ -164,12 +164,7 @@ pub fn rss_bytes() -> usize {
         .lines()
         .find(|l| l.starts_with("VmRSS:"))
         .expect("VmRSS in /proc/self/status");
-    let kb: usize = line
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
+    let kb: usize = line.split_whitespace().nth(1).unwrap().parse().unwrap();
     kb * 1024
 }
 
@@ -205,7 +200,9 @@ pub fn observe(stream: &mut std::net::TcpStream, bound: Duration) -> Outcome {
     while start.elapsed() < bound {
         stream
             .set_read_timeout(Some(
-                bound.saturating_sub(start.elapsed()).max(Duration::from_millis(1)),
+                bound
+                    .saturating_sub(start.elapsed())
+                    .max(Duration::from_millis(1)),
             ))
             .unwrap();
         let n = match stream.read(&mut buf) {
@@ -214,8 +211,9 @@ pub fn observe(stream: &mut std::net::TcpStream, bound: Duration) -> Outcome {
                 break;
             }
             Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
-                || e.kind() == std::io::ErrorKind::TimedOut =>
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
             {
                 break
             }

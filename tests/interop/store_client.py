@@ -73,10 +73,11 @@ async def main(target):
     await sub.cancel()
 
     # Long poll: wait returns once another call puts the key.
-    waiting = asyncio.ensure_future(ns.wait("later"))
+    later = f"later-{os.getpid()}"
+    waiting = asyncio.ensure_future(ns.wait(later))
     await asyncio.sleep(0.05)
     check(not waiting.done(), "wait blocks until the key exists")
-    await ns.put("later", b"now")
+    await ns.put(later, b"now")
     check(bytes((await asyncio.wait_for(waiting, 5)).value) == b"now", "wait returns the value")
 
     # Remote exception text.

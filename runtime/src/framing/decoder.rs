@@ -16,7 +16,9 @@ pub struct FrameLimits {
 #[non_exhaustive]
 pub enum FrameError {
     /// The segment count field is 0xFFFFFFFF, which would wrap to zero segments.
-    #[error("frame rejected: segment count field 0xFFFFFFFF is invalid (the count would overflow)")]
+    #[error(
+        "frame rejected: segment count field 0xFFFFFFFF is invalid (the count would overflow)"
+    )]
     SegmentCountOverflow,
     /// More segments than `max_segments`.
     #[error(
@@ -83,7 +85,11 @@ impl capnp::message::ReaderSegments for Frame {
     fn get_segment(&self, idx: u32) -> Option<&[u8]> {
         let idx = idx as usize;
         let end = *self.ends.get(idx)? as usize;
-        let start = if idx == 0 { 0 } else { self.ends[idx - 1] as usize };
+        let start = if idx == 0 {
+            0
+        } else {
+            self.ends[idx - 1] as usize
+        };
         Some(Word::words_to_bytes(&self.words[start..end]))
     }
 

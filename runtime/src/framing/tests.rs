@@ -50,16 +50,27 @@ fn rejects_huge_claim_before_allocating() {
     let err = err.expect("a 16 GiB claim is refused");
     assert!(matches!(err, FrameError::TooLarge { claimed, .. } if claimed == (1u64 << 34) + 8));
     assert_eq!(dec.committed_bytes(), 4, "only the one-entry segment table");
-    assert!(err.to_string().contains("exceeds max_message_bytes = 1048576 bytes (1 MiB)"));
+    assert!(err
+        .to_string()
+        .contains("exceeds max_message_bytes = 1048576 bytes (1 MiB)"));
 }
 
 #[test]
 fn rejects_segment_count_overflow_and_too_many_segments() {
     let mut dec = FrameDecoder::new(LIMITS);
-    assert_eq!(dec.feed(&u32::MAX.to_le_bytes()).unwrap_err(), FrameError::SegmentCountOverflow);
+    assert_eq!(
+        dec.feed(&u32::MAX.to_le_bytes()).unwrap_err(),
+        FrameError::SegmentCountOverflow
+    );
     let mut dec = FrameDecoder::new(LIMITS);
     let e = dec.feed(&511u32.to_le_bytes()).unwrap_err();
-    assert_eq!(e, FrameError::TooManySegments { count: 512, limit: 64 });
+    assert_eq!(
+        e,
+        FrameError::TooManySegments {
+            count: 512,
+            limit: 64
+        }
+    );
     assert_eq!(dec.committed_bytes(), 0);
 }
 

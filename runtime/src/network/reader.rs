@@ -65,8 +65,7 @@ impl<R: AsyncRead + Unpin> ReadState<R> {
             if self.eof {
                 return if self.decoder.in_frame() {
                     Err(capnp::Error::disconnected(
-                        "capgate: the peer closed the connection in the middle of a frame"
-                            .into(),
+                        "capgate: the peer closed the connection in the middle of a frame".into(),
                     ))
                 } else {
                     Ok(None)
@@ -195,7 +194,9 @@ impl<R> Lease<R> {
     }
 
     pub(super) fn get(&mut self) -> &mut ReadState<R> {
-        self.state.as_mut().expect("lease holds the state until dropped")
+        self.state
+            .as_mut()
+            .expect("lease holds the state until dropped")
     }
 }
 

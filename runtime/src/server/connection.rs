@@ -15,7 +15,11 @@ use crate::{PeerInfo, Side};
 /// How often a connection that is draining for shutdown checks for in-flight calls.
 const DRAIN_POLL: Duration = Duration::from_millis(10);
 
-pub(super) async fn serve(accepted: Accepted, shared: Arc<ServerShared>, stop: watch::Receiver<bool>) {
+pub(super) async fn serve(
+    accepted: Accepted,
+    shared: Arc<ServerShared>,
+    stop: watch::Receiver<bool>,
+) {
     match accepted {
         Accepted::Tcp(s, peer) => match tokio::net::TcpStream::from_std(s) {
             Ok(s) => {

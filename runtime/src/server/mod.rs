@@ -8,7 +8,6 @@ mod worker;
 
 pub use builder::{BootstrapFactory, ServerBuilder};
 
-
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
