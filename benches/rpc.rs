@@ -237,27 +237,41 @@ fn latency_report(s: &Setup, blocks: usize, per_block: usize) {
 }
 
 fn throughput_report(s: &Setup, calls: u64, rounds: usize) {
-    println!("\nthroughput (64 B echo, one connection), best of {rounds} interleaved rounds:");
+    println!(
+        "\nthroughput (64 B echo, one connection), {rounds} interleaved rounds of {calls} calls, medians:"
+    );
     for inflight in [1usize, 16, 128] {
-        let (mut best_raw, mut best_gate) = (Duration::MAX, Duration::MAX);
+        let mut raw = Vec::new();
+        let mut gate = Vec::new();
+        let mut ratios = Vec::new();
         for _ in 0..rounds {
-            best_raw = best_raw.min(s.run(run_calls(&s.raw, calls, inflight)));
-            best_gate = best_gate.min(s.run(run_calls(&s.gate, calls, inflight)));
+            let r = calls as f64 / s.run(run_calls(&s.raw, calls, inflight)).as_secs_f64();
+            let g = calls as f64 / s.run(run_calls(&s.gate, calls, inflight)).as_secs_f64();
+            raw.push(r);
+            gate.push(g);
+            ratios.push(g / r);
         }
-        let r = calls as f64 / best_raw.as_secs_f64();
-        let g = calls as f64 / best_gate.as_secs_f64();
         println!(
-            "  {inflight:>3} in flight: twoparty {r:>9.0} calls/s   capgate {g:>9.0} calls/s   ratio {:.2}",
-            g / r
-        );
-        let st = s._gate_conn.stats();
-        println!(
-            "      capgate client so far: {} frames out in {} writes ({:.1} frames/write)",
-            st.frames_out,
-            st.writes,
-            st.frames_out as f64 / st.writes.max(1) as f64
+            "  {inflight:>3} in flight: twoparty {:>9.0} calls/s   capgate {:>9.0} calls/s   ratio {:.2} (range {:.2}..{:.2})",
+            median(&mut raw),
+            median(&mut gate),
+            median(&mut ratios),
+            ratios.iter().cloned().fold(f64::MAX, f64::min),
+            ratios.iter().cloned().fold(f64::MIN, f64::max),
         );
     }
+    let st = s._gate_conn.stats();
+    println!(
+        "  capgate client: {} frames written in {} writes ({:.1} frames per write)",
+        st.frames_out,
+        st.writes,
+        st.frames_out as f64 / st.writes.max(1) as f64
+    );
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
 }
 
 fn rss_bytes() -> usize {
@@ -319,7 +333,11 @@ fn main() {
         let start = Instant::now();
         let mut calls = 0u64;
         while start.elapsed() < Duration::from_secs(5) {
-            s.run(run_calls(e, 10_000, 128));
+            let k = std::env::var("CAPGATE_PROFILE_INFLIGHT")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(128);
+            s.run(run_calls(e, 10_000, k));
             calls += 10_000;
         }
         println!(
@@ -340,7 +358,7 @@ fn main() {
         memory_report(&s, 20);
     } else {
         latency_report(&s, 10, 2_000);
-        throughput_report(&s, 20_000, 3);
+        throughput_report(&s, 10_000, 9);
         memory_report(&s, 500);
     }
 }

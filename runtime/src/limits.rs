@@ -24,8 +24,9 @@ pub struct Limits {
     /// Time allowed for a frame to arrive completely once its first byte has arrived. Default
     /// 30 s. Stops a slow-loris peer from pinning a partly received frame forever.
     pub frame_timeout: Duration,
-    /// A connection with no frames in either direction and no incoming calls in flight for
-    /// this long is closed. Default 5 min. Stops idle sockets from accumulating.
+    /// A connection with no traffic in either direction and no incoming calls in flight for
+    /// this long is closed (checked once per period: closing happens between one and two
+    /// periods after the last traffic). Default 5 min. Stops idle sockets from accumulating.
     pub idle_timeout: Duration,
     /// Most bytes queued for a peer that has not read them yet (including messages being
     /// written). Default 16 MiB. A peer that stops reading is cut off instead of growing

@@ -1,4 +1,4 @@
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::rc::Rc;
 
 use capnp::capability::Promise;
@@ -6,10 +6,9 @@ use capnp::message::{Builder, HeapAllocator, ReaderOptions};
 use capnp_rpc::rpc_twoparty_capnp::Side;
 use futures::future::{FutureExt, Shared};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::Notify;
-use tokio::time::Instant;
 
 use super::reader::{Lease, ReadState};
+use super::signal::Signal;
 use super::writer::{self, Outbox};
 use crate::framing::{Frame, FrameDecoder};
 use crate::guard::{Guard, Verdict};
@@ -21,8 +20,7 @@ pub(crate) struct ConnShared {
     pub(super) outbox: Outbox,
     guard: RefCell<Guard>,
     abort: RefCell<Option<capnp::Error>>,
-    abort_notify: Notify,
-    last_activity: Cell<Instant>,
+    abort_signal: Signal,
     stats: RefCell<ConnectionStats>,
     /// The reason the peer gave in its `Abort`, if it sent one.
     peer_abort: RefCell<Option<capnp::Error>>,
@@ -50,16 +48,14 @@ impl ConnShared {
         let mut slot = self.abort.borrow_mut();
         if slot.is_none() {
             *slot = Some(error);
-            self.abort_notify.notify_one();
+            self.abort_signal.notify();
         }
     }
 
+    /// Resolves once the connection is aborted. One waiter: the reader.
     pub(super) async fn aborted(&self) {
-        loop {
-            if self.abort.borrow().is_some() {
-                return;
-            }
-            self.abort_notify.notified().await;
+        while self.abort.borrow().is_none() {
+            self.abort_signal.wait().await;
         }
     }
 
@@ -70,12 +66,11 @@ impl ConnShared {
             .unwrap_or_else(|| capnp::Error::disconnected("capgate: connection closed".into()))
     }
 
-    pub(super) fn last_activity(&self) -> Instant {
-        self.last_activity.get()
-    }
-
-    pub(super) fn touch(&self) {
-        self.last_activity.set(Instant::now());
+    /// Grows whenever bytes move in either direction (idle detection compares snapshots,
+    /// so the hot path never reads the clock).
+    pub(super) fn activity(&self) -> u64 {
+        let s = self.stats.borrow();
+        s.bytes_in + s.bytes_out
     }
 
     pub(super) fn in_flight_calls(&self) -> usize {
@@ -91,8 +86,6 @@ impl ConnShared {
         s.frames_out += frames;
         s.bytes_out += bytes as u64;
         s.writes += 1;
-        drop(s);
-        self.touch();
     }
 
     fn reader_options(&self, frame: &Frame) -> ReaderOptions {
@@ -192,7 +185,6 @@ impl<R: AsyncRead + Unpin + 'static> capnp_rpc::Connection<Side> for GuardedConn
             let Some(frame) = lease.get().next_frame(&shared).await? else {
                 return Ok(None);
             };
-            shared.touch();
             shared.stats.borrow_mut().frames_in += 1;
             let message = {
                 let options = shared.reader_options(&frame);
@@ -369,8 +361,7 @@ where
         outbox: Outbox::new(limits.max_outgoing_bytes),
         guard: RefCell::new(Guard::new()),
         abort: RefCell::new(None),
-        abort_notify: Notify::new(),
-        last_activity: Cell::new(Instant::now()),
+        abort_signal: Signal::default(),
         stats: RefCell::new(ConnectionStats::default()),
         peer_abort: RefCell::new(None),
         limits,

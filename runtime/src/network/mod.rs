@@ -3,6 +3,7 @@
 
 mod connection;
 mod reader;
+mod signal;
 mod writer;
 
 pub use connection::{new_network, ConnectionControl, ConnectionStats, GuardedNetwork};

@@ -3,7 +3,9 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::time::Instant;
+use std::pin::Pin;
+
+use tokio::time::{Instant, Sleep};
 
 use super::connection::ConnShared;
 use crate::framing::{Frame, FrameDecoder};
@@ -19,7 +21,13 @@ pub(super) struct ReadState<R> {
     buf: Vec<u8>,
     pos: usize,
     end: usize,
+    /// When the reader first had to wait for the rest of the current frame.
     frame_started: Option<Instant>,
+    /// One timer for both deadlines, armed lazily and re-armed only when it fires (or when a
+    /// frame deadline is earlier): no timer work per message.
+    timer: Option<Pin<Box<Sleep>>>,
+    /// `ConnShared::activity` when the idle timer was armed.
+    idle_mark: u64,
     eof: bool,
 }
 
@@ -32,6 +40,8 @@ impl<R: AsyncRead + Unpin> ReadState<R> {
             pos: 0,
             end: 0,
             frame_started: None,
+            timer: None,
+            idle_mark: 0,
             eof: false,
         }
     }
@@ -51,9 +61,6 @@ impl<R: AsyncRead + Unpin> ReadState<R> {
                 if let Some(frame) = frame {
                     self.frame_started = None;
                     return Ok(Some(frame));
-                }
-                if self.frame_started.is_none() && self.decoder.in_frame() {
-                    self.frame_started = Some(Instant::now());
                 }
             }
             self.pos = 0;
@@ -79,10 +86,7 @@ impl<R: AsyncRead + Unpin> ReadState<R> {
     async fn wait_and_read(&mut self, shared: &ConnShared) -> Result<Option<Frame>, capnp::Error> {
         let limits = &shared.limits;
         loop {
-            let (deadline, in_frame) = match self.frame_started {
-                Some(t) => (t + limits.frame_timeout, true),
-                None => (shared.last_activity() + limits.idle_timeout, false),
-            };
+            self.arm_timer(shared);
             let direct = self.decoder.body_spare(READ_BUFFER_BYTES).is_some();
             if !direct && self.buf.is_empty() {
                 self.buf = vec![0; READ_BUFFER_BYTES];
@@ -91,6 +95,7 @@ impl<R: AsyncRead + Unpin> ReadState<R> {
                 stream,
                 decoder,
                 buf,
+                timer,
                 ..
             } = self;
             let dst: &mut [u8] = if direct {
@@ -98,11 +103,12 @@ impl<R: AsyncRead + Unpin> ReadState<R> {
             } else {
                 &mut buf[..]
             };
+            let timer = timer.as_mut().expect("armed above");
             let event = tokio::select! {
                 biased;
                 () = shared.aborted() => Event::Aborted,
                 r = stream.read(dst) => Event::Read(r),
-                () = tokio::time::sleep_until(deadline) => Event::Deadline,
+                () = timer.as_mut() => Event::Timer,
             };
             match event {
                 Event::Aborted => return Err(shared.abort_error()),
@@ -115,39 +121,69 @@ impl<R: AsyncRead + Unpin> ReadState<R> {
                         return Ok(None);
                     }
                     shared.note_received(n);
-                    if self.frame_started.is_none() {
-                        self.frame_started = Some(Instant::now());
-                    }
                     if direct {
                         return Ok(self.decoder.advance_body(n));
                     }
                     self.end = n;
                     return Ok(None);
                 }
-                Event::Deadline if in_frame => {
-                    return Err(capnp::Error::failed(format!(
-                        "capgate: frame not completed within {} (frame_timeout); \
-                         {} of it had arrived",
-                        fmt_duration(limits.frame_timeout),
-                        fmt_bytes(self.decoder.received_bytes() as u64),
+                Event::Timer => self.on_timer(shared, limits)?,
+            }
+        }
+    }
+
+    /// Makes sure the timer fires no later than the deadline that applies now.
+    fn arm_timer(&mut self, shared: &ConnShared) {
+        let limits = &shared.limits;
+        if self.decoder.in_frame() && self.frame_started.is_none() {
+            self.frame_started = Some(Instant::now());
+        }
+        let frame_deadline = self.frame_started.map(|t| t + limits.frame_timeout);
+        match (&mut self.timer, frame_deadline) {
+            (None, _) => {
+                let idle = Instant::now() + limits.idle_timeout;
+                let at = frame_deadline.map_or(idle, |f| f.min(idle));
+                self.idle_mark = shared.activity();
+                self.timer = Some(Box::pin(tokio::time::sleep_until(at)));
+            }
+            (Some(t), Some(f)) if t.deadline() > f => t.as_mut().reset(f),
+            _ => {}
+        }
+    }
+
+    /// The timer fired: enforce the frame deadline, or close an idle connection, or re-arm.
+    fn on_timer(&mut self, shared: &ConnShared, limits: &crate::Limits) -> Result<(), capnp::Error> {
+        let now = Instant::now();
+        match self.frame_started {
+            Some(t) if now >= t + limits.frame_timeout => {
+                return Err(capnp::Error::failed(format!(
+                    "capgate: frame not completed within {} (frame_timeout); \
+                     {} of it had arrived",
+                    fmt_duration(limits.frame_timeout),
+                    fmt_bytes(self.decoder.received_bytes() as u64),
+                )));
+            }
+            Some(_) => {}
+            None => {
+                let activity = shared.activity();
+                if activity == self.idle_mark && shared.in_flight_calls() == 0 {
+                    return Err(capnp::Error::disconnected(format!(
+                        "capgate: connection idle for {} (idle_timeout): no frames in \
+                         either direction and no calls in flight",
+                        fmt_duration(limits.idle_timeout),
                     )));
-                }
-                Event::Deadline => {
-                    let quiet = shared.last_activity() + limits.idle_timeout <= Instant::now();
-                    if quiet && shared.in_flight_calls() == 0 {
-                        return Err(capnp::Error::disconnected(format!(
-                            "capgate: connection idle for {} (idle_timeout): no frames in \
-                             either direction and no calls in flight",
-                            fmt_duration(limits.idle_timeout),
-                        )));
-                    }
-                    if quiet {
-                        // Calls are running: idleness restarts now.
-                        shared.touch();
-                    }
                 }
             }
         }
+        self.idle_mark = shared.activity();
+        let mut at = now + limits.idle_timeout;
+        if let Some(t) = self.frame_started {
+            at = at.min(t + limits.frame_timeout);
+        }
+        if let Some(timer) = &mut self.timer {
+            timer.as_mut().reset(at);
+        }
+        Ok(())
     }
 
     /// After the connection closed with an error: read and discard what the peer still sends,
@@ -174,7 +210,7 @@ impl<R: AsyncRead + Unpin> ReadState<R> {
 enum Event {
     Aborted,
     Read(std::io::Result<usize>),
-    Deadline,
+    Timer,
 }
 
 /// Lends the read state to one receive future and puts it back when that future ends or is

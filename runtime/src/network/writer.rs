@@ -1,23 +1,17 @@
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::pin::pin;
 use std::rc::Rc;
 
 use capnp::message::{Builder, HeapAllocator};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::sync::Notify;
 
 use super::connection::ConnShared;
+use super::signal::Signal;
 use crate::framing::{encode_frame, encode_header, frame_len};
 use crate::limits::fmt_bytes;
 
 /// Messages larger than this skip the coalescing buffer (their segments are written as is).
 const DIRECT_WRITE_BYTES: usize = 64 * 1024;
-/// While more messages keep arriving, the writer yields to other tasks up to this many times
-/// before writing, so that one write carries them all.
-const MAX_GATHER_YIELDS: usize = 16;
-/// ...but stops gathering once this many bytes are queued.
-const GATHER_BYTES: usize = 64 * 1024;
 /// The coalescing buffer is released while idle if it grew beyond this.
 const KEEP_BUFFER_BYTES: usize = 16 * 1024;
 
@@ -38,11 +32,11 @@ pub(super) struct Outbox {
     queued_bytes: Cell<usize>,
     max_bytes: usize,
     state: Cell<State>,
-    wake: Notify,
+    wake: Signal,
     /// Signalled when the outbox fails: abandons a write in progress.
-    cut: Notify,
+    cut: Signal,
     done: Cell<bool>,
-    done_notify: Notify,
+    done_notify: tokio::sync::Notify,
 }
 
 impl Outbox {
@@ -52,10 +46,10 @@ impl Outbox {
             queued_bytes: Cell::new(0),
             max_bytes,
             state: Cell::new(State::Open),
-            wake: Notify::new(),
-            cut: Notify::new(),
+            wake: Signal::default(),
+            cut: Signal::default(),
             done: Cell::new(false),
-            done_notify: Notify::new(),
+            done_notify: tokio::sync::Notify::new(),
         }
     }
 
@@ -80,7 +74,7 @@ impl Outbox {
         let mut q = self.queue.borrow_mut();
         q.push_back((msg, bytes));
         if q.len() == 1 {
-            self.wake.notify_one();
+            self.wake.notify();
         }
         Ok(())
     }
@@ -95,7 +89,7 @@ impl Outbox {
         if self.state.get() == State::Open {
             self.state.set(State::Closing);
         }
-        self.wake.notify_one();
+        self.wake.notify();
     }
 
     /// Drop everything queued, abandon a write in progress, and close.
@@ -103,14 +97,14 @@ impl Outbox {
         self.state.set(State::Failed);
         self.queue.borrow_mut().clear();
         self.queued_bytes.set(0);
-        self.wake.notify_one();
-        self.cut.notify_one();
+        self.wake.notify();
+        self.cut.notify();
     }
 
-    /// Resolves once the writer has finished.
+    /// Resolves once the writer has finished (any number of waiters).
     pub(super) async fn finished(&self) {
         loop {
-            let mut notified = pin!(self.done_notify.notified());
+            let mut notified = std::pin::pin!(self.done_notify.notified());
             notified.as_mut().enable();
             if self.done.get() {
                 return;
@@ -151,19 +145,6 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             State::Failed => return Ok(()),
             State::Open | State::Closing => {}
         }
-        // Gather: let the tasks that produce messages run while the queue keeps growing.
-        let mut seen = outbox.queue.borrow().len();
-        for _ in 0..MAX_GATHER_YIELDS {
-            if seen == 0 || outbox.queued_bytes.get() >= GATHER_BYTES {
-                break;
-            }
-            tokio::task::yield_now().await;
-            let now = outbox.queue.borrow().len();
-            if now == seen {
-                break;
-            }
-            seen = now;
-        }
         let mut batch_bytes = 0usize;
         let mut batch_frames = 0u64;
         let mut large: Option<Message> = None;
@@ -187,7 +168,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             if buf.capacity() > KEEP_BUFFER_BYTES {
                 buf = Vec::new();
             }
-            outbox.wake.notified().await;
+            outbox.wake.wait().await;
             continue;
         }
         let write = async {
@@ -207,7 +188,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         };
         let written = tokio::select! {
             r = tokio::time::timeout(limits.write_timeout, write) => r,
-            () = outbox.cut.notified() => return Ok(()),
+            () = outbox.cut.wait() => return Ok(()),
         };
         match written {
             Ok(Ok(())) => {}
