@@ -2,8 +2,8 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt};
 use std::pin::Pin;
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 use tokio::time::{Instant, Sleep};
 
@@ -152,7 +152,11 @@ impl<R: AsyncRead + Unpin> ReadState<R> {
     }
 
     /// The timer fired: enforce the frame deadline, or close an idle connection, or re-arm.
-    fn on_timer(&mut self, shared: &ConnShared, limits: &crate::Limits) -> Result<(), capnp::Error> {
+    fn on_timer(
+        &mut self,
+        shared: &ConnShared,
+        limits: &crate::Limits,
+    ) -> Result<(), capnp::Error> {
         let now = Instant::now();
         match self.frame_started {
             Some(t) if now >= t + limits.frame_timeout => {

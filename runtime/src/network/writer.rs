@@ -12,6 +12,15 @@ use crate::limits::fmt_bytes;
 
 /// Messages larger than this skip the coalescing buffer (their segments are written as is).
 const DIRECT_WRITE_BYTES: usize = 64 * 1024;
+/// The writer gathers (yields to producers) at most this many times per write...
+const GATHER_MAX_YIELDS: usize = 16;
+/// ...and stops once this many frames or bytes are queued.
+const GATHER_FRAMES: usize = 8;
+const GATHER_BYTES: usize = 64 * 1024;
+/// After this many writes in a row for which gathering found nothing to add, it stops...
+const GATHER_PATIENCE: u32 = 8;
+/// ...and is tried again only every this many writes.
+const GATHER_PROBE_EVERY: u32 = 8;
 /// The coalescing buffer is released while idle if it grew beyond this.
 const KEEP_BUFFER_BYTES: usize = 16 * 1024;
 
@@ -140,10 +149,28 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     let outbox = &shared.outbox;
     let limits = &shared.limits;
     let mut buf: Vec<u8> = Vec::new();
+    // Consecutive writes for which gathering found nothing to add.
+    let mut misses: u32 = 0;
+    let mut batches: u32 = 0;
     loop {
         match outbox.state.get() {
             State::Failed => return Ok(()),
             State::Open | State::Closing => {}
+        }
+        // Gather: while the queue keeps growing, let the tasks that produce messages run
+        // before writing, so that one write carries many frames. Under light load yielding
+        // finds nothing new and only adds latency, so it is skipped until a periodic probe
+        // sees the queue grow again.
+        let queued = !outbox.queue.borrow().is_empty();
+        if queued && (misses < GATHER_PATIENCE || batches % GATHER_PROBE_EVERY == 0) {
+            if gather(outbox).await {
+                misses = 0;
+            } else {
+                misses = misses.saturating_add(1);
+            }
+        }
+        if queued {
+            batches = batches.wrapping_add(1);
         }
         let mut batch_bytes = 0usize;
         let mut batch_frames = 0u64;
@@ -213,4 +240,41 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         outbox.queued_bytes.set(q.saturating_sub(batch_bytes));
         shared.note_sent(batch_frames, batch_bytes);
     }
+}
+
+/// Yields while the queue grows; returns whether there is load worth gathering for (the
+/// queue grew, or was already full enough).
+async fn gather(outbox: &Outbox) -> bool {
+    let mut seen = outbox.queue.borrow().len();
+    let mut grew = false;
+    for _ in 0..GATHER_MAX_YIELDS {
+        if seen == 0 || seen >= GATHER_FRAMES || outbox.queued_bytes.get() >= GATHER_BYTES {
+            break;
+        }
+        yield_to_local_tasks().await;
+        let now = outbox.queue.borrow().len();
+        if now == seen {
+            break;
+        }
+        grew = true;
+        seen = now;
+    }
+    grew || seen >= GATHER_FRAMES
+}
+
+/// Returns `Pending` once after asking to be polled again: the task goes to the back of the
+/// `LocalSet` queue, behind the tasks that are ready now (unlike `tokio::task::yield_now`,
+/// which waits for the I/O driver to be polled first).
+async fn yield_to_local_tasks() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            std::task::Poll::Ready(())
+        } else {
+            yielded = true;
+            cx.waker().wake_by_ref();
+            std::task::Poll::Pending
+        }
+    })
+    .await;
 }
