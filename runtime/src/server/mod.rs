@@ -176,26 +176,24 @@ impl ServerShared {
 /// condition clears, without spinning meanwhile.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 
-async fn accept_tcp(
-    listener: tokio::net::TcpListener,
+/// Accepts until shutdown, handing each connection to the least loaded worker. `accept`
+/// yields the next connection ready for a worker, `Ok(None)` for one refused already.
+async fn accept_loop<F, Fut>(
+    mut accept: F,
     workers: Arc<Vec<Worker>>,
-    shared: Arc<ServerShared>,
     mut stop: watch::Receiver<bool>,
-) {
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<Option<Accepted>>>,
+{
     loop {
         let accepted = tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
-            r = listener.accept() => r,
+            r = accept() => r,
         };
         match accepted {
-            Ok((stream, addr)) => {
-                let _ = stream.set_nodelay(true);
-                let peer = shared.peer(PeerAddr::Tcp(addr));
-                match stream.into_std() {
-                    Ok(s) => worker::dispatch(&workers, Accepted::Tcp(s, peer)),
-                    Err(e) => tracing::warn!(cause = %e, "cannot hand a connection to a worker"),
-                }
-            }
+            Ok(Some(a)) => worker::dispatch(&workers, a),
+            Ok(None) => {}
             Err(e) => {
                 tracing::warn!(cause = %e, "accept failed; retrying");
                 tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
@@ -204,40 +202,42 @@ async fn accept_tcp(
     }
 }
 
+async fn accept_tcp(
+    listener: tokio::net::TcpListener,
+    workers: Arc<Vec<Worker>>,
+    shared: Arc<ServerShared>,
+    stop: watch::Receiver<bool>,
+) {
+    let accept = || async {
+        let (stream, addr) = listener.accept().await?;
+        let _ = stream.set_nodelay(true);
+        let peer = shared.peer(PeerAddr::Tcp(addr));
+        Ok(Some(Accepted::Tcp(stream.into_std()?, peer)))
+    };
+    accept_loop(accept, workers, stop).await;
+}
+
 async fn accept_unix(
     listener: tokio::net::UnixListener,
     workers: Arc<Vec<Worker>>,
     shared: Arc<ServerShared>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.wait_for(|s| *s) => return,
-            r = listener.accept() => r,
-        };
-        match accepted {
-            Ok((stream, _)) => {
-                let addr = match stream.peer_cred() {
-                    Ok(c) => PeerAddr::Unix {
-                        uid: c.uid(),
-                        gid: c.gid(),
-                        pid: c.pid(),
-                    },
-                    Err(e) => {
-                        tracing::warn!(cause = %e, "no peer credentials; refusing connection");
-                        continue;
-                    }
-                };
-                let peer = shared.peer(addr);
-                match stream.into_std() {
-                    Ok(s) => worker::dispatch(&workers, Accepted::Unix(s, peer)),
-                    Err(e) => tracing::warn!(cause = %e, "cannot hand a connection to a worker"),
-                }
-            }
+    let accept = || async {
+        let (stream, _) = listener.accept().await?;
+        let addr = match stream.peer_cred() {
+            Ok(c) => PeerAddr::Unix {
+                uid: c.uid(),
+                gid: c.gid(),
+                pid: c.pid(),
+            },
             Err(e) => {
-                tracing::warn!(cause = %e, "accept failed; retrying");
-                tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                tracing::warn!(cause = %e, "no peer credentials; refusing the connection");
+                return Ok(None);
             }
-        }
-    }
+        };
+        let peer = shared.peer(addr);
+        Ok(Some(Accepted::Unix(stream.into_std()?, peer)))
+    };
+    accept_loop(accept, workers, stop).await;
 }
