@@ -14,3 +14,10 @@ pub mod store_capnp;
 #[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
 #[path = "generated/bench_capnp.rs"]
 pub mod bench_capnp;
+
+mod catalog;
+pub use catalog::{suggest, Catalog, InterfaceInfo, LookupError, MethodRef};
+
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+#[path = "generated/catalog.rs"]
+mod generated_catalog;
