@@ -14,8 +14,8 @@ mod limits;
 mod network;
 mod peer;
 mod server;
-mod units;
 
+pub use capgate_policy::{parse_bytes, parse_duration};
 pub use client::{Client, ClientBuilder};
 pub use error::Error;
 pub use framing::{
@@ -27,7 +27,6 @@ pub use limits::Limits;
 pub use network::{new_network, ConnectionControl, ConnectionStats, GuardedNetwork};
 pub use peer::{PeerAddr, PeerInfo};
 pub use server::{BootstrapFactory, ListenAddr, Server, ServerBuilder, ShutdownHandle};
-pub use units::{parse_bytes, parse_duration};
 
 /// Re-exported so users name the same `Side` type capgate uses.
 pub use capnp_rpc::rpc_twoparty_capnp::Side;

@@ -51,8 +51,18 @@ fn catalog_source(request: code_generator_request::Reader) -> capnp::Result<Stri
             .iter()
             .map(|m| Ok(m.get_name()?.to_str()?.to_string()))
             .collect::<capnp::Result<_>>()?;
-        let supers: Vec<u64> = iface.get_superclasses()?.iter().map(|s| s.get_id()).collect();
-        interfaces.push((name.to_string(), file.to_string(), n.get_id(), supers, methods));
+        let supers: Vec<u64> = iface
+            .get_superclasses()?
+            .iter()
+            .map(|s| s.get_id())
+            .collect();
+        interfaces.push((
+            name.to_string(),
+            file.to_string(),
+            n.get_id(),
+            supers,
+            methods,
+        ));
     }
     interfaces.sort();
     let mut s = String::from(

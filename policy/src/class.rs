@@ -1,0 +1,139 @@
+use std::collections::HashSet;
+
+use capgate_schema::{Catalog, LookupError, MethodRef};
+
+use crate::{Matcher, Quotas};
+
+/// One entry of an allowlist, as written, with where it was written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AllowRule {
+    /// The text: `Interface.method`, `Interface.*` or `*`.
+    pub pattern: String,
+    /// `FILE:LINE:COL` of the entry, or a description for policies built in code.
+    pub location: String,
+    methods: Option<Vec<MethodRef>>,
+}
+
+impl AllowRule {
+    /// Resolves a pattern against the catalog.
+    pub fn parse(pattern: &str, catalog: &Catalog, location: String) -> Result<Self, LookupError> {
+        let methods = if pattern == "*" {
+            None
+        } else {
+            let (iface, method) = pattern.split_once('.').unwrap_or((pattern, ""));
+            let info = catalog.interface(iface)?;
+            if method == "*" {
+                Some(catalog.methods(info).into_iter().map(|(_, m)| m).collect())
+            } else {
+                Some(vec![catalog.method(iface, method)?])
+            }
+        };
+        Ok(Self {
+            pattern: pattern.to_string(),
+            location,
+            methods,
+        })
+    }
+
+    fn covers(&self, m: MethodRef) -> bool {
+        self.methods.as_ref().is_none_or(|ms| ms.contains(&m))
+    }
+}
+
+/// What the policy says about one call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Allowed by this rule (pattern and location).
+    Allowed(String, String),
+    /// No rule of the class allows it.
+    Denied,
+}
+
+/// A client class: how its clients are recognised, what they may call, their quotas.
+#[derive(Clone, Debug)]
+pub struct ClientClass {
+    name: String,
+    matcher: Matcher,
+    rules: Vec<AllowRule>,
+    allowed: Option<HashSet<MethodRef>>,
+    quotas: Quotas,
+}
+
+impl ClientClass {
+    /// A class that allows nothing yet, with default quotas.
+    pub fn new(name: impl Into<String>, matcher: Matcher) -> Self {
+        Self {
+            name: name.into(),
+            matcher,
+            rules: Vec::new(),
+            allowed: Some(HashSet::new()),
+            quotas: Quotas::default(),
+        }
+    }
+
+    /// Allows every method.
+    pub fn allow_all(mut self) -> Self {
+        self.rules.push(AllowRule {
+            pattern: "*".into(),
+            location: "built in code".into(),
+            methods: None,
+        });
+        self.allowed = None;
+        self
+    }
+
+    /// Allows `Interface.method`, `Interface.*` or `*`, checked against the catalog.
+    pub fn allow(self, pattern: &str, catalog: &Catalog) -> Result<Self, LookupError> {
+        let rule = AllowRule::parse(pattern, catalog, "built in code".into())?;
+        Ok(self.with_rule(rule))
+    }
+
+    pub(crate) fn with_rule(mut self, rule: AllowRule) -> Self {
+        match (&mut self.allowed, &rule.methods) {
+            (_, None) => self.allowed = None,
+            (Some(set), Some(ms)) => set.extend(ms.iter().copied()),
+            (None, Some(_)) => {}
+        }
+        self.rules.push(rule);
+        self
+    }
+
+    /// Replaces the quotas.
+    pub fn with_quotas(mut self, quotas: Quotas) -> Self {
+        self.quotas = quotas;
+        self
+    }
+
+    /// The class name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// How clients are matched.
+    pub fn matcher(&self) -> &Matcher {
+        &self.matcher
+    }
+
+    /// The quotas.
+    pub fn quotas(&self) -> &Quotas {
+        &self.quotas
+    }
+
+    /// The allowlist entries, as written.
+    pub fn rules(&self) -> &[AllowRule] {
+        &self.rules
+    }
+
+    /// Is this call allowed? (The hot path: one hash lookup.)
+    pub fn allows(&self, m: MethodRef) -> bool {
+        self.allowed.as_ref().is_none_or(|set| set.contains(&m))
+    }
+
+    /// Which rule allows the call, if any (for `policy explain`).
+    pub fn decide(&self, m: MethodRef) -> Decision {
+        match self.rules.iter().find(|r| r.covers(m)) {
+            Some(r) => Decision::Allowed(r.pattern.clone(), r.location.clone()),
+            None => Decision::Denied,
+        }
+    }
+}

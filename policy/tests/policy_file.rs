@@ -1,0 +1,174 @@
+//! The policy file: a valid file compiles to the right decisions; every error class is
+//! reported with its exact `FILE:LINE:COL: message`, all of them at once.
+
+use capgate_policy::{Decision, Matcher, PeerView, Policy};
+use capgate_schema::Catalog;
+
+const GOOD: &str = r#"[defaults]
+max_message_bytes  = "4 MiB"
+max_inflight_calls = 128
+max_inflight_bytes = "16 MiB"
+max_open_answers   = 1024
+max_exports        = 10000
+calls_per_second   = 2000
+burst              = 200
+max_connections    = 64
+idle_timeout       = "5 min"
+
+[[client]]
+name  = "reader"
+match = { source = "127.0.0.2/32" }
+allow = ["Store.namespace", "Reader.*", "Namespace.readOnly"]
+calls_per_second = 100
+
+[[client]]
+name  = "admin"
+match = { unix_uid = 0 }
+allow = ["*"]
+
+[[client]]
+name  = "anonymous"
+match = "any"
+allow = ["Store.namespace", "Namespace.get", "Namespace.list"]
+"#;
+
+fn errors(text: &str) -> Vec<String> {
+    match Policy::parse("p.toml", text, Catalog::builtin()) {
+        Ok(_) => panic!("policy unexpectedly valid"),
+        Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+    }
+}
+
+#[test]
+fn the_documented_example_compiles_to_the_right_decisions() {
+    let c = Catalog::builtin();
+    let p = Policy::parse("p.toml", GOOD, c).unwrap();
+    let names: Vec<&str> = p.classes().iter().map(|c| c.name()).collect();
+    assert_eq!(names, ["reader", "admin", "anonymous"]);
+
+    let reader = p.class("reader").unwrap();
+    assert_eq!(reader.quotas().calls_per_second.get(), 100);
+    assert_eq!(
+        reader.quotas().burst.get(),
+        200,
+        "defaults apply where not overridden"
+    );
+    let get = c.method("Namespace", "get").unwrap();
+    let put = c.method("Namespace", "put").unwrap();
+    assert!(
+        reader.allows(get),
+        "Reader.* covers the inherited Namespace.get"
+    );
+    assert!(!reader.allows(put));
+    assert_eq!(
+        reader.decide(get),
+        Decision::Allowed("Reader.*".into(), "p.toml:15:29".into())
+    );
+    assert_eq!(reader.decide(put), Decision::Denied);
+
+    let anon = p.class("anonymous").unwrap();
+    assert!(
+        anon.allows(c.method("Reader", "get").unwrap()),
+        "both spellings are one pair"
+    );
+    assert!(p.class("admin").unwrap().allows(put));
+
+    let local2 = PeerView {
+        ip: Some("127.0.0.2".parse().unwrap()),
+        unix_uid: None,
+    };
+    let local1 = PeerView {
+        ip: Some("127.0.0.1".parse().unwrap()),
+        unix_uid: None,
+    };
+    let root = PeerView {
+        ip: None,
+        unix_uid: Some(0),
+    };
+    assert_eq!(p.classify(&local2).unwrap().1.name(), "reader");
+    assert_eq!(p.classify(&local1).unwrap().1.name(), "anonymous");
+    assert_eq!(p.classify(&root).unwrap().1.name(), "admin");
+    assert_eq!(p.class("admin").unwrap().matcher(), &Matcher::UnixUid(0));
+}
+
+#[test]
+fn unknown_keys_with_suggestions() {
+    let e = errors(
+        "[defaults]\nmax_inflight_call = 5\n\n[[client]]\nname = \"a\"\nmatch = \"any\"\nallow = []\nalow = []\n[limits]\n",
+    );
+    assert_eq!(
+        e,
+        [
+            "p.toml:2:1: unknown key `max_inflight_call` in [defaults] (did you mean `max_inflight_calls`?)",
+            "p.toml:8:1: unknown key `alow` in [[client]] (did you mean `allow`?)",
+            "p.toml:9:2: unknown key `limits` in the policy file; expected one of: defaults, client",
+        ]
+    );
+}
+
+#[test]
+fn bad_units_and_types() {
+    let e = errors(
+        "[defaults]\nmax_message_bytes = \"4 parsecs\"\nidle_timeout = \"30\"\nburst = 0\nmax_exports = -1\n[[client]]\nname = \"a\"\nmatch = \"any\"\nallow = []\n",
+    );
+    assert_eq!(
+        e,
+        [
+            "p.toml:2:21: `max_message_bytes`: unknown size unit \"parsecs\" in \"4 parsecs\": use B, KiB, MiB or GiB (e.g. \"4 MiB\")",
+            "p.toml:3:16: `idle_timeout`: duration \"30\" has no unit: write e.g. \"30s\", \"500ms\" or \"5 min\"",
+            "p.toml:4:9: `burst` must be at least 1",
+            "p.toml:5:15: `max_exports` must be a whole number from 0 to 4294967295",
+        ]
+    );
+}
+
+#[test]
+fn unknown_interfaces_and_methods_with_did_you_mean() {
+    let e = errors(
+        "[[client]]\nname = \"a\"\nmatch = \"any\"\nallow = [\"Store.namespce\", \"Namspace.*\", \"Bogus.get\", \"Namespace.get\"]\n",
+    );
+    assert_eq!(
+        e,
+        [
+            "p.toml:4:10: interface `Store` has no method `namespce` (did you mean `Store.namespace`?)",
+            "p.toml:4:28: unknown interface `Namspace` (did you mean `Namespace`?)",
+            "p.toml:4:42: unknown interface `Bogus`",
+        ]
+    );
+}
+
+#[test]
+fn duplicate_and_unreachable_classes() {
+    let e = errors(
+        "[[client]]\nname = \"a\"\nmatch = \"any\"\nallow = []\n\n[[client]]\nname = \"a\"\nmatch = { unix_uid = 0 }\nallow = []\n",
+    );
+    assert_eq!(
+        e,
+        [
+            "p.toml:7:8: duplicate client class `a` (first defined at p.toml:2:8)",
+            "p.toml:8:9: client class `a` is unreachable: class `a` (p.toml:3:9) matches any client before it",
+        ]
+    );
+}
+
+#[test]
+fn bad_matchers_and_missing_keys() {
+    let e = errors(
+        "[[client]]\nname = \"a\"\nmatch = { source = \"300.1.1.1/8\" }\nallow = []\n\n[[client]]\nmatch = { uid = 3 }\n",
+    );
+    assert_eq!(
+        e,
+        [
+            "p.toml:3:20: `300.1.1.1/8` is not an address or network: write e.g. \"127.0.0.1/32\" or \"10.0.0.0/8\"",
+            "p.toml:6:1: client class without `name`: add `name = \"...\"`",
+            "p.toml:6:1: client class without `allow`: add e.g. `allow = []` (deny everything)",
+            "p.toml:7:11: unknown key `uid` in `match`; expected one of: source, unix_uid",
+        ]
+    );
+}
+
+#[test]
+fn syntax_errors_are_located() {
+    let e = errors("[[client]]\nname = \"a\nmatch = \"any\"\n");
+    assert!(e[0].starts_with("p.toml:2:"), "{e:?}");
+}
