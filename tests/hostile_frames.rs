@@ -152,7 +152,7 @@ fn sixty_four_header_only_connections_stay_cheap() {
     let limits = quick_limits();
     let mut long = limits.clone();
     long.frame_timeout = Duration::from_secs(10);
-    let server = TestServer::start(long.clone());
+    let server = TestServer::start_policy(long.clone(), permissive_policy(1000));
     assert_served(server.tcp);
     let before = rss_bytes();
     let words = (long.max_message_bytes - 8) / 8;

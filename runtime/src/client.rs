@@ -11,7 +11,7 @@ use futures::future::{FutureExt, Shared};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::network::{new_network, ConnectionControl};
-use crate::{ConnectionStats, Error, Limits, Side};
+use crate::{ConnectionStats, Error, Guard, Limits, Side};
 
 /// Configures a [`Client`].
 #[derive(Clone, Debug, Default)]
@@ -54,7 +54,13 @@ impl ClientBuilder {
         R: AsyncRead + Unpin + 'static,
         W: AsyncWrite + Unpin + 'static,
     {
-        let (network, control) = new_network(reader, writer, Side::Client, self.limits);
+        let (network, control) = new_network(
+            reader,
+            writer,
+            Side::Client,
+            self.limits,
+            Guard::allow_all(),
+        );
         let mut rpc = RpcSystem::new(Box::new(network), None);
         let bootstrap: capnp::capability::Client = rpc.bootstrap(Side::Server);
         let (tx, rx) = oneshot::channel();

@@ -1,68 +1,371 @@
-//! The guard's seam: every incoming message passes through [`Guard::incoming`] before
-//! capnp-rpc sees it, and every outgoing message through [`Guard::outgoing`] before the
-//! writer queues it.
+//! The guard: a sans-IO state machine per connection between the frame reader and capnp-rpc.
 //!
-//! This version delivers everything and keeps the accounting the server needs now: which
-//! incoming calls are in flight (delivered, neither returned nor finished), so a graceful
-//! shutdown can wait for them. Policy decisions plug in here.
+//! Every incoming message passes through [`Guard::incoming`], which delivers it, answers it
+//! itself (a denial: the `Return` plus the `Release`s the caller needs) or aborts the
+//! connection; every outgoing message passes through [`Guard::outgoing`] for accounting.
+//! The rules (`DESIGN.md` section 3) keep capnp-rpc's tables consistent:
+//!
+//! 1. A denied call `Q` gets `Return{Q, exception, releaseParamCaps: false}` and one
+//!    `Release{id, 1}` per `senderHosted`/`senderPromise` descriptor of its params (capnp-rust
+//!    callers ignore `releaseParamCaps`); `Q` is remembered as denied.
+//! 2. `Finish(Q)` for a denied `Q` is consumed, never delivered.
+//! 3. Calls pipelined on a denied answer are denied with the same reason (transitively).
+//! 4. A `Call`/`Bootstrap` reusing an open question id aborts the connection.
+//! 5. `sendResultsTo` other than `caller` is denied.
+//! 6. Bootstrap answers are answers like any other (the capnp-rust client sends everything to
+//!    `promisedAnswer(0)`).
+//! 7. Nothing is held back or reordered: quotas deny at once with `Overloaded`.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
 
-use capnp_rpc::rpc_capnp::message;
+use capgate_policy::ClientClass;
+use capgate_schema::{Catalog, MethodRef};
+use capnp::message::{Builder, HeapAllocator};
+use capnp_rpc::rpc_capnp::{call, cap_descriptor, exception, message, message_target};
+
+/// Decides whether a call may go ahead under the client's shared rate limit.
+pub trait RateLimit: Send + Sync {
+    /// Takes one call from the budget; false when the client is over its rate.
+    fn try_call(&self) -> bool;
+}
+
+/// No rate limit.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Unlimited;
+
+impl RateLimit for Unlimited {
+    fn try_call(&self) -> bool {
+        true
+    }
+}
 
 /// What to do with one incoming message.
-#[derive(Debug, PartialEq, Eq)]
 pub enum Verdict {
     /// Hand it to capnp-rpc.
     Deliver,
+    /// Do not deliver it; send these messages back instead (possibly none).
+    Reply(Vec<Builder<HeapAllocator>>),
     /// Close the connection; the reason goes to the peer in an `Abort`.
     Abort(String),
 }
 
+impl std::fmt::Debug for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Verdict::Deliver => write!(f, "Deliver"),
+            Verdict::Reply(r) => write!(f, "Reply({} messages)", r.len()),
+            Verdict::Abort(reason) => write!(f, "Abort({reason:?})"),
+        }
+    }
+}
+
+/// The state of one question id the peer has opened (an answer on our side).
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Answer {
+    /// Delivered; no Return sent and no Finish received: in flight.
+    Running,
+    /// Returned; capnp-rpc keeps the results until Finish.
+    Returned,
+    /// Finished before it returned: capnp-rpc keeps the entry for the connection's life.
+    Cancelled,
+    /// Denied by the guard; waiting for the peer's Finish.
+    Denied(Rc<Denial>),
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct Denial {
+    kind: exception::Type,
+    reason: String,
+}
+
+/// Counters of denials by reason, for this connection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DenialCounts {
+    /// Method not in the allowlist (pipelined calls on denied answers included).
+    pub permission: u64,
+    /// Over `calls_per_second`/`burst`.
+    pub rate: u64,
+    /// Over `max_inflight_calls`.
+    pub inflight_calls: u64,
+    /// Over `max_open_answers`.
+    pub open_answers: u64,
+    /// `sendResultsTo` other than `caller`.
+    pub send_results_to: u64,
+}
+
 /// Per-connection, sans-IO message guard.
-#[derive(Debug, Default)]
 pub struct Guard {
-    /// Question ids of incoming calls delivered and neither returned nor finished.
-    in_flight: HashSet<u32>,
+    class: Arc<ClientClass>,
+    catalog: &'static Catalog,
+    rate: Arc<dyn RateLimit>,
+    answers: HashMap<u32, Answer>,
+    running: u32,
     calls: u64,
+    denials: DenialCounts,
 }
 
 impl Guard {
-    /// A guard that delivers every message.
-    pub fn new() -> Self {
-        Self::default()
+    /// A guard enforcing `class` (its allowlist and per-connection quotas), with `rate` as
+    /// the client's shared call budget.
+    pub fn new(class: Arc<ClientClass>, rate: Arc<dyn RateLimit>) -> Self {
+        Self {
+            class,
+            catalog: Catalog::builtin(),
+            rate,
+            answers: HashMap::new(),
+            running: 0,
+            calls: 0,
+            denials: DenialCounts::default(),
+        }
+    }
+
+    /// A guard that allows every call, without rate limit (the client side of a connection,
+    /// and servers without a policy use an equivalent class built from their limits).
+    pub fn allow_all() -> Self {
+        Self::new(
+            Arc::new(ClientClass::new("default", capgate_policy::Matcher::Any).allow_all()),
+            Arc::new(Unlimited),
+        )
+    }
+
+    /// Replaces the class and rate budget (after a policy reload); open answers are kept.
+    pub fn set_class(&mut self, class: Arc<ClientClass>, rate: Arc<dyn RateLimit>) {
+        self.class = class;
+        self.rate = rate;
+    }
+
+    /// The class this connection is held to.
+    pub fn class(&self) -> &Arc<ClientClass> {
+        &self.class
     }
 
     /// Inspects an incoming message.
     pub fn incoming(&mut self, msg: message::Reader<'_>) -> Verdict {
         match msg.which() {
-            Ok(message::Call(Ok(call))) => {
-                self.calls += 1;
-                self.in_flight.insert(call.get_question_id());
+            Ok(message::Call(Ok(c))) => self.call(c),
+            Ok(message::Bootstrap(Ok(b))) => {
+                let q = b.get_question_id();
+                if let Some(v) = self.reuse(q) {
+                    return v;
+                }
+                self.answers.insert(q, Answer::Running);
+                self.running += 1;
+                Verdict::Deliver
             }
-            Ok(message::Finish(Ok(finish))) => {
-                self.in_flight.remove(&finish.get_question_id());
+            Ok(message::Finish(Ok(f))) => {
+                let q = f.get_question_id();
+                match self.answers.get(&q) {
+                    Some(Answer::Denied(_)) => {
+                        self.answers.remove(&q);
+                        Verdict::Reply(Vec::new())
+                    }
+                    Some(Answer::Running) => {
+                        self.running -= 1;
+                        self.answers.insert(q, Answer::Cancelled);
+                        Verdict::Deliver
+                    }
+                    Some(Answer::Returned) => {
+                        self.answers.remove(&q);
+                        Verdict::Deliver
+                    }
+                    Some(Answer::Cancelled) | None => Verdict::Deliver,
+                }
             }
-            // Anything else (including what does not parse) is capnp-rpc's to judge.
-            _ => {}
+            // Everything else (and what does not parse) is capnp-rpc's to judge.
+            _ => Verdict::Deliver,
         }
+    }
+
+    fn reuse(&self, q: u32) -> Option<Verdict> {
+        self.answers.get(&q).map(|a| {
+            Verdict::Abort(format!(
+                "protocol violation: question id {q} reused while its previous use is still open ({})",
+                match a {
+                    Answer::Running => "call in flight",
+                    Answer::Returned => "returned, not finished",
+                    Answer::Cancelled => "cancelled",
+                    Answer::Denied(_) => "denied, not finished",
+                }
+            ))
+        })
+    }
+
+    fn call(&mut self, c: call::Reader<'_>) -> Verdict {
+        let q = c.get_question_id();
+        if let Some(v) = self.reuse(q) {
+            return v;
+        }
+        // Denials are answers too; a peer that never finishes them would grow this table.
+        let hard_cap = (self.class.quotas().max_open_answers as usize)
+            .saturating_mul(2)
+            .saturating_add(16);
+        if self.answers.len() >= hard_cap {
+            return Verdict::Abort(format!(
+                "max_open_answers = {} exceeded: the peer keeps {} answers open without \
+                 sending Finish (client \"{}\")",
+                self.class.quotas().max_open_answers,
+                self.answers.len(),
+                self.class.name()
+            ));
+        }
+        self.calls += 1;
+        let m = MethodRef {
+            interface_id: c.get_interface_id(),
+            method_id: c.get_method_id(),
+        };
+        let name = || self.catalog.name_of(m);
+        let class = self.class.name();
+        // Rule 3: pipelined on a denied answer.
+        if let Ok(Ok(message_target::PromisedAnswer(Ok(pa)))) = c.get_target().map(|t| t.which()) {
+            if let Some(Answer::Denied(d)) = self.answers.get(&pa.get_question_id()) {
+                let d = d.clone();
+                self.denials.permission += 1;
+                return self.deny(q, c, d);
+            }
+        }
+        // Rule 5.
+        if !matches!(
+            c.get_send_results_to().which(),
+            Ok(call::send_results_to::Caller(()))
+        ) {
+            self.denials.send_results_to += 1;
+            let d = Denial {
+                kind: exception::Type::Failed,
+                reason: format!(
+                    "capgate: {}: sendResultsTo other than caller is not supported",
+                    name()
+                ),
+            };
+            return self.deny(q, c, Rc::new(d));
+        }
+        if !self.class.allows(m) {
+            self.denials.permission += 1;
+            let d = Denial {
+                kind: exception::Type::Failed,
+                reason: format!(
+                    "permission denied: {} is not allowed for client \"{class}\"",
+                    name()
+                ),
+            };
+            return self.deny(q, c, Rc::new(d));
+        }
+        let quotas = self.class.quotas();
+        let over = if self.answers.len() >= quotas.max_open_answers as usize {
+            self.denials.open_answers += 1;
+            Some(format!(
+                "max_open_answers = {} reached ({} answers open: calls not yet finished, cancelled calls included)",
+                quotas.max_open_answers,
+                self.answers.len()
+            ))
+        } else if self.running >= quotas.max_inflight_calls {
+            self.denials.inflight_calls += 1;
+            Some(format!(
+                "max_inflight_calls = {} reached ({} calls in flight on this connection)",
+                quotas.max_inflight_calls, self.running
+            ))
+        } else if !self.rate.try_call() {
+            self.denials.rate += 1;
+            Some(format!(
+                "calls_per_second = {} with burst = {} exceeded; retry later",
+                quotas.calls_per_second, quotas.burst
+            ))
+        } else {
+            None
+        };
+        if let Some(what) = over {
+            let d = Denial {
+                kind: exception::Type::Overloaded,
+                reason: format!(
+                    "overloaded: {} refused: {what} for client \"{class}\"",
+                    name()
+                ),
+            };
+            // An Overloaded answer is not inherited by pipelined calls as a permission denial
+            // would be, but they cannot run either: the same denial applies.
+            return self.deny(q, c, Rc::new(d));
+        }
+        self.answers.insert(q, Answer::Running);
+        self.running += 1;
         Verdict::Deliver
+    }
+
+    /// Rule 1: the Return with the exception, then a Release per capability in the params.
+    fn deny(&mut self, q: u32, c: call::Reader<'_>, d: Rc<Denial>) -> Verdict {
+        tracing::debug!(question = q, reason = %d.reason, "call denied");
+        let mut out = Vec::with_capacity(1);
+        let mut m = Builder::new_default();
+        {
+            let mut ret = m.init_root::<message::Builder>().init_return();
+            ret.set_answer_id(q);
+            ret.set_release_param_caps(false);
+            let mut e = ret.init_exception();
+            e.set_type(d.kind);
+            e.set_reason(d.reason.as_str());
+        }
+        out.push(m);
+        if let Ok(Ok(caps)) = c.get_params().map(|p| p.get_cap_table()) {
+            for cap in caps.iter() {
+                if let Ok(cap_descriptor::SenderHosted(id) | cap_descriptor::SenderPromise(id)) =
+                    cap.which()
+                {
+                    let mut m = Builder::new_default();
+                    let mut r = m.init_root::<message::Builder>().init_release();
+                    r.set_id(id);
+                    r.set_reference_count(1);
+                    out.push(m);
+                }
+            }
+        }
+        self.answers.insert(q, Answer::Denied(d));
+        Verdict::Reply(out)
     }
 
     /// Accounts for an outgoing message.
     pub fn outgoing(&mut self, msg: message::Reader<'_>) {
         if let Ok(message::Return(Ok(ret))) = msg.which() {
-            self.in_flight.remove(&ret.get_answer_id());
+            let q = ret.get_answer_id();
+            // capnp-rpc sets noFinishNeeded on results without capabilities: the peer
+            // will not send Finish, and the answer is gone once returned.
+            let done = ret.get_no_finish_needed();
+            match self.answers.get(&q) {
+                Some(Answer::Running) => {
+                    self.running -= 1;
+                    if done {
+                        self.answers.remove(&q);
+                    } else {
+                        self.answers.insert(q, Answer::Returned);
+                    }
+                }
+                Some(Answer::Cancelled) => {
+                    self.answers.remove(&q);
+                }
+                _ => {}
+            }
         }
     }
 
     /// Incoming calls delivered and neither returned nor finished.
     pub fn in_flight_calls(&self) -> usize {
-        self.in_flight.len()
+        self.running as usize
     }
 
-    /// Incoming calls delivered since the connection opened.
-    pub fn calls_delivered(&self) -> u64 {
+    /// Answers the peer has open (in flight, returned but not finished, cancelled, denied).
+    pub fn open_answers(&self) -> usize {
+        self.answers.len()
+    }
+
+    /// Calls received since the connection opened (denied ones included).
+    pub fn calls_received(&self) -> u64 {
         self.calls
     }
+
+    /// Denials so far, by reason.
+    pub fn denials(&self) -> DenialCounts {
+        self.denials
+    }
 }
+
+#[cfg(test)]
+mod tests;

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 mod client;
+mod clients;
 mod error;
 mod framing;
 mod guard;
@@ -15,18 +16,25 @@ mod network;
 mod peer;
 mod server;
 
-pub use capgate_policy::{parse_bytes, parse_duration};
+pub use capgate_policy::{
+    parse_bytes, parse_duration, ClientClass, Matcher, PeerView, Policy, PolicyError, PolicyErrors,
+    Quotas,
+};
+pub use capgate_schema::{Catalog, MethodRef};
 pub use client::{Client, ClientBuilder};
+pub use clients::{CallRate, ClientKey, ClientRegistry, ConnectionSlot};
 pub use error::Error;
 pub use framing::{
     encode_frame, encode_header, frame_len, Frame, FrameDecoder, FrameError, FrameLimits,
 };
-pub use guard::{Guard, Verdict};
+pub use guard::{DenialCounts, Guard, RateLimit, Unlimited, Verdict};
 pub use latency::LatencyProxy;
 pub use limits::Limits;
 pub use network::{new_network, ConnectionControl, ConnectionStats, GuardedNetwork};
 pub use peer::{PeerAddr, PeerInfo};
-pub use server::{BootstrapFactory, ListenAddr, Server, ServerBuilder, ShutdownHandle};
+pub use server::{
+    BootstrapFactory, ListenAddr, PolicyHandle, Server, ServerBuilder, ShutdownHandle,
+};
 
 /// Re-exported so users name the same `Side` type capgate uses.
 pub use capnp_rpc::rpc_twoparty_capnp::Side;

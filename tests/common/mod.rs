@@ -27,9 +27,18 @@ impl TestServer {
         Self::start_with(limits, None)
     }
 
+    /// Starts a server on 127.0.0.1:0 enforcing `policy`.
+    pub fn start_policy(limits: Limits, policy: capgate::Policy) -> Self {
+        Self::start_full(limits, None, Some(policy))
+    }
+
     /// Starts a server on 127.0.0.1:0 (and a Unix socket if `unix` is given) serving the
     /// Store, or the Echo service for peers whose connection id is even when `echo` is set.
     pub fn start_with(limits: Limits, unix: Option<PathBuf>) -> Self {
+        Self::start_full(limits, unix, None)
+    }
+
+    fn start_full(limits: Limits, unix: Option<PathBuf>, policy: Option<capgate::Policy>) -> Self {
         let store = Store::new();
         let factory_store = store.clone();
         let mut builder = Server::builder()
@@ -39,6 +48,9 @@ impl TestServer {
             .bootstrap_factory(move |_| factory_store.client());
         if let Some(p) = &unix {
             builder = builder.listen_unix(p);
+        }
+        if let Some(p) = policy {
+            builder = builder.policy(p);
         }
         let server = builder.build().expect("server builds");
         let tcp = match server.local_addrs()[0] {
@@ -310,4 +322,16 @@ pub fn frame(m: &capnp::message::Builder<capnp::message::HeapAllocator>) -> Vec<
     let mut out = Vec::new();
     capgate::encode_frame(&mut out, &m.get_segments_for_output());
     out
+}
+
+/// Every method allowed, with room for many connections per client.
+pub fn permissive_policy(max_connections: u32) -> capgate::Policy {
+    let mut q = capgate::Quotas::default();
+    q.max_connections = max_connections;
+    capgate::Policy::from_classes(vec![capgate::ClientClass::new(
+        "everyone",
+        capgate::Matcher::Any,
+    )
+    .allow_all()
+    .with_quotas(q)])
 }

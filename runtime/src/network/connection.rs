@@ -182,15 +182,19 @@ impl<R: AsyncRead + Unpin + 'static> capnp_rpc::Connection<Side> for GuardedConn
         };
         let shared = self.shared.clone();
         Promise::from_future(async move {
-            let Some(frame) = lease.get().next_frame(&shared).await? else {
-                return Ok(None);
-            };
-            shared.stats.borrow_mut().frames_in += 1;
-            let message = {
-                let options = shared.reader_options(&frame);
-                frame.into_reader(options)
-            };
-            Ok(Some(deliver(&shared, message)?))
+            loop {
+                let Some(frame) = lease.get().next_frame(&shared).await? else {
+                    return Ok(None);
+                };
+                shared.stats.borrow_mut().frames_in += 1;
+                let message = {
+                    let options = shared.reader_options(&frame);
+                    frame.into_reader(options)
+                };
+                if let Some(m) = deliver(&shared, message)? {
+                    return Ok(Some(m));
+                }
+            }
         })
     }
 
@@ -204,30 +208,44 @@ impl<R: AsyncRead + Unpin + 'static> capnp_rpc::Connection<Side> for GuardedConn
     }
 }
 
+/// Passes a message through the guard: `Some` to hand it to capnp-rpc, `None` when the guard
+/// answered it itself.
 fn deliver(
     shared: &ConnShared,
     message: capnp::message::Reader<Frame>,
-) -> Result<Box<dyn capnp_rpc::IncomingMessage>, capnp::Error> {
+) -> Result<Option<Box<dyn capnp_rpc::IncomingMessage>>, capnp::Error> {
     use capnp_rpc::rpc_capnp::{exception, message};
-    if let Ok(root) = message.get_root::<message::Reader<'_>>() {
-        if let Ok(message::Abort(Ok(e))) = root.which() {
-            let reason = e
-                .get_reason()
-                .ok()
-                .and_then(|r| r.to_str().ok())
-                .unwrap_or("(no reason given)");
-            let text = format!("the peer aborted the connection: {reason}");
-            *shared.peer_abort.borrow_mut() = Some(match e.get_type() {
-                Ok(exception::Type::Overloaded) => capnp::Error::overloaded(text),
-                Ok(exception::Type::Disconnected) => capnp::Error::disconnected(text),
-                _ => capnp::Error::failed(text),
-            });
-        }
-        if let Verdict::Abort(reason) = shared.guard.borrow_mut().incoming(root) {
-            return Err(capnp::Error::failed(format!("capgate: {reason}")));
-        }
+    let Ok(root) = message.get_root::<message::Reader<'_>>() else {
+        // Not an rpc message at all: capnp-rpc reports it to the peer.
+        return Ok(Some(Box::new(Incoming { message })));
+    };
+    if let Ok(message::Abort(Ok(e))) = root.which() {
+        let reason = e
+            .get_reason()
+            .ok()
+            .and_then(|r| r.to_str().ok())
+            .unwrap_or("(no reason given)");
+        let text = format!("the peer aborted the connection: {reason}");
+        *shared.peer_abort.borrow_mut() = Some(match e.get_type() {
+            Ok(exception::Type::Overloaded) => capnp::Error::overloaded(text),
+            Ok(exception::Type::Disconnected) => capnp::Error::disconnected(text),
+            _ => capnp::Error::failed(text),
+        });
     }
-    Ok(Box::new(Incoming { message }))
+    let verdict = shared.guard.borrow_mut().incoming(root);
+    match verdict {
+        Verdict::Deliver => Ok(Some(Box::new(Incoming { message }))),
+        Verdict::Reply(replies) => {
+            for r in replies {
+                if let Err(e) = shared.outbox.push(Rc::new(r)) {
+                    shared.abort(e.clone());
+                    return Err(e);
+                }
+            }
+            Ok(None)
+        }
+        Verdict::Abort(reason) => Err(capnp::Error::failed(format!("capgate: {reason}"))),
+    }
 }
 
 /// capgate's `VatNetwork` for one connection (either side).
@@ -314,6 +332,20 @@ impl ConnectionControl {
         self.shared.in_flight_calls()
     }
 
+    /// The connection's guard (class, accounting, denial counters).
+    pub fn guard(&self) -> std::cell::Ref<'_, Guard> {
+        self.shared.guard.borrow()
+    }
+
+    /// Holds the connection to another class and rate budget from now on (policy reload).
+    pub fn set_class(
+        &self,
+        class: std::sync::Arc<capgate_policy::ClientClass>,
+        rate: std::sync::Arc<dyn crate::RateLimit>,
+    ) {
+        self.shared.guard.borrow_mut().set_class(class, rate);
+    }
+
     /// Traffic counters so far.
     pub fn stats(&self) -> ConnectionStats {
         *self.shared.stats.borrow()
@@ -352,6 +384,7 @@ pub fn new_network<R, W>(
     writer: W,
     side: Side,
     limits: Limits,
+    guard: Guard,
 ) -> (GuardedNetwork, ConnectionControl)
 where
     R: AsyncRead + Unpin + 'static,
@@ -359,7 +392,7 @@ where
 {
     let shared = Rc::new(ConnShared {
         outbox: Outbox::new(limits.max_outgoing_bytes),
-        guard: RefCell::new(Guard::new()),
+        guard: RefCell::new(guard),
         abort: RefCell::new(None),
         abort_signal: Signal::default(),
         stats: RefCell::new(ConnectionStats::default()),

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use capnp::capability::FromClientHook;
 
-use super::{Listener, Server, ServerShared, ShutdownHandle};
-use crate::Error;
+use super::{Listener, PolicyHandle, Server, ServerShared, ShutdownHandle};
+use crate::{ClientClass, Error, Matcher, Policy, Quotas};
 use crate::{Limits, PeerInfo};
 
 /// Makes the bootstrap capability for each connection. Called on the connection's worker
@@ -39,6 +39,7 @@ pub struct ServerBuilder {
     limits: Limits,
     workers: Option<NonZeroUsize>,
     factory: Option<Arc<dyn BootstrapFactory>>,
+    policy: Option<Policy>,
 }
 
 impl ServerBuilder {
@@ -49,6 +50,7 @@ impl ServerBuilder {
             limits: Limits::default(),
             workers: None,
             factory: None,
+            policy: None,
         }
     }
 
@@ -68,6 +70,14 @@ impl ServerBuilder {
     /// Replaces the connection limits (default: [`Limits::default`]).
     pub fn limits(mut self, limits: Limits) -> Self {
         self.limits = limits;
+        self
+    }
+
+    /// The policy: client classes, allowlists, quotas (from a file with [`Policy::load`] or
+    /// built in code). Without one, every client may call every method, with the default
+    /// quotas; `build` logs a warning saying so.
+    pub fn policy(mut self, policy: Policy) -> Self {
+        self.policy = Some(policy);
         self
     }
 
@@ -129,6 +139,21 @@ impl ServerBuilder {
             .workers
             .or_else(|| std::thread::available_parallelism().ok())
             .map_or(1, NonZeroUsize::get);
+        let policy = match self.policy {
+            Some(p) => p,
+            None => {
+                tracing::warn!(
+                    "no policy given: every client may call every method (allow = [\"*\"]) \
+                     with the default quotas"
+                );
+                let mut quotas = Quotas::default();
+                quotas.max_message_bytes = self.limits.max_message_bytes;
+                quotas.idle_timeout = self.limits.idle_timeout;
+                Policy::from_classes(vec![ClientClass::new("default", Matcher::Any)
+                    .allow_all()
+                    .with_quotas(quotas)])
+            }
+        };
         Ok(Server {
             listeners,
             shared: Arc::new(ServerShared {
@@ -136,6 +161,8 @@ impl ServerBuilder {
                 factory,
                 next_connection_id: AtomicU64::new(0),
                 open_connections: AtomicUsize::new(0),
+                policy: PolicyHandle::new(policy),
+                clients: Arc::default(),
             }),
             workers,
             shutdown: ShutdownHandle::new(),

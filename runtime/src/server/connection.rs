@@ -10,7 +10,7 @@ use tracing::Instrument;
 use super::worker::Accepted;
 use super::ServerShared;
 use crate::network::new_network;
-use crate::{PeerInfo, Side};
+use crate::{ClientKey, Guard, PeerAddr, PeerInfo, PeerView, Side};
 
 /// How often a connection that is draining for shutdown checks for in-flight calls.
 const DRAIN_POLL: Duration = Duration::from_millis(10);
@@ -38,6 +38,56 @@ pub(super) async fn serve(
     }
 }
 
+/// The peer as the policy sees it.
+fn view(peer: &PeerInfo) -> PeerView {
+    match &peer.addr {
+        PeerAddr::Tcp(a) => PeerView {
+            ip: Some(a.ip()),
+            unix_uid: None,
+        },
+        PeerAddr::Unix { uid, .. } => PeerView {
+            ip: None,
+            unix_uid: Some(*uid),
+        },
+        _ => PeerView::default(),
+    }
+}
+
+/// Refuses a connection before any RPC: one `Abort` frame with the reason, then close.
+async fn refuse<R, W>(mut reader: R, mut writer: W, reason: String, limits: &crate::Limits)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tracing::info!(%reason, "connection refused");
+    let mut m = capnp::message::Builder::new_default();
+    {
+        let mut e = m
+            .init_root::<capnp_rpc::rpc_capnp::message::Builder>()
+            .init_abort();
+        e.set_type(capnp_rpc::rpc_capnp::exception::Type::Failed);
+        e.set_reason(reason.as_str());
+    }
+    let mut frame = Vec::new();
+    crate::encode_frame(&mut frame, &m.get_segments_for_output());
+    let _ = tokio::time::timeout(limits.write_timeout, async {
+        writer.write_all(&frame).await?;
+        writer.shutdown().await
+    })
+    .await;
+    // Drain briefly so closing does not reset the connection before the peer reads.
+    let mut scratch = [0u8; 4096];
+    let _ = tokio::time::timeout(limits.linger_timeout, async {
+        while let Ok(n) = reader.read(&mut scratch).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
 async fn run<R, W>(
     reader: R,
     writer: W,
@@ -48,8 +98,44 @@ async fn run<R, W>(
     R: AsyncRead + Unpin + 'static,
     W: AsyncWrite + Unpin + 'static,
 {
-    let span = tracing::info_span!("conn", id = peer.connection_id, peer = %peer.addr);
+    let span = tracing::info_span!("conn", id = peer.connection_id, peer = %peer.addr, class = tracing::field::Empty);
     async move {
+        let mut policy_rx = shared.policy.subscribe();
+        let policy = policy_rx.borrow_and_update().clone();
+        let peer_view = view(&peer);
+        let Some((_, class)) = policy.classify(&peer_view) else {
+            let reason = format!(
+                "capgate: connection refused: no client class of the policy ({}) matches {}",
+                policy.origin(),
+                peer.addr
+            );
+            refuse(reader, writer, reason, &shared.limits).await;
+            return;
+        };
+        let class = Arc::new(class.clone());
+        tracing::Span::current().record("class", class.name());
+        let key = ClientKey::of(&peer);
+        let q = class.quotas();
+        let (_slot, rate) = match shared.clients.connect(
+            class.name(),
+            key.clone(),
+            q.calls_per_second,
+            q.burst,
+            q.max_connections,
+        ) {
+            Ok(r) => r,
+            Err(n) => {
+                let reason = format!(
+                    "capgate: connection refused: client {} of class \"{}\" already has {n} \
+                     connections (max_connections = {})",
+                    peer.addr,
+                    class.name(),
+                    q.max_connections
+                );
+                refuse(reader, writer, reason, &shared.limits).await;
+                return;
+            }
+        };
         let bootstrap =
             match std::panic::catch_unwind(AssertUnwindSafe(|| shared.factory.bootstrap(&peer))) {
                 Ok(b) => b,
@@ -58,13 +144,39 @@ async fn run<R, W>(
                     return;
                 }
             };
-        let limits = shared.limits.clone();
-        let (network, control) = new_network(reader, writer, Side::Server, limits.clone());
+        let mut limits = shared.limits.clone();
+        limits.max_message_bytes = q.max_message_bytes;
+        limits.idle_timeout = q.idle_timeout;
+        let guard = Guard::new(class.clone(), rate);
+        let (network, control) = new_network(reader, writer, Side::Server, limits.clone(), guard);
         let mut rpc = std::pin::pin!(RpcSystem::new(Box::new(network), Some(bootstrap)));
         tracing::debug!("connection open");
-        let result = tokio::select! {
-            r = &mut rpc => Some(r),
-            _ = stop.wait_for(|s| *s) => None,
+        let result = loop {
+            tokio::select! {
+                r = &mut rpc => break Some(r),
+                _ = stop.wait_for(|s| *s) => break None,
+                changed = policy_rx.changed() => {
+                    if changed.is_err() {
+                        continue;
+                    }
+                    let policy = policy_rx.borrow_and_update().clone();
+                    match policy.classify(&peer_view) {
+                        Some((_, c)) => {
+                            let c = Arc::new(c.clone());
+                            let q = c.quotas();
+                            let rate = shared.clients.rate(c.name(), &key, q.calls_per_second, q.burst);
+                            tracing::info!(class = c.name(), "policy reloaded: connection re-matched");
+                            control.set_class(c, rate);
+                        }
+                        None => control.abort(capnp::Error::failed(format!(
+                            "capgate: the policy was reloaded and no client class of it ({}) \
+                             matches {} any more",
+                            policy.origin(),
+                            peer.addr
+                        ))),
+                    }
+                }
+            }
         };
         let result = match result {
             Some(r) => r,

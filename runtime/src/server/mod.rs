@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::Error;
+use crate::{ClientRegistry, Error, Policy};
 
 use crate::{Limits, PeerAddr, PeerInfo};
 use worker::{Accepted, Worker};
@@ -34,6 +34,42 @@ pub(crate) struct ServerShared {
     pub(crate) factory: Arc<dyn BootstrapFactory>,
     next_connection_id: AtomicU64,
     pub(crate) open_connections: AtomicUsize,
+    pub(crate) policy: PolicyHandle,
+    pub(crate) clients: Arc<ClientRegistry>,
+}
+
+/// The server's current policy; replacing it applies the new classes and quotas to new and
+/// existing connections (each is re-matched; one that no class matches any more is closed).
+#[derive(Clone)]
+pub struct PolicyHandle {
+    tx: Arc<watch::Sender<Arc<Policy>>>,
+}
+
+impl PolicyHandle {
+    pub(crate) fn new(policy: Policy) -> Self {
+        Self {
+            tx: Arc::new(watch::channel(Arc::new(policy)).0),
+        }
+    }
+
+    /// The policy in force.
+    pub fn current(&self) -> Arc<Policy> {
+        self.tx.borrow().clone()
+    }
+
+    /// Puts `policy` in force, whole.
+    pub fn replace(&self, policy: Policy) {
+        tracing::info!(
+            origin = policy.origin(),
+            classes = policy.classes().len(),
+            "policy in force"
+        );
+        self.tx.send_replace(Arc::new(policy));
+    }
+
+    pub(crate) fn subscribe(&self) -> watch::Receiver<Arc<Policy>> {
+        self.tx.subscribe()
+    }
 }
 
 enum Listener {
@@ -99,6 +135,11 @@ impl Server {
                 Listener::Unix(_, p) => ListenAddr::Unix(p.clone()),
             })
             .collect()
+    }
+
+    /// A handle to read or replace the policy while the server runs.
+    pub fn policy_handle(&self) -> PolicyHandle {
+        self.shared.policy.clone()
     }
 
     /// A handle that stops the server gracefully.
