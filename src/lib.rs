@@ -17,3 +17,24 @@ pub mod demo;
 
 pub use capgate_runtime::*;
 pub use capgate_schema::{bench_capnp, store_capnp};
+
+/// Reloads the policy file at `path` into a running server: a file with errors is rejected
+/// (the errors are returned and logged) and the policy in force stays, whole.
+pub fn reload_policy(path: &std::path::Path, handle: &PolicyHandle) -> Result<(), PolicyErrors> {
+    match Policy::load(path, Catalog::builtin()) {
+        Ok(p) => {
+            handle.replace(p);
+            Ok(())
+        }
+        Err(errors) => {
+            for e in &errors.0 {
+                tracing::error!("{e}");
+            }
+            tracing::error!(
+                "policy reload rejected; keeping the policy in force ({})",
+                handle.current().origin()
+            );
+            Err(errors)
+        }
+    }
+}

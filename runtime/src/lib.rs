@@ -17,8 +17,8 @@ mod peer;
 mod server;
 
 pub use capgate_policy::{
-    parse_bytes, parse_duration, ClientClass, Matcher, PeerView, Policy, PolicyError, PolicyErrors,
-    Quotas,
+    parse_bytes, parse_duration, AllowRule, ClientClass, Decision, Matcher, PeerView, Policy,
+    PolicyError, PolicyErrors, Quotas,
 };
 pub use capgate_schema::{Catalog, MethodRef};
 pub use client::{Client, ClientBuilder};

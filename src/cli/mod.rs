@@ -1,6 +1,7 @@
 //! Command-line interface.
 
 mod demo;
+mod policy;
 mod serve;
 
 use std::process::ExitCode;
@@ -28,6 +29,9 @@ enum Command {
     /// Run a server and a client in one process and print a short report: pipelining,
     /// a callback, a remote exception, an oversized message refused.
     Demo(demo::DemoArgs),
+    /// Check or explain a policy file.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
 }
 
 /// Connection limits, settable on the command line (defaults: see `capgate::Limits`).
@@ -97,6 +101,7 @@ pub(crate) fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::Policy(cmd) => policy::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -21,6 +21,11 @@ pub(crate) struct ServeArgs {
     /// Worker threads (default: available cores).
     #[arg(long)]
     workers: Option<NonZeroUsize>,
+    /// Policy file (client classes, allowlists, quotas). Reloaded on SIGHUP; a file with
+    /// errors is rejected and the policy in force kept. Without it every client may call
+    /// every method, with the default quotas.
+    #[arg(long)]
+    policy: Option<PathBuf>,
     #[command(flatten)]
     limits: LimitArgs,
 }
@@ -42,6 +47,13 @@ pub(crate) fn run(args: ServeArgs) -> Result<(), String> {
     if let Some(n) = args.workers {
         builder = builder.workers(n);
     }
+    if let Some(path) = &args.policy {
+        let policy = capgate::Policy::load(path, capgate::Catalog::builtin()).map_err(|e| {
+            eprintln!("{e}");
+            format!("policy {} rejected: fix the errors above", path.display())
+        })?;
+        builder = builder.policy(policy);
+    }
     let server = builder.build().map_err(|e| e.to_string())?;
     {
         let mut out = std::io::stdout().lock();
@@ -51,12 +63,17 @@ pub(crate) fn run(args: ServeArgs) -> Result<(), String> {
         let _ = out.flush();
     }
     let handle = server.shutdown_handle();
+    let policy = server.policy_handle();
+    let policy_path = args.policy.clone();
     super::block_on_local(async move {
         tokio::task::spawn_local(async move {
             wait_for_signal().await;
             tracing::info!("shutting down: no new connections, finishing in-flight calls");
             handle.shutdown();
         });
+        if let Some(path) = policy_path {
+            tokio::task::spawn_local(reload_on_sighup(path, policy));
+        }
         server.serve().await
     })?
     .map_err(|e| e.to_string())
@@ -75,5 +92,17 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+async fn reload_on_sighup(path: PathBuf, handle: capgate::PolicyHandle) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot watch SIGHUP: policy reload disabled");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!(path = %path.display(), "SIGHUP: reloading the policy");
+        let _ = capgate::reload_policy(&path, &handle);
     }
 }
