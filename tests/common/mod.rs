@@ -19,6 +19,7 @@ pub struct TestServer {
     pub unix: Option<PathBuf>,
     pub store: Store,
     shutdown: ShutdownHandle,
+    policy: capgate::PolicyHandle,
     thread: Option<std::thread::JoinHandle<Result<(), capgate::Error>>>,
 }
 
@@ -58,6 +59,7 @@ impl TestServer {
             _ => unreachable!(),
         };
         let shutdown = server.shutdown_handle();
+        let policy = server.policy_handle();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -70,6 +72,7 @@ impl TestServer {
             unix,
             store,
             shutdown,
+            policy,
             thread: Some(thread),
         }
     }
@@ -99,6 +102,10 @@ impl TestServer {
 
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         self.shutdown.clone()
+    }
+
+    pub fn policy_handle(&self) -> capgate::PolicyHandle {
+        self.policy.clone()
     }
 
     /// Stops the server and waits (bounded) for it to finish.
