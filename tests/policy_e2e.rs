@@ -77,8 +77,7 @@ fn denied_calls_and_pipelined_calls_on_them_get_the_permission_error() {
         let denied_ns = sub.send().pipeline.get_ns();
         let e = get(&denied_ns, "k")
             .await
-            .err()
-            .expect("pipelined on a denied answer");
+            .expect_err("pipelined on a denied answer");
         assert_eq!(
             e.extra,
             "remote exception: permission denied: Namespace.sub is not allowed for client \"reader\""
