@@ -73,3 +73,70 @@ fn a_peer_that_never_reads_is_cut_off() {
     );
     handle.shutdown();
 }
+
+#[test]
+fn a_peer_flooding_denied_calls_without_reading_is_cut_off() {
+    let mut limits = quick_limits();
+    limits.max_outgoing_bytes = 256 << 10;
+    // A class that may call nothing: every call is answered by the guard itself.
+    let policy = capgate::Policy::from_classes(vec![capgate::ClientClass::new(
+        "nobody",
+        capgate::Matcher::Any,
+    )]);
+    let server = TestServer::start_policy(limits, policy);
+    let before = rss_bytes();
+    let mut s = std::net::TcpStream::connect(server.tcp).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    // A flooder never sends Finish, so every call needs a fresh question id.
+    let mut sent_calls = 0u32;
+    let _ = s.write_all(&rpc_bootstrap(0));
+    'flood: for round in 0..200u32 {
+        let mut bytes = Vec::new();
+        for i in 0..1000u32 {
+            bytes.extend(rpc_echo_call(1 + round * 1000 + i, 0));
+        }
+        if s.write_all(&bytes).is_err() {
+            break 'flood;
+        }
+        sent_calls += 1000;
+    }
+    assert!(sent_calls > 0);
+    // Meanwhile another client is served.
+    assert_served_policy_free(server.tcp);
+    let grown = rss_bytes().saturating_sub(before);
+    // The flooder is gone: reading ends with EOF or a reset, not a stall.
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = vec![0u8; 1 << 16];
+    let closed = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break false,
+            Err(_) => break true,
+        }
+    };
+    assert!(closed, "the flooder was cut off (sent {sent_calls} calls)");
+    assert!(grown < 32 << 20, "RSS grew by {grown} bytes");
+    server.stop().unwrap();
+}
+
+/// The "nobody" class denies everything, so "served" here means: a call gets its denial
+/// promptly on a fresh connection.
+fn assert_served_policy_free(addr: std::net::SocketAddr) {
+    std::thread::spawn(move || {
+        local(async move {
+            let c = Client::connect(addr).await.unwrap();
+            let e: echo::Client = c.bootstrap();
+            let err = e
+                .echo_request()
+                .send()
+                .promise
+                .await
+                .err()
+                .expect("denied");
+            assert!(err.extra.contains("permission denied: Echo.echo is not allowed for client \"nobody\""), "{err}");
+        })
+    })
+    .join()
+    .expect("another client was answered");
+}

@@ -28,4 +28,18 @@ timeout 30 tail --pid="$pid" -f /dev/null || { echo "capgate serve did not exit 
 wait "$pid" || status=$?
 [[ $status == 0 ]] || { echo "capgate serve exited with $status" >&2; cat "$work/err" >&2; exit 1; }
 [[ ! -e "$work/store.sock" ]] || { echo "socket file left behind" >&2; exit 1; }
-echo "interop: pycapnp over TCP and Unix passed; serve exited cleanly on SIGTERM"
+
+# With a policy: denials and overload as pycapnp sees them.
+"$bin" serve --listen 127.0.0.1:0 --policy "$here/policy.toml" >"$work/out2" 2>"$work/err2" &
+pid=$!
+for _ in $(seq 100); do
+  grep -q '^listening on' "$work/out2" 2>/dev/null && break
+  sleep 0.1
+done
+port=$(sed -n 's/^listening on tcp:\/\/127\.0\.0\.1:\([0-9]*\)$/\1/p' "$work/out2")
+[[ -n "$port" ]] || { echo "capgate serve --policy did not report its port" >&2; cat "$work/err2" >&2; exit 1; }
+timeout 60 "$python" "$here/policy_client.py" 127.0.0.1 "$port"
+kill -TERM "$pid"
+wait "$pid" || { echo "capgate serve --policy exited with an error" >&2; cat "$work/err2" >&2; exit 1; }
+
+echo "interop: pycapnp over TCP and Unix, with and without a policy, passed; serve exited cleanly on SIGTERM"
