@@ -12,10 +12,11 @@ use std::time::{Duration, Instant};
 
 use capgate::bench_capnp::echo;
 use capgate::demo::EchoService;
-use capgate::{Client, ListenAddr, Server};
+use capgate::{Catalog, Client, ClientClass, ListenAddr, Matcher, Policy, Quotas, Server};
 use capnp_rpc::{rpc_twoparty_capnp::Side, twoparty, RpcSystem};
 use criterion::{BenchmarkId, Criterion, Throughput};
 use futures::AsyncReadExt;
+use std::num::NonZeroU32;
 use tokio::runtime::Runtime;
 use tokio::task::LocalSet;
 use tokio_util::compat::TokioAsyncReadCompatExt;
@@ -52,10 +53,62 @@ fn start_twoparty_server() -> SocketAddr {
     addr
 }
 
-fn start_capgate_server() -> SocketAddr {
+/// A class for benchmarking: every quota far above what the benchmark reaches.
+fn roomy(name: &str, m: Matcher) -> ClientClass {
+    let mut q = Quotas::default();
+    q.calls_per_second = NonZeroU32::MAX;
+    q.burst = NonZeroU32::MAX;
+    q.max_connections = 100_000;
+    q.max_inflight_calls = 100_000;
+    q.max_open_answers = 100_000;
+    ClientClass::new(name, m).with_quotas(q)
+}
+
+/// Everything allowed, rate limiter running but never reached: capgate's own cost.
+fn trivial_policy() -> Policy {
+    Policy::from_classes(vec![roomy("bench", Matcher::Any).allow_all()])
+}
+
+/// A realistic policy: 10 classes, 50 allowlist entries, rate limits on (high enough not to
+/// deny); the benchmark client matches the last class.
+fn realistic_policy() -> Policy {
+    let c = Catalog::builtin();
+    let entries = [
+        "Store.namespace",
+        "Store.namespaces",
+        "Reader.get",
+        "Reader.list",
+        "Namespace.readOnly",
+    ];
+    let mut classes = Vec::new();
+    for i in 0..9u8 {
+        let mut class = roomy(
+            &format!("class{i}"),
+            Matcher::Source(format!("10.{i}.0.0/16").parse().unwrap()),
+        );
+        for e in entries {
+            class = class.allow(e, c).unwrap();
+        }
+        classes.push(class);
+    }
+    let mut last = roomy("bench", Matcher::Any);
+    for e in [
+        "Store.namespace",
+        "Reader.*",
+        "Namespace.put",
+        "Namespace.sub",
+    ] {
+        last = last.allow(e, c).unwrap();
+    }
+    classes.push(last.allow("Echo.echo", c).unwrap());
+    Policy::from_classes(classes)
+}
+
+fn start_capgate_server(policy: Policy) -> SocketAddr {
     let server = Server::builder()
         .listen("127.0.0.1:0".parse().unwrap())
         .workers(NonZeroUsize::new(1).unwrap())
+        .policy(policy)
         .bootstrap_factory(|_| EchoService.client())
         .build()
         .unwrap();
@@ -132,6 +185,8 @@ struct Setup {
     raw: echo::Client,
     gate: echo::Client,
     _gate_conn: Client,
+    policed: echo::Client,
+    _policed_conn: Client,
     raw_addr: SocketAddr,
     gate_addr: SocketAddr,
 }
@@ -139,18 +194,21 @@ struct Setup {
 impl Setup {
     fn new() -> Self {
         let raw_addr = start_twoparty_server();
-        let gate_addr = start_capgate_server();
+        let gate_addr = start_capgate_server(trivial_policy());
+        let policed_addr = start_capgate_server(realistic_policy());
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         let local = LocalSet::new();
-        let (raw, (gate_conn, gate)) = local.block_on(&rt, async {
+        let (raw, (gate_conn, gate), (policed_conn, policed)) = local.block_on(&rt, async {
             let raw = twoparty_client(raw_addr).await;
             let gate = capgate_client(gate_addr).await;
+            let policed = capgate_client(policed_addr).await;
             call(&raw).await;
             call(&gate.1).await;
-            (raw, gate)
+            call(&policed.1).await;
+            (raw, gate, policed)
         });
         Self {
             rt,
@@ -158,9 +216,19 @@ impl Setup {
             raw,
             gate,
             _gate_conn: gate_conn,
+            policed,
+            _policed_conn: policed_conn,
             raw_addr,
             gate_addr,
         }
+    }
+
+    fn systems(&self) -> [(&'static str, &echo::Client); 3] {
+        [
+            ("twoparty", &self.raw),
+            ("capgate", &self.gate),
+            ("capgate+policy", &self.policed),
+        ]
     }
 
     fn run<F: std::future::Future>(&self, f: F) -> F::Output {
@@ -170,7 +238,7 @@ impl Setup {
 
 fn criterion_benches(c: &mut Criterion, s: &Setup) {
     let mut g = c.benchmark_group("sequential_echo_64B");
-    for (name, e) in [("twoparty", &s.raw), ("capgate", &s.gate)] {
+    for (name, e) in s.systems() {
         g.bench_function(name, |b| {
             b.iter_custom(|iters| s.run(run_calls(e, iters, 1)));
         });
@@ -181,7 +249,7 @@ fn criterion_benches(c: &mut Criterion, s: &Setup) {
     for inflight in [1usize, 16, 128] {
         let batch = 2_000u64;
         g.throughput(Throughput::Elements(batch));
-        for (name, e) in [("twoparty", &s.raw), ("capgate", &s.gate)] {
+        for (name, e) in s.systems() {
             g.bench_with_input(BenchmarkId::new(name, inflight), &inflight, |b, &k| {
                 b.iter_custom(|iters| {
                     let mut total = Duration::ZERO;
@@ -204,34 +272,33 @@ fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
-/// Interleaved blocks so both see the same machine conditions.
+/// Interleaved blocks so all see the same machine conditions.
 fn latency_report(s: &Setup, blocks: usize, per_block: usize) {
-    let mut raw = Vec::new();
-    let mut gate = Vec::new();
+    let systems = s.systems();
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); systems.len()];
     s.run(async {
         for _ in 0..blocks {
-            for (e, out) in [(&s.raw, &mut raw), (&s.gate, &mut gate)] {
+            for (i, (_, e)) in systems.iter().enumerate() {
                 for _ in 0..per_block {
                     let t = Instant::now();
                     call(e).await;
-                    out.push(t.elapsed());
+                    samples[i].push(t.elapsed());
                 }
             }
         }
     });
-    raw.sort();
-    gate.sort();
+    for v in &mut samples {
+        v.sort();
+    }
     println!(
         "\nsequential echo latency (64 B), {} calls each, interleaved:",
-        raw.len()
+        samples[0].len()
     );
     for (label, p) in [("p50", 0.5), ("p99", 0.99)] {
-        let (r, g) = (percentile(&raw, p), percentile(&gate, p));
+        let v: Vec<f64> = samples.iter().map(|x| us(percentile(x, p))).collect();
         println!(
-            "  {label}: twoparty {:7.1} us   capgate {:7.1} us   ratio capgate/twoparty {:.2}",
-            us(r),
-            us(g),
-            us(g) / us(r)
+            "  {label}: twoparty {:6.1} us   capgate {:6.1} us ({:.2}x)   capgate+policy {:6.1} us ({:.2}x; policy cost {:+.1}%)",
+            v[0], v[1], v[1] / v[0], v[2], v[2] / v[0], (v[2] / v[1] - 1.0) * 100.0
         );
     }
 }
@@ -241,23 +308,30 @@ fn throughput_report(s: &Setup, calls: u64, rounds: usize) {
         "\nthroughput (64 B echo, one connection), {rounds} interleaved rounds of {calls} calls, medians:"
     );
     for inflight in [1usize, 16, 128] {
-        let mut raw = Vec::new();
-        let mut gate = Vec::new();
+        let mut rates: Vec<Vec<f64>> = vec![Vec::new(); 3];
         let mut ratios = Vec::new();
+        let mut policy_cost = Vec::new();
         for _ in 0..rounds {
-            let r = calls as f64 / s.run(run_calls(&s.raw, calls, inflight)).as_secs_f64();
-            let g = calls as f64 / s.run(run_calls(&s.gate, calls, inflight)).as_secs_f64();
-            raw.push(r);
-            gate.push(g);
-            ratios.push(g / r);
+            let r: Vec<f64> = s
+                .systems()
+                .iter()
+                .map(|(_, e)| calls as f64 / s.run(run_calls(e, calls, inflight)).as_secs_f64())
+                .collect();
+            ratios.push(r[1] / r[0]);
+            policy_cost.push(r[2] / r[1]);
+            for (i, x) in r.into_iter().enumerate() {
+                rates[i].push(x);
+            }
         }
         println!(
-            "  {inflight:>3} in flight: twoparty {:>9.0} calls/s   capgate {:>9.0} calls/s   ratio {:.2} (range {:.2}..{:.2})",
-            median(&mut raw),
-            median(&mut gate),
+            "  {inflight:>3} in flight: twoparty {:>7.0}/s  capgate {:>7.0}/s  capgate+policy {:>7.0}/s  capgate/twoparty {:.2} (rounds {:.2}..{:.2})  policy/capgate {:.2}",
+            median(&mut rates[0]),
+            median(&mut rates[1]),
+            median(&mut rates[2]),
             median(&mut ratios),
             ratios.iter().cloned().fold(f64::MAX, f64::min),
             ratios.iter().cloned().fold(f64::MIN, f64::max),
+            median(&mut policy_cost),
         );
     }
     let st = s._gate_conn.stats();

@@ -127,14 +127,12 @@ fn assert_served_policy_free(addr: std::net::SocketAddr) {
         local(async move {
             let c = Client::connect(addr).await.unwrap();
             let e: echo::Client = c.bootstrap();
-            let err = e
-                .echo_request()
-                .send()
-                .promise
-                .await
-                .err()
-                .expect("denied");
-            assert!(err.extra.contains("permission denied: Echo.echo is not allowed for client \"nobody\""), "{err}");
+            let err = e.echo_request().send().promise.await.err().expect("denied");
+            assert!(
+                err.extra
+                    .contains("permission denied: Echo.echo is not allowed for client \"nobody\""),
+                "{err}"
+            );
         })
     })
     .join()

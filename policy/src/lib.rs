@@ -16,12 +16,14 @@ pub use matcher::{Matcher, PeerView};
 pub use quotas::Quotas;
 pub use units::{parse_bytes, parse_duration};
 
+use std::sync::Arc;
+
 use capgate_schema::Catalog;
 
 /// A compiled policy: client classes in order (first match wins).
 #[derive(Clone, Debug)]
 pub struct Policy {
-    classes: Vec<ClientClass>,
+    classes: Vec<Arc<ClientClass>>,
     origin: String,
 }
 
@@ -30,9 +32,11 @@ impl Policy {
     /// allowing every method, with the default quotas.
     pub fn allow_all() -> Self {
         Self {
-            classes: vec![ClientClass::new("default", Matcher::Any)
-                .allow_all()
-                .with_quotas(Quotas::default())],
+            classes: vec![Arc::new(
+                ClientClass::new("default", Matcher::Any)
+                    .allow_all()
+                    .with_quotas(Quotas::default()),
+            )],
             origin: "built-in default (allow = [\"*\"])".into(),
         }
     }
@@ -40,7 +44,7 @@ impl Policy {
     /// A policy built in code. Classes are tried in order.
     pub fn from_classes(classes: Vec<ClientClass>) -> Self {
         Self {
-            classes,
+            classes: classes.into_iter().map(Arc::new).collect(),
             origin: "built in code".into(),
         }
     }
@@ -49,7 +53,7 @@ impl Policy {
     pub fn parse(file: &str, text: &str, catalog: &Catalog) -> Result<Self, PolicyErrors> {
         let classes = file::parse(file, text, catalog)?;
         Ok(Self {
-            classes,
+            classes: classes.into_iter().map(Arc::new).collect(),
             origin: file.to_string(),
         })
     }
@@ -69,17 +73,17 @@ impl Policy {
     }
 
     /// The classes, in matching order.
-    pub fn classes(&self) -> &[ClientClass] {
+    pub fn classes(&self) -> &[Arc<ClientClass>] {
         &self.classes
     }
 
     /// The class by name.
-    pub fn class(&self, name: &str) -> Option<&ClientClass> {
+    pub fn class(&self, name: &str) -> Option<&Arc<ClientClass>> {
         self.classes.iter().find(|c| c.name() == name)
     }
 
-    /// The first class matching this peer, with its index.
-    pub fn classify(&self, peer: &PeerView) -> Option<(usize, &ClientClass)> {
+    /// The first class matching this peer, with its index. Connections share the class.
+    pub fn classify(&self, peer: &PeerView) -> Option<(usize, &Arc<ClientClass>)> {
         self.classes
             .iter()
             .enumerate()

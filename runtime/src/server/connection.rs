@@ -76,8 +76,9 @@ where
         writer.shutdown().await
     })
     .await;
-    // Drain briefly so closing does not reset the connection before the peer reads.
-    let mut scratch = [0u8; 4096];
+    // Drain briefly so closing does not reset the connection before the peer reads. (On the
+    // heap: a buffer here would enlarge every connection task's future.)
+    let mut scratch = vec![0u8; 4096];
     let _ = tokio::time::timeout(limits.linger_timeout, async {
         while let Ok(n) = reader.read(&mut scratch).await {
             if n == 0 {
@@ -112,7 +113,7 @@ async fn run<R, W>(
             refuse(reader, writer, reason, &shared.limits).await;
             return;
         };
-        let class = Arc::new(class.clone());
+        let class = class.clone();
         tracing::Span::current().record("class", class.name());
         let key = ClientKey::of(&peer);
         let q = class.quotas();
@@ -162,7 +163,7 @@ async fn run<R, W>(
                     let policy = policy_rx.borrow_and_update().clone();
                     match policy.classify(&peer_view) {
                         Some((_, c)) => {
-                            let c = Arc::new(c.clone());
+                            let c = c.clone();
                             let q = c.quotas();
                             let rate = shared.clients.rate(c.name(), &key, q.calls_per_second, q.burst);
                             tracing::info!(class = c.name(), "policy reloaded: connection re-matched");
