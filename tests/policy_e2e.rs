@@ -338,3 +338,83 @@ fn a_reloaded_policy_applies_to_existing_connections_and_a_broken_file_changes_n
     });
     server.stop().unwrap();
 }
+
+#[test]
+fn a_client_collecting_capabilities_hits_max_exports_and_is_cut_off() {
+    let mut q = Quotas::default();
+    q.max_exports = 5;
+    let policy = Policy::from_classes(vec![class("hoarder", Matcher::Any, &["*"], q)]);
+    let server = TestServer::start_policy(quick_limits(), policy);
+    local(async {
+        let (c, s) = store_client(server.tcp).await;
+        let mut held = Vec::new();
+        let mut failure = None;
+        for i in 0..10 {
+            let mut req = s.namespace_request();
+            req.get().set_name(&format!("n{i}"));
+            match req.send().promise.await {
+                Ok(r) => held.push(r.get().unwrap().get_ns().unwrap()),
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        // The bootstrap is one export; the Return that crosses the limit is still delivered
+        // (outgoing messages are never rewritten), then the connection is aborted.
+        assert!(
+            (4..=6).contains(&held.len()),
+            "{} capabilities collected",
+            held.len()
+        );
+        let e = failure.expect("cut off");
+        assert!(
+            e.extra
+                .contains("max_exports = 5 exceeded: the peer holds 6 capabilities"),
+            "{e}"
+        );
+        let closed = c.closed().await.expect_err("closed with the reason");
+        assert!(
+            closed.extra.contains("max_exports = 5 exceeded"),
+            "{closed}"
+        );
+    });
+    assert_served(server.tcp);
+    server.stop().unwrap();
+}
+
+#[test]
+fn a_client_that_starts_and_cancels_calls_hits_max_open_answers() {
+    let mut q = Quotas::default();
+    q.max_open_answers = 6;
+    let policy = Policy::from_classes(vec![class("canceller", Matcher::Any, &["*"], q)]);
+    let server = TestServer::start_policy(quick_limits(), policy);
+    local(async {
+        let (_c, s) = store_client(server.tcp).await;
+        let ns = open(&s, "cancel");
+        get(&ns, "warm").await.unwrap();
+        let mut cancelled = 0;
+        let refusal = loop {
+            assert!(cancelled < 50, "max_open_answers never reached");
+            // A long poll dropped before it returns: the client sends Finish, capnp-rpc keeps
+            // the answer for the connection's life (its call is cancelled, never returned).
+            let mut w = ns.wait_request();
+            w.get().set_key("never");
+            drop(w.send().promise);
+            cancelled += 1;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            if let Err(e) = get(&ns, "k").await {
+                break e;
+            }
+        };
+        assert_eq!(refusal.kind, capnp::ErrorKind::Overloaded);
+        assert!(
+            refusal.extra.contains("max_open_answers = 6 reached (6 answers open: calls not yet finished, cancelled calls included) for client \"canceller\""),
+            "{refusal}"
+        );
+        // Bootstrap and the namespace are two open answers: four cancellations fill the rest.
+        assert_eq!(cancelled, 4);
+    });
+    assert_served(server.tcp);
+    server.stop().unwrap();
+}

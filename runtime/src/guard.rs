@@ -91,6 +91,8 @@ pub struct DenialCounts {
     pub inflight_calls: u64,
     /// Over `max_open_answers`.
     pub open_answers: u64,
+    /// Over `max_inflight_bytes`.
+    pub inflight_bytes: u64,
     /// `sendResultsTo` other than `caller`.
     pub send_results_to: u64,
 }
@@ -104,6 +106,14 @@ pub struct Guard {
     running: u32,
     calls: u64,
     denials: DenialCounts,
+    /// Bytes of incoming messages capnp-rpc still holds, and the size of the message being
+    /// inspected (set by the connection before each `incoming`).
+    held_bytes: usize,
+    message_bytes: usize,
+    /// Mirror of our export table as the peer sees it: export id -> references it holds.
+    exports: HashMap<u32, u32>,
+    /// Export ids carried by each Return we sent, released by the peer's Finish.
+    returned_caps: HashMap<u32, Vec<u32>>,
 }
 
 impl Guard {
@@ -118,7 +128,18 @@ impl Guard {
             running: 0,
             calls: 0,
             denials: DenialCounts::default(),
+            held_bytes: 0,
+            message_bytes: 0,
+            exports: HashMap::new(),
+            returned_caps: HashMap::new(),
         }
+    }
+
+    /// Tells the guard how many bytes of incoming messages are held now and how large the
+    /// next message is (for `max_inflight_bytes`).
+    pub fn set_held_bytes(&mut self, held: usize, next_message: usize) {
+        self.held_bytes = held;
+        self.message_bytes = next_message;
     }
 
     /// A guard that allows every call, without rate limit (the client side of a connection,
@@ -154,8 +175,19 @@ impl Guard {
                 self.running += 1;
                 Verdict::Deliver
             }
+            Ok(message::Release(Ok(r))) => {
+                self.release_export(r.get_id(), r.get_reference_count());
+                Verdict::Deliver
+            }
             Ok(message::Finish(Ok(f))) => {
                 let q = f.get_question_id();
+                if let Some(ids) = self.returned_caps.remove(&q) {
+                    if f.get_release_result_caps() {
+                        for id in ids {
+                            self.release_export(id, 1);
+                        }
+                    }
+                }
                 match self.answers.get(&q) {
                     Some(Answer::Denied(_)) => {
                         self.answers.remove(&q);
@@ -259,6 +291,12 @@ impl Guard {
                 quotas.max_open_answers,
                 self.answers.len()
             ))
+        } else if self.held_bytes + self.message_bytes > quotas.max_inflight_bytes {
+            self.denials.inflight_bytes += 1;
+            Some(format!(
+                "max_inflight_bytes = {} reached ({} bytes of calls held, this one {})",
+                quotas.max_inflight_bytes, self.held_bytes, self.message_bytes
+            ))
         } else if self.running >= quotas.max_inflight_calls {
             self.denials.inflight_calls += 1;
             Some(format!(
@@ -322,28 +360,98 @@ impl Guard {
         Verdict::Reply(out)
     }
 
-    /// Accounts for an outgoing message.
-    pub fn outgoing(&mut self, msg: message::Reader<'_>) {
-        if let Ok(message::Return(Ok(ret))) = msg.which() {
-            let q = ret.get_answer_id();
-            // capnp-rpc sets noFinishNeeded on results without capabilities: the peer
-            // will not send Finish, and the answer is gone once returned.
-            let done = ret.get_no_finish_needed();
-            match self.answers.get(&q) {
-                Some(Answer::Running) => {
-                    self.running -= 1;
-                    if done {
+    /// Accounts for an outgoing message. An error means the connection must be aborted
+    /// (rule 8: outgoing messages are never rewritten): the peer holds more capabilities
+    /// from us than `max_exports`.
+    pub fn outgoing(&mut self, msg: message::Reader<'_>) -> Result<(), String> {
+        match msg.which() {
+            Ok(message::Return(Ok(ret))) => {
+                let q = ret.get_answer_id();
+                // capnp-rpc sets noFinishNeeded on results without capabilities: the peer
+                // will not send Finish, and the answer is gone once returned.
+                let done = ret.get_no_finish_needed();
+                match self.answers.get(&q) {
+                    Some(Answer::Running) => {
+                        self.running -= 1;
+                        if done {
+                            self.answers.remove(&q);
+                        } else {
+                            self.answers.insert(q, Answer::Returned);
+                        }
+                    }
+                    Some(Answer::Cancelled) => {
                         self.answers.remove(&q);
-                    } else {
-                        self.answers.insert(q, Answer::Returned);
+                    }
+                    _ => {}
+                }
+                if let Ok(capnp_rpc::rpc_capnp::return_::Results(Ok(payload))) = ret.which() {
+                    let ids = self.export_descriptors(payload.get_cap_table());
+                    if !ids.is_empty() {
+                        self.returned_caps.insert(q, ids);
                     }
                 }
-                Some(Answer::Cancelled) => {
-                    self.answers.remove(&q);
+            }
+            Ok(message::Call(Ok(c))) => {
+                if let Ok(p) = c.get_params() {
+                    self.export_descriptors(p.get_cap_table());
                 }
-                _ => {}
+            }
+            Ok(message::Resolve(Ok(r))) => {
+                if let Ok(capnp_rpc::rpc_capnp::resolve::Cap(Ok(d))) = r.which() {
+                    self.export_descriptor(d);
+                }
+            }
+            _ => return Ok(()),
+        }
+        let max = self.class.quotas().max_exports as usize;
+        if self.exports.len() > max {
+            return Err(format!(
+                "max_exports = {max} exceeded: the peer holds {} capabilities from this server \
+                 (client \"{}\"); release capabilities you no longer use",
+                self.exports.len(),
+                self.class.name()
+            ));
+        }
+        Ok(())
+    }
+
+    fn export_descriptors(
+        &mut self,
+        table: capnp::Result<capnp::struct_list::Reader<'_, cap_descriptor::Owned>>,
+    ) -> Vec<u32> {
+        let mut ids = Vec::new();
+        if let Ok(table) = table {
+            for d in table.iter() {
+                if let Some(id) = self.export_descriptor(d) {
+                    ids.push(id);
+                }
             }
         }
+        ids
+    }
+
+    fn export_descriptor(&mut self, d: cap_descriptor::Reader<'_>) -> Option<u32> {
+        match d.which() {
+            Ok(cap_descriptor::SenderHosted(id) | cap_descriptor::SenderPromise(id)) => {
+                *self.exports.entry(id).or_insert(0) += 1;
+                Some(id)
+            }
+            _ => None,
+        }
+    }
+
+    fn release_export(&mut self, id: u32, count: u32) {
+        if let Some(n) = self.exports.get_mut(&id) {
+            *n = n.saturating_sub(count);
+            if *n == 0 {
+                self.exports.remove(&id);
+            }
+        }
+    }
+
+    /// Capabilities the peer holds from us (distinct export ids).
+    pub fn exports_held(&self) -> usize {
+        self.exports.len()
     }
 
     /// Incoming calls delivered and neither returned nor finished.

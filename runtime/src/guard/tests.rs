@@ -100,7 +100,7 @@ fn feed(g: &mut Guard, b: &Builder<HeapAllocator>) -> Verdict {
 }
 
 fn send(g: &mut Guard, b: &Builder<HeapAllocator>) {
-    g.outgoing(b.get_root_as_reader().unwrap());
+    g.outgoing(b.get_root_as_reader().unwrap()).unwrap();
 }
 
 /// (answer id, exception type, reason) of a denial's Return, and the Released ids.
@@ -458,4 +458,82 @@ proptest! {
         prop_assert_eq!(g.in_flight_calls(), 0);
         prop_assert_eq!(g.open_answers(), cancelled.len());
     }
+}
+
+fn return_with_caps(q: u32, caps: &[u32]) -> Builder<HeapAllocator> {
+    let mut b = Builder::new_default();
+    {
+        let mut ret = b.init_root::<message::Builder>().init_return();
+        ret.set_answer_id(q);
+        let mut table = ret.init_results().init_cap_table(caps.len() as u32);
+        for (i, id) in caps.iter().enumerate() {
+            table.reborrow().get(i as u32).set_sender_hosted(*id);
+        }
+    }
+    b
+}
+
+#[test]
+fn exports_are_mirrored_and_over_max_exports_aborts() {
+    let mut q = Quotas::default();
+    q.max_exports = 3;
+    let mut g = Guard::new(reader_class(q), Arc::new(Unlimited));
+    let ns = method("Store", "namespace");
+    feed(&mut g, &call_msg(1, Target::Import(0), ns, &[], false));
+    g.outgoing(return_with_caps(1, &[10, 11]).get_root_as_reader().unwrap())
+        .unwrap();
+    assert_eq!(g.exports_held(), 2);
+    // Finish(releaseResultCaps = true, the default) gives the result caps back.
+    feed(&mut g, &finish_msg(1));
+    assert_eq!(g.exports_held(), 0);
+    feed(&mut g, &call_msg(2, Target::Import(0), ns, &[], false));
+    g.outgoing(
+        return_with_caps(2, &[12, 13, 14])
+            .get_root_as_reader()
+            .unwrap(),
+    )
+    .unwrap();
+    feed(&mut g, &call_msg(3, Target::Import(0), ns, &[], false));
+    let err = g
+        .outgoing(return_with_caps(3, &[15]).get_root_as_reader().unwrap())
+        .unwrap_err();
+    assert_eq!(
+        err,
+        "max_exports = 3 exceeded: the peer holds 4 capabilities from this server (client \"reader\"); release capabilities you no longer use"
+    );
+    // Release brings the count down.
+    let mut rel = Builder::new_default();
+    {
+        let mut r = rel.init_root::<message::Builder>().init_release();
+        r.set_id(12);
+        r.set_reference_count(1);
+    }
+    feed(&mut g, &rel);
+    assert_eq!(g.exports_held(), 3);
+}
+
+#[test]
+fn held_bytes_over_max_inflight_bytes_answer_overloaded() {
+    let mut q = Quotas::default();
+    q.max_inflight_bytes = 1000;
+    let mut g = Guard::new(reader_class(q), Arc::new(Unlimited));
+    g.set_held_bytes(900, 200);
+    let (_, kind, reason, _) = denial(feed(
+        &mut g,
+        &call_msg(1, Target::Import(0), method("Reader", "get"), &[], false),
+    ));
+    assert_eq!(kind, exception::Type::Overloaded);
+    assert!(
+        reason
+            .contains("max_inflight_bytes = 1000 reached (900 bytes of calls held, this one 200)"),
+        "{reason}"
+    );
+    g.set_held_bytes(700, 200);
+    assert!(matches!(
+        feed(
+            &mut g,
+            &call_msg(2, Target::Import(0), method("Reader", "get"), &[], false)
+        ),
+        Verdict::Deliver
+    ));
 }

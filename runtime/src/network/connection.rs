@@ -1,4 +1,4 @@
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 use capnp::capability::Promise;
@@ -24,6 +24,8 @@ pub(crate) struct ConnShared {
     stats: RefCell<ConnectionStats>,
     /// The reason the peer gave in its `Abort`, if it sent one.
     peer_abort: RefCell<Option<capnp::Error>>,
+    /// Bytes of incoming messages capnp-rpc still holds.
+    held_bytes: Rc<Cell<usize>>,
 }
 
 /// Traffic counters of one connection.
@@ -97,9 +99,18 @@ impl ConnShared {
     }
 }
 
-/// An incoming message as capnp-rpc sees it.
+/// An incoming message as capnp-rpc sees it. Its bytes count as held (for
+/// `max_inflight_bytes`) until capnp-rpc drops it, which is exact also for cancelled calls.
 struct Incoming {
     message: capnp::message::Reader<Frame>,
+    held: Rc<Cell<usize>>,
+    bytes: usize,
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        self.held.set(self.held.get().saturating_sub(self.bytes));
+    }
 }
 
 impl capnp_rpc::IncomingMessage for Incoming {
@@ -126,7 +137,10 @@ impl capnp_rpc::OutgoingMessage for Outgoing {
     fn send(self: Box<Self>) -> (Promise<(), capnp::Error>, Rc<Builder<HeapAllocator>>) {
         let Self { message, shared } = *self;
         if let Ok(root) = message.get_root_as_reader() {
-            shared.guard.borrow_mut().outgoing(root);
+            if let Err(reason) = shared.guard.borrow_mut().outgoing(root) {
+                tracing::info!(%reason, "connection aborted");
+                shared.abort(capnp::Error::failed(format!("capgate: {reason}")));
+            }
         }
         let message = Rc::new(message);
         if let Err(e) = shared.outbox.push(message.clone()) {
@@ -215,9 +229,18 @@ fn deliver(
     message: capnp::message::Reader<Frame>,
 ) -> Result<Option<Box<dyn capnp_rpc::IncomingMessage>>, capnp::Error> {
     use capnp_rpc::rpc_capnp::{exception, message};
+    let bytes = message.get_segments().wire_bytes();
+    let incoming = |message| {
+        shared.held_bytes.set(shared.held_bytes.get() + bytes);
+        Box::new(Incoming {
+            message,
+            held: shared.held_bytes.clone(),
+            bytes,
+        }) as Box<dyn capnp_rpc::IncomingMessage>
+    };
     let Ok(root) = message.get_root::<message::Reader<'_>>() else {
         // Not an rpc message at all: capnp-rpc reports it to the peer.
-        return Ok(Some(Box::new(Incoming { message })));
+        return Ok(Some(incoming(message)));
     };
     if let Ok(message::Abort(Ok(e))) = root.which() {
         let reason = e
@@ -232,9 +255,13 @@ fn deliver(
             _ => capnp::Error::failed(text),
         });
     }
-    let verdict = shared.guard.borrow_mut().incoming(root);
+    let verdict = {
+        let mut guard = shared.guard.borrow_mut();
+        guard.set_held_bytes(shared.held_bytes.get(), bytes);
+        guard.incoming(root)
+    };
     match verdict {
-        Verdict::Deliver => Ok(Some(Box::new(Incoming { message }))),
+        Verdict::Deliver => Ok(Some(incoming(message))),
         Verdict::Reply(replies) => {
             for r in replies {
                 if let Err(e) = shared.outbox.push(Rc::new(r)) {
@@ -397,6 +424,7 @@ where
         abort_signal: Signal::default(),
         stats: RefCell::new(ConnectionStats::default()),
         peer_abort: RefCell::new(None),
+        held_bytes: Rc::new(Cell::new(0)),
         limits,
     });
     let decoder = FrameDecoder::new(shared.limits.frame_limits());
