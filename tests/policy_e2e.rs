@@ -351,7 +351,7 @@ fn a_client_collecting_capabilities_hits_max_exports_and_is_cut_off() {
         let mut failure = None;
         for i in 0..10 {
             let mut req = s.namespace_request();
-            req.get().set_name(&format!("n{i}"));
+            req.get().set_name(format!("n{i}"));
             match req.send().promise.await {
                 Ok(r) => held.push(r.get().unwrap().get_ns().unwrap()),
                 Err(e) => {
