@@ -187,6 +187,7 @@ fn over_rate_calls_are_overloaded_shared_by_one_client_not_by_two() {
                 "{e}"
             );
         }
+        assert_eq!(server.stats().denials("reader").rate, 4);
         // Another source address is another client with its own budget.
         let other = connect_from("127.0.0.2", server.tcp).await;
         let s: store::Client = other.bootstrap();
@@ -415,6 +416,61 @@ fn a_client_that_starts_and_cancels_calls_hits_max_open_answers() {
         // Bootstrap and the namespace are two open answers: four cancellations fill the rest.
         assert_eq!(cancelled, 4);
     });
+    assert_served(server.tcp);
+    server.stop().unwrap();
+}
+
+#[test]
+fn send_results_to_yourself_over_a_raw_socket_is_denied_and_the_connection_stays_usable() {
+    use capgate::store_capnp::store as st;
+    use capnp::traits::HasTypeId;
+    let server = TestServer::start_policy(quick_limits(), permissive_policy(64));
+    let call = |q: u32, yourself: bool| {
+        rpc_message(|m| {
+            let mut c = m.init_call();
+            c.set_question_id(q);
+            c.set_interface_id(st::Client::TYPE_ID);
+            c.set_method_id(1); // Store.namespaces
+            c.reborrow()
+                .init_target()
+                .init_promised_answer()
+                .set_question_id(0);
+            if yourself {
+                c.reborrow().init_send_results_to().set_yourself(());
+            }
+            c.init_params();
+        })
+    };
+    let mut bytes = rpc_bootstrap(0);
+    bytes.extend(call(1, true));
+    bytes.extend(call(2, false));
+    let mut s = raw_send(server.tcp, &bytes);
+    let out = observe(&mut s, Duration::from_millis(500));
+    assert!(out.abort.is_none(), "{out:?}");
+    assert!(!out.closed);
+    // Bootstrap's Return, the denial's Return, the allowed call's Return.
+    assert_eq!(out.others, ["return", "return", "return"], "{out:?}");
+    assert_served(server.tcp);
+    server.stop().unwrap();
+}
+
+#[test]
+fn release_of_an_unknown_export_over_a_raw_socket_aborts_that_connection_only() {
+    let server = TestServer::start_policy(quick_limits(), permissive_policy(64));
+    let mut bytes = rpc_bootstrap(0);
+    bytes.extend(rpc_message(|m| {
+        let mut r = m.init_release();
+        r.set_id(999);
+        r.set_reference_count(1);
+    }));
+    let mut s = raw_send(server.tcp, &bytes);
+    let out = observe(&mut s, Duration::from_secs(5));
+    let abort = out.abort.expect("Abort");
+    assert!(
+        abort.contains("Tried to release invalid export ID"),
+        "{abort}"
+    );
+    assert!(out.closed);
     assert_served(server.tcp);
     server.stop().unwrap();
 }

@@ -97,6 +97,32 @@ pub struct DenialCounts {
     pub send_results_to: u64,
 }
 
+/// Denials by reason across all connections of one client class (shared, lock-free).
+#[derive(Debug, Default)]
+pub struct DenialCounters {
+    permission: std::sync::atomic::AtomicU64,
+    rate: std::sync::atomic::AtomicU64,
+    inflight_calls: std::sync::atomic::AtomicU64,
+    inflight_bytes: std::sync::atomic::AtomicU64,
+    open_answers: std::sync::atomic::AtomicU64,
+    send_results_to: std::sync::atomic::AtomicU64,
+}
+
+impl DenialCounters {
+    /// The counts so far.
+    pub fn snapshot(&self) -> DenialCounts {
+        use std::sync::atomic::Ordering::Relaxed;
+        DenialCounts {
+            permission: self.permission.load(Relaxed),
+            rate: self.rate.load(Relaxed),
+            inflight_calls: self.inflight_calls.load(Relaxed),
+            inflight_bytes: self.inflight_bytes.load(Relaxed),
+            open_answers: self.open_answers.load(Relaxed),
+            send_results_to: self.send_results_to.load(Relaxed),
+        }
+    }
+}
+
 /// Per-connection, sans-IO message guard.
 pub struct Guard {
     class: Arc<ClientClass>,
@@ -114,6 +140,8 @@ pub struct Guard {
     exports: HashMap<u32, u32>,
     /// Export ids carried by each Return we sent, released by the peer's Finish.
     returned_caps: HashMap<u32, Vec<u32>>,
+    /// The class-wide counters this connection's denials are added to.
+    shared_denials: Option<Arc<DenialCounters>>,
 }
 
 impl Guard {
@@ -132,7 +160,13 @@ impl Guard {
             message_bytes: 0,
             exports: HashMap::new(),
             returned_caps: HashMap::new(),
+            shared_denials: None,
         }
+    }
+
+    /// Also counts denials into `counters` (the class-wide registry).
+    pub fn count_denials_into(&mut self, counters: Arc<DenialCounters>) {
+        self.shared_denials = Some(counters);
     }
 
     /// Tells the guard how many bytes of incoming messages are held now and how large the
@@ -253,7 +287,12 @@ impl Guard {
         if let Ok(Ok(message_target::PromisedAnswer(Ok(pa)))) = c.get_target().map(|t| t.which()) {
             if let Some(Answer::Denied(d)) = self.answers.get(&pa.get_question_id()) {
                 let d = d.clone();
-                self.denials.permission += 1;
+                count(
+                    &mut self.denials,
+                    &self.shared_denials,
+                    |d| &mut d.permission,
+                    |c| &c.permission,
+                );
                 return self.deny(q, c, d);
             }
         }
@@ -262,7 +301,12 @@ impl Guard {
             c.get_send_results_to().which(),
             Ok(call::send_results_to::Caller(()))
         ) {
-            self.denials.send_results_to += 1;
+            count(
+                &mut self.denials,
+                &self.shared_denials,
+                |d| &mut d.send_results_to,
+                |c| &c.send_results_to,
+            );
             let d = Denial {
                 kind: exception::Type::Failed,
                 reason: format!(
@@ -273,7 +317,12 @@ impl Guard {
             return self.deny(q, c, Rc::new(d));
         }
         if !self.class.allows(m) {
-            self.denials.permission += 1;
+            count(
+                &mut self.denials,
+                &self.shared_denials,
+                |d| &mut d.permission,
+                |c| &c.permission,
+            );
             let d = Denial {
                 kind: exception::Type::Failed,
                 reason: format!(
@@ -285,26 +334,46 @@ impl Guard {
         }
         let quotas = self.class.quotas();
         let over = if self.answers.len() >= quotas.max_open_answers as usize {
-            self.denials.open_answers += 1;
+            count(
+                &mut self.denials,
+                &self.shared_denials,
+                |d| &mut d.open_answers,
+                |c| &c.open_answers,
+            );
             Some(format!(
                 "max_open_answers = {} reached ({} answers open: calls not yet finished, cancelled calls included)",
                 quotas.max_open_answers,
                 self.answers.len()
             ))
         } else if self.held_bytes + self.message_bytes > quotas.max_inflight_bytes {
-            self.denials.inflight_bytes += 1;
+            count(
+                &mut self.denials,
+                &self.shared_denials,
+                |d| &mut d.inflight_bytes,
+                |c| &c.inflight_bytes,
+            );
             Some(format!(
                 "max_inflight_bytes = {} reached ({} bytes of calls held, this one {})",
                 quotas.max_inflight_bytes, self.held_bytes, self.message_bytes
             ))
         } else if self.running >= quotas.max_inflight_calls {
-            self.denials.inflight_calls += 1;
+            count(
+                &mut self.denials,
+                &self.shared_denials,
+                |d| &mut d.inflight_calls,
+                |c| &c.inflight_calls,
+            );
             Some(format!(
                 "max_inflight_calls = {} reached ({} calls in flight on this connection)",
                 quotas.max_inflight_calls, self.running
             ))
         } else if !self.rate.try_call() {
-            self.denials.rate += 1;
+            count(
+                &mut self.denials,
+                &self.shared_denials,
+                |d| &mut d.rate,
+                |c| &c.rate,
+            );
             Some(format!(
                 "calls_per_second = {} with burst = {} exceeded; retry later",
                 quotas.calls_per_second, quotas.burst
@@ -472,6 +541,19 @@ impl Guard {
     /// Denials so far, by reason.
     pub fn denials(&self) -> DenialCounts {
         self.denials
+    }
+}
+
+/// Counts one denial here and in the class-wide counters.
+fn count(
+    local: &mut DenialCounts,
+    shared: &Option<Arc<DenialCounters>>,
+    pick: fn(&mut DenialCounts) -> &mut u64,
+    pick_shared: fn(&DenialCounters) -> &std::sync::atomic::AtomicU64,
+) {
+    *pick(local) += 1;
+    if let Some(c) = shared {
+        pick_shared(c).fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -27,13 +27,13 @@ pub use error::Error;
 pub use framing::{
     encode_frame, encode_header, frame_len, Frame, FrameDecoder, FrameError, FrameLimits,
 };
-pub use guard::{DenialCounts, Guard, RateLimit, Unlimited, Verdict};
+pub use guard::{DenialCounters, DenialCounts, Guard, RateLimit, Unlimited, Verdict};
 pub use latency::LatencyProxy;
 pub use limits::Limits;
 pub use network::{new_network, ConnectionControl, ConnectionStats, GuardedNetwork};
 pub use peer::{PeerAddr, PeerInfo};
 pub use server::{
-    BootstrapFactory, ListenAddr, PolicyHandle, Server, ServerBuilder, ShutdownHandle,
+    BootstrapFactory, ListenAddr, PolicyHandle, Server, ServerBuilder, ServerStats, ShutdownHandle,
 };
 
 /// Re-exported so users name the same `Side` type capgate uses.

@@ -20,6 +20,7 @@ pub struct TestServer {
     pub store: Store,
     shutdown: ShutdownHandle,
     policy: capgate::PolicyHandle,
+    stats: capgate::ServerStats,
     thread: Option<std::thread::JoinHandle<Result<(), capgate::Error>>>,
 }
 
@@ -60,6 +61,7 @@ impl TestServer {
         };
         let shutdown = server.shutdown_handle();
         let policy = server.policy_handle();
+        let stats = server.stats();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -73,6 +75,7 @@ impl TestServer {
             store,
             shutdown,
             policy,
+            stats,
             thread: Some(thread),
         }
     }
@@ -106,6 +109,10 @@ impl TestServer {
 
     pub fn policy_handle(&self) -> capgate::PolicyHandle {
         self.policy.clone()
+    }
+
+    pub fn stats(&self) -> capgate::ServerStats {
+        self.stats.clone()
     }
 
     /// Stops the server and waits (bounded) for it to finish.
@@ -341,4 +348,11 @@ pub fn permissive_policy(max_connections: u32) -> capgate::Policy {
     )
     .allow_all()
     .with_quotas(q)])
+}
+
+/// A framed rpc message built by `f`.
+pub fn rpc_message(f: impl FnOnce(capnp_rpc::rpc_capnp::message::Builder)) -> Vec<u8> {
+    let mut m = capnp::message::Builder::new_default();
+    f(m.init_root());
+    frame(&m)
 }

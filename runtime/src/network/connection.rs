@@ -378,6 +378,11 @@ impl ConnectionControl {
         *self.shared.stats.borrow()
     }
 
+    /// Counts this connection's denials into a class-wide registry from now on.
+    pub fn count_denials_into(&self, counters: std::sync::Arc<crate::DenialCounters>) {
+        self.shared.guard.borrow_mut().count_denials_into(counters);
+    }
+
     /// The reason the peer gave when it aborted the connection, if it did.
     pub fn peer_abort(&self) -> Option<capnp::Error> {
         self.shared.peer_abort.borrow().clone()

@@ -163,6 +163,7 @@ impl ServerBuilder {
                 open_connections: AtomicUsize::new(0),
                 policy: PolicyHandle::new(policy),
                 clients: Arc::default(),
+                denials: Default::default(),
             }),
             workers,
             shutdown: ShutdownHandle::new(),

@@ -148,7 +148,8 @@ async fn run<R, W>(
         let mut limits = shared.limits.clone();
         limits.max_message_bytes = q.max_message_bytes;
         limits.idle_timeout = q.idle_timeout;
-        let guard = Guard::new(class.clone(), rate);
+        let mut guard = Guard::new(class.clone(), rate);
+        guard.count_denials_into(shared.denial_counters(class.name()));
         let (network, control) = new_network(reader, writer, Side::Server, limits.clone(), guard);
         let mut rpc = std::pin::pin!(RpcSystem::new(Box::new(network), Some(bootstrap)));
         tracing::debug!("connection open");
@@ -167,7 +168,8 @@ async fn run<R, W>(
                             let q = c.quotas();
                             let rate = shared.clients.rate(c.name(), &key, q.calls_per_second, q.burst);
                             tracing::info!(class = c.name(), "policy reloaded: connection re-matched");
-                            control.set_class(c, rate);
+                            control.set_class(c.clone(), rate);
+                            control.count_denials_into(shared.denial_counters(c.name()));
                         }
                         None => control.abort(capnp::Error::failed(format!(
                             "capgate: the policy was reloaded and no client class of it ({}) \

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::{ClientRegistry, Error, Policy};
+use crate::{ClientRegistry, DenialCounters, DenialCounts, Error, Policy};
 
 use crate::{Limits, PeerAddr, PeerInfo};
 use worker::{Accepted, Worker};
@@ -36,6 +36,35 @@ pub(crate) struct ServerShared {
     pub(crate) open_connections: AtomicUsize,
     pub(crate) policy: PolicyHandle,
     pub(crate) clients: Arc<ClientRegistry>,
+    pub(crate) denials: dashmap::DashMap<String, Arc<DenialCounters>>,
+}
+
+/// Live counters of a server, readable from any thread.
+#[derive(Clone)]
+pub struct ServerStats {
+    shared: Arc<ServerShared>,
+}
+
+impl ServerStats {
+    /// Connections open now.
+    pub fn open_connections(&self) -> usize {
+        self.shared.open_connections.load(Ordering::Relaxed)
+    }
+
+    /// Denials so far for a client class, by reason (all its connections, past and present).
+    pub fn denials(&self, class: &str) -> DenialCounts {
+        self.shared
+            .denials
+            .get(class)
+            .map(|c| c.snapshot())
+            .unwrap_or_default()
+    }
+}
+
+impl ServerShared {
+    pub(crate) fn denial_counters(&self, class: &str) -> Arc<DenialCounters> {
+        self.denials.entry(class.to_string()).or_default().clone()
+    }
 }
 
 /// The server's current policy; replacing it applies the new classes and quotas to new and
@@ -135,6 +164,13 @@ impl Server {
                 Listener::Unix(_, p) => ListenAddr::Unix(p.clone()),
             })
             .collect()
+    }
+
+    /// Live counters (connections, denials by class and reason).
+    pub fn stats(&self) -> ServerStats {
+        ServerStats {
+            shared: self.shared.clone(),
+        }
     }
 
     /// A handle to read or replace the policy while the server runs.
