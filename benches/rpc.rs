@@ -187,6 +187,7 @@ struct Setup {
     _gate_conn: Client,
     policed: echo::Client,
     _policed_conn: Client,
+    policed_addr: SocketAddr,
     raw_addr: SocketAddr,
     gate_addr: SocketAddr,
 }
@@ -218,6 +219,7 @@ impl Setup {
             _gate_conn: gate_conn,
             policed,
             _policed_conn: policed_conn,
+            policed_addr,
             raw_addr,
             gate_addr,
         }
@@ -348,6 +350,119 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
+/// CPU time (ns) used so far by capgate worker threads of this process.
+fn worker_cpu_ns() -> u64 {
+    let mut total = 0;
+    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+        for t in tasks.flatten() {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            if comm.starts_with("capgate-worker") {
+                let stat = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+                total += stat
+                    .split_whitespace()
+                    .next()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        }
+    }
+    total
+}
+
+async fn run_denied(e: &echo::Client, total: u64, inflight: usize) -> Duration {
+    let start = Instant::now();
+    let left = Rc::new(std::cell::Cell::new(total));
+    let workers: Vec<_> = (0..inflight)
+        .map(|_| {
+            let e = e.clone();
+            let left = left.clone();
+            tokio::task::spawn_local(async move {
+                while left.get() > 0 {
+                    left.set(left.get() - 1);
+                    // Echo.panic is outside the policy: the guard answers it, the handler
+                    // (which would panic) never runs.
+                    let r = e.panic_request().send().promise.await;
+                    assert!(r.is_err());
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await.unwrap();
+    }
+    start.elapsed()
+}
+
+/// Server CPU per call, allowed vs denied, on the realistic-policy server.
+fn denial_cost_report(s: &Setup, calls: u64, rounds: usize) {
+    let mut allowed = Vec::new();
+    let mut denied = Vec::new();
+    for _ in 0..rounds {
+        let before = worker_cpu_ns();
+        s.run(run_calls(&s.policed, calls, 128));
+        let mid = worker_cpu_ns();
+        s.run(run_denied(&s.policed, calls, 128));
+        let after = worker_cpu_ns();
+        allowed.push((mid - before) as f64 / calls as f64 / 1000.0);
+        denied.push((after - mid) as f64 / calls as f64 / 1000.0);
+    }
+    let (a, d) = (median(&mut allowed), median(&mut denied));
+    println!(
+        "\nserver CPU per call at 128 in flight (capgate+policy, median of {rounds}): allowed {a:.2} us, denied {d:.2} us, denied/allowed {:.2}",
+        d / a
+    );
+}
+
+/// A legitimate client's sequential latency, alone and while another client floods denied
+/// calls (128 in flight, from its own thread) at the same server.
+fn flood_report(s: &Setup, addr: SocketAddr, samples: usize) {
+    let measure = |s: &Setup| {
+        let mut v = Vec::with_capacity(samples);
+        s.run(async {
+            for _ in 0..samples {
+                let t = Instant::now();
+                call(&s.policed).await;
+                v.push(t.elapsed());
+            }
+        });
+        v.sort();
+        v
+    };
+    let alone = measure(s);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flooder = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            LocalSet::new().block_on(&rt, async move {
+                let (_c, e) = capgate_client(addr).await;
+                let mut denied = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    run_denied(&e, 1_000, 128).await;
+                    denied += 1_000;
+                }
+                denied
+            })
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let flooded = measure(s);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let denied = flooder.join().unwrap();
+    let (a50, a99) = (us(percentile(&alone, 0.5)), us(percentile(&alone, 0.99)));
+    let (f50, f99) = (
+        us(percentile(&flooded, 0.5)),
+        us(percentile(&flooded, 0.99)),
+    );
+    println!(
+        "\nlegitimate client while another floods denied calls ({denied} denied meanwhile):\n  alone p50 {a50:.1} us p99 {a99:.1} us; flooded p50 {f50:.1} us p99 {f99:.1} us; p99 ratio {:.2}",
+        f99 / a99
+    );
+}
+
 fn rss_bytes() -> usize {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     let kb: usize = status
@@ -429,10 +544,14 @@ fn main() {
     if quick {
         latency_report(&s, 2, 50);
         throughput_report(&s, 500, 1);
+        denial_cost_report(&s, 500, 1);
+        flood_report(&s, s.policed_addr, 200);
         memory_report(&s, 20);
     } else {
         latency_report(&s, 10, 2_000);
         throughput_report(&s, 10_000, 9);
+        denial_cost_report(&s, 20_000, 5);
+        flood_report(&s, s.policed_addr, 5_000);
         memory_report(&s, 500);
     }
 }
