@@ -474,3 +474,38 @@ fn release_of_an_unknown_export_over_a_raw_socket_aborts_that_connection_only() 
     assert_served(server.tcp);
     server.stop().unwrap();
 }
+
+#[test]
+fn max_message_bytes_is_per_class() {
+    let mut small = Quotas::default();
+    small.max_message_bytes = 64 << 10;
+    let policy = Policy::from_classes(vec![
+        class(
+            "small",
+            Matcher::Source("127.0.0.2/32".parse().unwrap()),
+            &["*"],
+            small,
+        ),
+        class("big", Matcher::Any, &["*"], Quotas::default()),
+    ]);
+    let server = TestServer::start_policy(quick_limits(), policy);
+    local(async {
+        let put = |c: &Client| {
+            let s: store::Client = c.bootstrap();
+            let mut p = open(&s, "m").put_request();
+            p.get().set_key("k");
+            p.get().set_value(&vec![1u8; 100 << 10]);
+            p.send().promise
+        };
+        let small = connect_from("127.0.0.2", server.tcp).await;
+        let e = put(&small).await.err().expect("over the class's limit");
+        assert!(
+            e.extra
+                .contains("exceeds max_message_bytes = 65536 bytes (64 KiB)"),
+            "{e}"
+        );
+        let big = connect_from("127.0.0.1", server.tcp).await;
+        put(&big).await.expect("the other class allows 4 MiB");
+    });
+    server.stop().unwrap();
+}
