@@ -157,18 +157,23 @@ async fn call(e: &echo::Client) {
     );
 }
 
-/// Runs `total` calls with `inflight` of them outstanding at any time.
-async fn run_calls(e: &echo::Client, total: u64, inflight: usize) -> Duration {
+/// Runs `total` calls of `one` with `inflight` of them outstanding at any time.
+async fn run_with<F, Fut>(e: &echo::Client, total: u64, inflight: usize, one: F) -> Duration
+where
+    F: Fn(echo::Client) -> Fut + Clone + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
     let start = Instant::now();
     let left = Rc::new(std::cell::Cell::new(total));
     let workers: Vec<_> = (0..inflight)
         .map(|_| {
             let e = e.clone();
             let left = left.clone();
+            let one = one.clone();
             tokio::task::spawn_local(async move {
                 while left.get() > 0 {
                     left.set(left.get() - 1);
-                    call(&e).await;
+                    one(e.clone()).await;
                 }
             })
         })
@@ -177,6 +182,20 @@ async fn run_calls(e: &echo::Client, total: u64, inflight: usize) -> Duration {
         w.await.unwrap();
     }
     start.elapsed()
+}
+
+/// Echo calls.
+async fn run_calls(e: &echo::Client, total: u64, inflight: usize) -> Duration {
+    run_with(e, total, inflight, |e| async move { call(&e).await }).await
+}
+
+/// `Echo.panic` calls, which the realistic policy does not allow: the guard answers them and
+/// the handler (which would panic) never runs.
+async fn run_denied(e: &echo::Client, total: u64, inflight: usize) -> Duration {
+    run_with(e, total, inflight, |e| async move {
+        assert!(e.panic_request().send().promise.await.is_err());
+    })
+    .await
 }
 
 struct Setup {
@@ -367,30 +386,6 @@ fn worker_cpu_ns() -> u64 {
         }
     }
     total
-}
-
-async fn run_denied(e: &echo::Client, total: u64, inflight: usize) -> Duration {
-    let start = Instant::now();
-    let left = Rc::new(std::cell::Cell::new(total));
-    let workers: Vec<_> = (0..inflight)
-        .map(|_| {
-            let e = e.clone();
-            let left = left.clone();
-            tokio::task::spawn_local(async move {
-                while left.get() > 0 {
-                    left.set(left.get() - 1);
-                    // Echo.panic is outside the policy: the guard answers it, the handler
-                    // (which would panic) never runs.
-                    let r = e.panic_request().send().promise.await;
-                    assert!(r.is_err());
-                }
-            })
-        })
-        .collect();
-    for w in workers {
-        w.await.unwrap();
-    }
-    start.elapsed()
 }
 
 /// Server CPU per call, allowed vs denied, on the realistic-policy server.

@@ -287,12 +287,7 @@ impl Guard {
         if let Ok(Ok(message_target::PromisedAnswer(Ok(pa)))) = c.get_target().map(|t| t.which()) {
             if let Some(Answer::Denied(d)) = self.answers.get(&pa.get_question_id()) {
                 let d = d.clone();
-                count(
-                    &mut self.denials,
-                    &self.shared_denials,
-                    |d| &mut d.permission,
-                    |c| &c.permission,
-                );
+                count(&mut self.denials, &self.shared_denials, Reason::Permission);
                 return self.deny(q, c, d);
             }
         }
@@ -304,8 +299,7 @@ impl Guard {
             count(
                 &mut self.denials,
                 &self.shared_denials,
-                |d| &mut d.send_results_to,
-                |c| &c.send_results_to,
+                Reason::SendResultsTo,
             );
             let d = Denial {
                 kind: exception::Type::Failed,
@@ -317,12 +311,7 @@ impl Guard {
             return self.deny(q, c, Rc::new(d));
         }
         if !self.class.allows(m) {
-            count(
-                &mut self.denials,
-                &self.shared_denials,
-                |d| &mut d.permission,
-                |c| &c.permission,
-            );
+            count(&mut self.denials, &self.shared_denials, Reason::Permission);
             let d = Denial {
                 kind: exception::Type::Failed,
                 reason: format!(
@@ -334,12 +323,7 @@ impl Guard {
         }
         let quotas = self.class.quotas();
         let over = if self.answers.len() >= quotas.max_open_answers as usize {
-            count(
-                &mut self.denials,
-                &self.shared_denials,
-                |d| &mut d.open_answers,
-                |c| &c.open_answers,
-            );
+            count(&mut self.denials, &self.shared_denials, Reason::OpenAnswers);
             Some(format!(
                 "max_open_answers = {} reached ({} answers open: calls not yet finished, cancelled calls included)",
                 quotas.max_open_answers,
@@ -349,8 +333,7 @@ impl Guard {
             count(
                 &mut self.denials,
                 &self.shared_denials,
-                |d| &mut d.inflight_bytes,
-                |c| &c.inflight_bytes,
+                Reason::InflightBytes,
             );
             Some(format!(
                 "max_inflight_bytes = {} reached ({} bytes of calls held, this one {})",
@@ -360,20 +343,14 @@ impl Guard {
             count(
                 &mut self.denials,
                 &self.shared_denials,
-                |d| &mut d.inflight_calls,
-                |c| &c.inflight_calls,
+                Reason::InflightCalls,
             );
             Some(format!(
                 "max_inflight_calls = {} reached ({} calls in flight on this connection)",
                 quotas.max_inflight_calls, self.running
             ))
         } else if !self.rate.try_call() {
-            count(
-                &mut self.denials,
-                &self.shared_denials,
-                |d| &mut d.rate,
-                |c| &c.rate,
-            );
+            count(&mut self.denials, &self.shared_denials, Reason::Rate);
             Some(format!(
                 "calls_per_second = {} with burst = {} exceeded; retry later",
                 quotas.calls_per_second, quotas.burst
@@ -544,16 +521,46 @@ impl Guard {
     }
 }
 
+/// Why a call was denied.
+#[derive(Clone, Copy)]
+enum Reason {
+    Permission,
+    Rate,
+    InflightCalls,
+    InflightBytes,
+    OpenAnswers,
+    SendResultsTo,
+}
+
 /// Counts one denial here and in the class-wide counters.
-fn count(
-    local: &mut DenialCounts,
-    shared: &Option<Arc<DenialCounters>>,
-    pick: fn(&mut DenialCounts) -> &mut u64,
-    pick_shared: fn(&DenialCounters) -> &std::sync::atomic::AtomicU64,
-) {
-    *pick(local) += 1;
-    if let Some(c) = shared {
-        pick_shared(c).fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+fn count(local: &mut DenialCounts, shared: &Option<Arc<DenialCounters>>, reason: Reason) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (l, s) = match reason {
+        Reason::Permission => (
+            &mut local.permission,
+            shared.as_ref().map(|c| &c.permission),
+        ),
+        Reason::Rate => (&mut local.rate, shared.as_ref().map(|c| &c.rate)),
+        Reason::InflightCalls => (
+            &mut local.inflight_calls,
+            shared.as_ref().map(|c| &c.inflight_calls),
+        ),
+        Reason::InflightBytes => (
+            &mut local.inflight_bytes,
+            shared.as_ref().map(|c| &c.inflight_bytes),
+        ),
+        Reason::OpenAnswers => (
+            &mut local.open_answers,
+            shared.as_ref().map(|c| &c.open_answers),
+        ),
+        Reason::SendResultsTo => (
+            &mut local.send_results_to,
+            shared.as_ref().map(|c| &c.send_results_to),
+        ),
+    };
+    *l += 1;
+    if let Some(s) = s {
+        s.fetch_add(1, Relaxed);
     }
 }
 
