@@ -21,8 +21,8 @@ pub(crate) struct ServeArgs {
     /// Worker threads (default: available cores).
     #[arg(long)]
     workers: Option<NonZeroUsize>,
-    /// Policy file (client classes, allowlists, quotas). Reloaded on SIGHUP; a file with
-    /// errors is rejected and the policy in force kept. Without it every client may call
+    /// Policy file (client classes, allowlists, quotas). Reloaded on SIGHUP and when the file
+    /// changes; a file with errors is rejected and the policy in force kept. Without it every client may call
     /// every method, with the default quotas.
     #[arg(long)]
     policy: Option<PathBuf>,
@@ -95,14 +95,50 @@ async fn wait_for_signal() {
     }
 }
 
+/// How often the policy file's modification time is checked.
+const POLICY_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Reloads the policy on SIGHUP and when the file changes (its modification time or size,
+/// polled every second). A file with errors is rejected and logged; the policy in force stays.
 async fn reload_on_sighup(path: PathBuf, handle: capgate::PolicyHandle) {
     use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        tracing::warn!("cannot watch SIGHUP: policy reload disabled");
-        return;
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(cause = %e, "cannot watch SIGHUP; reloading on file changes only");
+            None
+        }
     };
-    while hup.recv().await.is_some() {
-        tracing::info!(path = %path.display(), "SIGHUP: reloading the policy");
+    let stamp = |p: &PathBuf| {
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| (m.modified().ok(), m.len()))
+    };
+    let mut seen = stamp(&path);
+    loop {
+        let hangup = async {
+            match hup.as_mut() {
+                Some(h) => h.recv().await.is_some(),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            got = hangup => {
+                if !got {
+                    hup = None;
+                    continue;
+                }
+                tracing::info!(path = %path.display(), "SIGHUP: reloading the policy");
+            }
+            () = tokio::time::sleep(POLICY_POLL) => {
+                let now = stamp(&path);
+                if now == seen {
+                    continue;
+                }
+                seen = now;
+                tracing::info!(path = %path.display(), "policy file changed: reloading");
+            }
+        }
         let _ = capgate::reload_policy(&path, &handle);
     }
 }

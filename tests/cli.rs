@@ -1,0 +1,159 @@
+//! The `capgate` command itself: `policy check` exit codes and messages, and `serve --policy`
+//! reloading its file (on change and on SIGHUP) while keeping the old policy when the new
+//! file is broken.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use capgate::store_capnp::{namespace, store};
+use common::local;
+
+const BIN: &str = env!("CARGO_BIN_EXE_capgate");
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("capgate-cli-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn policy_check_reports_every_error_and_exits_non_zero() {
+    let dir = temp_dir("check");
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[[client]]\nname = \"a\"\nmatch = \"any\"\nallow = [\"Namespace.pt\"]\nburst = 0\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["policy", "check"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let b = bad.display();
+    assert!(
+        err.contains(&format!(
+            "{b}:4:10: interface `Namespace` has no method `pt` (did you mean `Namespace.put`?)"
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("{b}:5:9: `burst` must be at least 1")),
+        "{err}"
+    );
+    assert!(err.contains("2 errors in"), "{err}");
+
+    let good = dir.join("good.toml");
+    std::fs::write(
+        &good,
+        "[[client]]\nname = \"a\"\nmatch = \"any\"\nallow = [\"Reader.*\"]\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["policy", "check"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let out = Command::new(BIN)
+        .args(["policy", "explain"])
+        .arg(&good)
+        .args(["--client", "a", "Namespace.get"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("allowed: Namespace.get (Reader.get) for client \"a\": rule \"Reader.*\""),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+async fn try_put(ns: &namespace::Client) -> Result<(), capnp::Error> {
+    let mut p = ns.put_request();
+    p.get().set_key("k");
+    p.get().set_value(b"v");
+    p.send().promise.await.map(|_| ())
+}
+
+async fn eventually(what: &str, ns: &namespace::Client, want_ok: bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if try_put(ns).await.is_ok() == want_ok {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[test]
+fn serve_reloads_a_changed_policy_file_and_keeps_the_old_one_when_broken() {
+    let dir = temp_dir("reload");
+    let policy = dir.join("policy.toml");
+    let deny =
+        "[[client]]\nname = \"r\"\nmatch = \"any\"\nallow = [\"Store.namespace\", \"Reader.*\"]\n";
+    let allow = "[[client]]\nname = \"w\"\nmatch = \"any\"\nallow = [\"*\"]\n";
+    std::fs::write(&policy, deny).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--policy"])
+        .arg(&policy)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on tcp://")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .parse()
+        .unwrap();
+    local(async {
+        let c = capgate::Client::connect(addr).await.unwrap();
+        let s: store::Client = c.bootstrap();
+        let mut req = s.namespace_request();
+        req.get().set_name("cli");
+        let ns = req.send().pipeline.get_ns();
+        assert!(try_put(&ns).await.is_err(), "denied by the first policy");
+
+        // The file changes: the same connection gets the new policy.
+        std::fs::write(&policy, allow).unwrap();
+        eventually("the changed file to apply", &ns, true).await;
+
+        // A broken file is rejected (also on SIGHUP); the policy in force stays.
+        std::fs::write(
+            &policy,
+            "[[client]]\nname = \"x\"\nmatch = \"any\"\nallow = [\"Nope.*\"]\n",
+        )
+        .unwrap();
+        let _ = Command::new("kill")
+            .args(["-HUP", &child.id().to_string()])
+            .status();
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        try_put(&ns)
+            .await
+            .expect("still allowed: the broken file changed nothing");
+
+        // Back to the first policy, by SIGHUP this time (and the poll).
+        std::fs::write(&policy, deny).unwrap();
+        let _ = Command::new("kill")
+            .args(["-HUP", &child.id().to_string()])
+            .status();
+        eventually("the first policy to apply again", &ns, false).await;
+    });
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "serve exits 0 on SIGTERM: {status}");
+    let _ = std::fs::remove_dir_all(dir);
+}
