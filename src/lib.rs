@@ -14,6 +14,8 @@
 #![forbid(unsafe_code)]
 
 pub mod demo;
+mod dev_certs;
+pub use dev_certs::{write_dev_certs, DevCa, DevCerts};
 
 pub use capgate_runtime::*;
 pub use capgate_schema::{bench_capnp, store_capnp};

@@ -24,7 +24,13 @@ const QUOTA_KEYS: &[&str] = &[
     "idle_timeout",
 ];
 const CLIENT_KEYS: &[&str] = &["name", "match", "allow"];
-const MATCH_KEYS: &[&str] = &["source", "unix_uid"];
+const MATCH_KEYS: &[&str] = &[
+    "source",
+    "unix_uid",
+    "cert_cn",
+    "cert_san",
+    "cert_spki_sha256",
+];
 
 struct Diags<'a> {
     file: &'a str,
@@ -263,6 +269,24 @@ fn matcher(d: &mut Diags<'_>, v: &Value<'_>) -> Option<Matcher> {
                         Some(n) if n <= u64::from(u32::MAX) => Some(Matcher::UnixUid(n as u32)),
                         _ => {
                             d.at(val.span(), "`unix_uid` must be a user id (a whole number)");
+                            None
+                        }
+                    },
+                    key @ ("cert_cn" | "cert_san" | "cert_spki_sha256") => match val.get_ref() {
+                        DeValue::String(s)
+                            if key == "cert_spki_sha256"
+                                && (s.len() != 64 || !s.chars().all(|c| c.is_ascii_hexdigit())) =>
+                        {
+                            d.at(val.span(), "`cert_spki_sha256` must be 64 hex digits (the SHA-256 of the certificate's public key)");
+                            None
+                        }
+                        DeValue::String(s) if !s.is_empty() => Some(match key {
+                            "cert_cn" => Matcher::CertCn(s.to_string()),
+                            "cert_san" => Matcher::CertSan(s.to_string()),
+                            _ => Matcher::CertSpkiSha256(s.to_ascii_lowercase()),
+                        }),
+                        _ => {
+                            d.at(val.span(), format!("`{key}` must be a non-empty string"));
                             None
                         }
                     },

@@ -75,20 +75,57 @@ fn the_documented_example_compiles_to_the_right_decisions() {
 
     let local2 = PeerView {
         ip: Some("127.0.0.2".parse().unwrap()),
-        unix_uid: None,
+        ..PeerView::default()
     };
     let local1 = PeerView {
         ip: Some("127.0.0.1".parse().unwrap()),
-        unix_uid: None,
+        ..PeerView::default()
     };
     let root = PeerView {
-        ip: None,
         unix_uid: Some(0),
+        ..PeerView::default()
     };
     assert_eq!(p.classify(&local2).unwrap().1.name(), "reader");
     assert_eq!(p.classify(&local1).unwrap().1.name(), "anonymous");
     assert_eq!(p.classify(&root).unwrap().1.name(), "admin");
     assert_eq!(p.class("admin").unwrap().matcher(), &Matcher::UnixUid(0));
+}
+
+#[test]
+fn certificate_matchers() {
+    let p = Policy::parse(
+        "p.toml",
+        "[[client]]\nname = \"r\"\nmatch = { cert_cn = \"reader\" }\nallow = []\n\
+         [[client]]\nname = \"s\"\nmatch = { cert_san = \"svc.example\" }\nallow = []\n\
+         [[client]]\nname = \"k\"\nmatch = { cert_spki_sha256 = \"AB00000000000000000000000000000000000000000000000000000000000000\" }\nallow = []\n",
+        Catalog::builtin(),
+    )
+    .unwrap();
+    let cns = ["reader".to_string()];
+    let sans = ["SVC.example".to_string()];
+    let by_cn = PeerView {
+        cert_cns: &cns,
+        ..PeerView::default()
+    };
+    let by_san = PeerView {
+        cert_sans: &sans,
+        ..PeerView::default()
+    };
+    let key = "ab00000000000000000000000000000000000000000000000000000000000000";
+    let by_key = PeerView {
+        cert_spki_sha256: Some(key),
+        ..PeerView::default()
+    };
+    assert_eq!(p.classify(&by_cn).unwrap().1.name(), "r");
+    assert_eq!(p.classify(&by_san).unwrap().1.name(), "s");
+    assert_eq!(p.classify(&by_key).unwrap().1.name(), "k");
+    assert!(p.classify(&PeerView::default()).is_none());
+    let e =
+        errors("[[client]]\nname = \"k\"\nmatch = { cert_spki_sha256 = \"xyz\" }\nallow = []\n");
+    assert_eq!(
+        e,
+        ["p.toml:3:30: `cert_spki_sha256` must be 64 hex digits (the SHA-256 of the certificate's public key)"]
+    );
 }
 
 #[test]
@@ -162,7 +199,7 @@ fn bad_matchers_and_missing_keys() {
             "p.toml:3:20: `300.1.1.1/8` is not an address or network: write e.g. \"127.0.0.1/32\" or \"10.0.0.0/8\"",
             "p.toml:6:1: client class without `name`: add `name = \"...\"`",
             "p.toml:6:1: client class without `allow`: add e.g. `allow = []` (deny everything)",
-            "p.toml:7:11: unknown key `uid` in `match`; expected one of: source, unix_uid",
+            "p.toml:7:11: unknown key `uid` in `match`; expected one of: source, unix_uid, cert_cn, cert_san, cert_spki_sha256",
         ]
     );
 }

@@ -14,10 +14,14 @@ use crate::network::{new_network, ConnectionControl};
 use crate::{ConnectionStats, Error, Guard, Limits, Side};
 
 /// Configures a [`Client`].
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 #[must_use]
 pub struct ClientBuilder {
     limits: Limits,
+    tls: Option<(
+        std::sync::Arc<rustls::ClientConfig>,
+        rustls_pki_types::ServerName<'static>,
+    )>,
 }
 
 impl ClientBuilder {
@@ -28,14 +32,46 @@ impl ClientBuilder {
         self
     }
 
-    /// Connects over TCP.
+    /// Connects with TLS (see [`crate::tls::client_config`]), verifying that the server's
+    /// certificate is valid for `server_name` (a DNS name or an IP address).
+    pub fn tls(
+        mut self,
+        config: std::sync::Arc<rustls::ClientConfig>,
+        server_name: &str,
+    ) -> Result<Self, Error> {
+        let name = rustls_pki_types::ServerName::try_from(server_name.to_string())
+            .map_err(|e| Error::Config(format!("TLS server name {server_name:?}: {e}")))?;
+        self.tls = Some((config, name));
+        Ok(self)
+    }
+
+    /// Connects over TCP (with TLS if configured).
     pub async fn connect(self, addr: SocketAddr) -> Result<Client, Error> {
         let s = tokio::net::TcpStream::connect(addr)
             .await
             .map_err(|e| Error::io(format!("connecting to tcp://{addr}"), e))?;
         let _ = s.set_nodelay(true);
-        let (r, w) = s.into_split();
-        Ok(self.from_stream(r, w))
+        match self.tls.clone() {
+            None => {
+                let (r, w) = s.into_split();
+                Ok(self.from_stream(r, w))
+            }
+            Some((config, name)) => {
+                let connector = tokio_rustls::TlsConnector::from(config);
+                let handshake = connector.connect(name, s);
+                let tls = tokio::time::timeout(self.limits.tls_handshake_timeout, handshake)
+                    .await
+                    .map_err(|_| {
+                        Error::io(
+                            format!("TLS handshake with tcp://{addr}"),
+                            std::io::ErrorKind::TimedOut.into(),
+                        )
+                    })?
+                    .map_err(|e| Error::io(format!("TLS handshake with tcp://{addr}"), e))?;
+                let (r, w) = tokio::io::split(tls);
+                Ok(self.from_stream(r, w))
+            }
+        }
     }
 
     /// Connects to a Unix socket.

@@ -23,11 +23,16 @@ pub enum ClientKey {
     Uid(u32),
     /// A stream handed over by the application, by its label.
     Stream(String),
+    /// A TLS client, by its certificate's public key (SHA-256, hex).
+    Cert(String),
 }
 
 impl ClientKey {
     /// The identity of a peer.
     pub fn of(peer: &PeerInfo) -> Self {
+        if let Some(id) = &peer.tls {
+            return ClientKey::Cert(id.spki_sha256.clone());
+        }
         match &peer.addr {
             PeerAddr::Tcp(a) => ClientKey::Ip(a.ip()),
             PeerAddr::Unix { uid, .. } => ClientKey::Uid(*uid),

@@ -15,6 +15,7 @@ mod limits;
 mod network;
 mod peer;
 mod server;
+pub mod tls;
 
 pub use capgate_policy::{
     parse_bytes, parse_duration, AllowRule, ClientClass, Decision, Matcher, PeerView, Policy,
@@ -35,6 +36,7 @@ pub use peer::{PeerAddr, PeerInfo};
 pub use server::{
     BootstrapFactory, ListenAddr, PolicyHandle, Server, ServerBuilder, ServerStats, ShutdownHandle,
 };
+pub use tls::CertIdentity;
 
 /// Re-exported so users name the same `Side` type capgate uses.
 pub use capnp_rpc::rpc_twoparty_capnp::Side;

@@ -43,6 +43,9 @@ pub struct Limits {
     /// On graceful shutdown, how long in-flight calls may run before connections are closed
     /// anyway. Default 10 s.
     pub shutdown_timeout: Duration,
+    /// Time a TLS client has to complete its handshake. Default 10 s. Stops clients that
+    /// open TCP connections and never finish the handshake from holding them.
+    pub tls_handshake_timeout: Duration,
     /// After a connection is closed with an error, how long the server keeps reading (and
     /// discarding) what the peer still sends, so the peer receives the `Abort` reason instead
     /// of a TCP reset. Bounded by time and by `max_message_bytes + 64 KiB`. Default 1 s.
@@ -62,6 +65,7 @@ impl Default for Limits {
             traversal_factor: 8,
             shutdown_timeout: Duration::from_secs(10),
             linger_timeout: Duration::from_secs(1),
+            tls_handshake_timeout: Duration::from_secs(10),
         }
     }
 }

@@ -30,6 +30,8 @@ pub struct PeerInfo {
     pub connection_id: u64,
     /// Transport identity.
     pub addr: PeerAddr,
+    /// The verified client certificate's identity, on TLS connections that presented one.
+    pub tls: Option<crate::CertIdentity>,
 }
 
 impl PeerInfo {
@@ -38,6 +40,7 @@ impl PeerInfo {
         Self {
             connection_id,
             addr,
+            tls: None,
         }
     }
 }
@@ -57,6 +60,10 @@ impl fmt::Display for PeerAddr {
 
 impl fmt::Display for PeerInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "#{} {}", self.connection_id, self.addr)
+        write!(f, "#{} {}", self.connection_id, self.addr)?;
+        if let Some(id) = &self.tls {
+            write!(f, " ({id})")?;
+        }
+        Ok(())
     }
 }

@@ -25,13 +25,19 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the demo Store until Ctrl-C / SIGTERM (then shut down gracefully).
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Run a server and a client in one process and print a short report: pipelining,
     /// a callback, a remote exception, an oversized message refused.
     Demo(demo::DemoArgs),
     /// Check or explain a policy file.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
+    /// Write a throwaway CA, a server certificate for localhost and client certificates
+    /// (`reader`, `admin`) into DIR, and print the flags that use them.
+    DevCerts {
+        /// Output directory (created if missing).
+        dir: std::path::PathBuf,
+    },
 }
 
 /// Connection limits, settable on the command line (defaults: see `capgate::Limits`).
@@ -99,9 +105,10 @@ pub(crate) fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {
-        Command::Serve(args) => serve::run(args),
+        Command::Serve(args) => serve::run(*args),
         Command::Demo(args) => demo::run(args),
         Command::Policy(cmd) => policy::run(cmd),
+        Command::DevCerts { dir } => dev_certs(&dir),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -119,4 +126,33 @@ pub(crate) fn block_on_local<F: std::future::Future>(f: F) -> Result<F::Output, 
         .build()
         .map_err(|e| format!("starting the runtime: {e}"))?;
     Ok(tokio::task::LocalSet::new().block_on(&rt, f))
+}
+
+fn dev_certs(dir: &std::path::Path) -> Result<(), String> {
+    let c = capgate::write_dev_certs(dir, &["reader", "admin"])
+        .map_err(|e| format!("writing certificates to {}: {e}", dir.display()))?;
+    println!(
+        "wrote a throwaway CA, a server certificate and client certificates to {}",
+        dir.display()
+    );
+    println!();
+    println!("serve (mTLS, client certificates required):");
+    println!(
+        "  capgate serve --listen 127.0.0.1:4443 --tls-cert {} --tls-key {} --client-ca {} --require-client-cert --policy POLICY",
+        c.server.0.display(),
+        c.server.1.display(),
+        c.ca.display()
+    );
+    println!();
+    println!("match clients in the policy by certificate:");
+    for (name, cert, key) in &c.clients {
+        println!(
+            "  match = {{ cert_cn = \"{name}\" }}   # client uses {} and {}",
+            cert.display(),
+            key.display()
+        );
+    }
+    println!();
+    println!("Rust client: capgate::tls::client_config(ca, Some((cert, key))) with server name \"localhost\" or \"127.0.0.1\"; CA: {}", c.ca.display());
+    Ok(())
 }

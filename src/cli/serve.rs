@@ -26,6 +26,24 @@ pub(crate) struct ServeArgs {
     /// every method, with the default quotas.
     #[arg(long)]
     policy: Option<PathBuf>,
+    /// Serve TLS on the TCP listeners with this certificate chain (PEM).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Verify client certificates against this CA (PEM); their identity reaches the policy.
+    #[arg(long, requires = "tls_cert")]
+    client_ca: Option<PathBuf>,
+    /// Refuse TLS clients without a valid certificate from --client-ca.
+    #[arg(long, requires = "client_ca")]
+    require_client_cert: bool,
+    /// Allow plaintext TCP listeners on non-loopback addresses.
+    #[arg(long)]
+    insecure_plaintext: bool,
+    /// Time a TLS client has to complete its handshake, e.g. "10s".
+    #[arg(long, value_parser = capgate::parse_duration)]
+    tls_handshake_timeout: Option<std::time::Duration>,
     #[command(flatten)]
     limits: LimitArgs,
 }
@@ -34,9 +52,22 @@ pub(crate) fn run(args: ServeArgs) -> Result<(), String> {
     if args.listen.is_empty() && args.unix.is_empty() {
         return Err("nothing to listen on: pass --listen ADDR and/or --unix PATH".into());
     }
+    if args.tls_cert.is_none() && !args.insecure_plaintext {
+        if let Some(a) = args.listen.iter().find(|a| !a.ip().is_loopback()) {
+            return Err(format!(
+                "refusing to serve plaintext on {a}: it is not a loopback address, so anyone on \
+                 the network could read and alter the traffic. Serve TLS (--tls-cert/--tls-key, \
+                 see `capgate dev-certs`) or pass --insecure-plaintext if the network is trusted"
+            ));
+        }
+    }
+    let mut limits = args.limits.limits();
+    if let Some(t) = args.tls_handshake_timeout {
+        limits.tls_handshake_timeout = t;
+    }
     let store = Store::new();
     let mut builder = Server::builder()
-        .limits(args.limits.limits())
+        .limits(limits)
         .bootstrap_factory(move |_peer| store.client());
     for a in args.listen {
         builder = builder.listen(a);
@@ -46,6 +77,16 @@ pub(crate) fn run(args: ServeArgs) -> Result<(), String> {
     }
     if let Some(n) = args.workers {
         builder = builder.workers(n);
+    }
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        let config = capgate::tls::server_config(
+            cert,
+            key,
+            args.client_ca.as_deref(),
+            args.require_client_cert,
+        )
+        .map_err(|e| e.to_string())?;
+        builder = builder.tls(config);
     }
     if let Some(path) = &args.policy {
         let policy = capgate::Policy::load(path, capgate::Catalog::builtin()).map_err(|e| {

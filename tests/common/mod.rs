@@ -41,6 +41,16 @@ impl TestServer {
     }
 
     fn start_full(limits: Limits, unix: Option<PathBuf>, policy: Option<capgate::Policy>) -> Self {
+        Self::start_custom(limits, unix, policy, |b| b)
+    }
+
+    /// Like the others, with a last say on the builder (TLS, ...).
+    pub fn start_custom(
+        limits: Limits,
+        unix: Option<PathBuf>,
+        policy: Option<capgate::Policy>,
+        customize: impl FnOnce(capgate::ServerBuilder) -> capgate::ServerBuilder,
+    ) -> Self {
         let store = Store::new();
         let factory_store = store.clone();
         let mut builder = Server::builder()
@@ -48,6 +58,7 @@ impl TestServer {
             .workers(NonZeroUsize::new(2).unwrap())
             .limits(limits)
             .bootstrap_factory(move |_| factory_store.client());
+        builder = customize(builder);
         if let Some(p) = &unix {
             builder = builder.listen_unix(p);
         }

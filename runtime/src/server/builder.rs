@@ -40,6 +40,7 @@ pub struct ServerBuilder {
     workers: Option<NonZeroUsize>,
     factory: Option<Arc<dyn BootstrapFactory>>,
     policy: Option<Policy>,
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl ServerBuilder {
@@ -51,6 +52,7 @@ impl ServerBuilder {
             workers: None,
             factory: None,
             policy: None,
+            tls: None,
         }
     }
 
@@ -78,6 +80,14 @@ impl ServerBuilder {
     /// quotas; `build` logs a warning saying so.
     pub fn policy(mut self, policy: Policy) -> Self {
         self.policy = Some(policy);
+        self
+    }
+
+    /// Serves TLS on every TCP listener (see [`crate::tls::server_config`]); with a client
+    /// CA, the verified client certificate's identity reaches the policy and the bootstrap
+    /// factory ([`PeerInfo::tls`]). Unix listeners stay plaintext.
+    pub fn tls(mut self, config: Arc<rustls::ServerConfig>) -> Self {
+        self.tls = Some(config);
         self
     }
 
@@ -164,6 +174,7 @@ impl ServerBuilder {
                 policy: PolicyHandle::new(policy),
                 clients: Arc::default(),
                 denials: Default::default(),
+                tls: self.tls.map(tokio_rustls::TlsAcceptor::from),
             }),
             workers,
             shutdown: ShutdownHandle::new(),

@@ -21,11 +21,35 @@ pub(super) async fn serve(
     stop: watch::Receiver<bool>,
 ) {
     match accepted {
-        Accepted::Tcp(s, peer) => match tokio::net::TcpStream::from_std(s) {
-            Ok(s) => {
-                let (r, w) = s.into_split();
-                run(r, w, peer, shared, stop).await;
-            }
+        Accepted::Tcp(s, mut peer) => match tokio::net::TcpStream::from_std(s) {
+            Ok(s) => match shared.tls.clone() {
+                None => {
+                    let (r, w) = s.into_split();
+                    run(r, w, peer, shared, stop).await;
+                }
+                Some(acceptor) => {
+                    let timeout = shared.limits.tls_handshake_timeout;
+                    let tls = match tokio::time::timeout(timeout, acceptor.accept(s)).await {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => {
+                            tracing::info!(peer = %peer.addr, cause = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::info!(peer = %peer.addr, ?timeout, "TLS handshake not completed in time (tls_handshake_timeout)");
+                            return;
+                        }
+                    };
+                    peer.tls = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .and_then(|c| crate::CertIdentity::from_der(c));
+                    let (r, w) = tokio::io::split(tls);
+                    run(r, w, peer, shared, stop).await;
+                }
+            },
             Err(e) => tracing::warn!(cause = %e, "cannot register a connection"),
         },
         Accepted::Unix(s, peer) => match tokio::net::UnixStream::from_std(s) {
@@ -39,18 +63,19 @@ pub(super) async fn serve(
 }
 
 /// The peer as the policy sees it.
-fn view(peer: &PeerInfo) -> PeerView {
+fn view(peer: &PeerInfo) -> PeerView<'_> {
+    let mut v = PeerView::default();
     match &peer.addr {
-        PeerAddr::Tcp(a) => PeerView {
-            ip: Some(a.ip()),
-            unix_uid: None,
-        },
-        PeerAddr::Unix { uid, .. } => PeerView {
-            ip: None,
-            unix_uid: Some(*uid),
-        },
-        _ => PeerView::default(),
+        PeerAddr::Tcp(a) => v.ip = Some(a.ip()),
+        PeerAddr::Unix { uid, .. } => v.unix_uid = Some(*uid),
+        _ => {}
     }
+    if let Some(id) = &peer.tls {
+        v.cert_cns = &id.common_names;
+        v.cert_sans = &id.subject_alt_names;
+        v.cert_spki_sha256 = Some(&id.spki_sha256);
+    }
+    v
 }
 
 /// Refuses a connection before any RPC: one `Abort` frame with the reason, then close.

@@ -37,6 +37,7 @@ pub(crate) struct ServerShared {
     pub(crate) policy: PolicyHandle,
     pub(crate) clients: Arc<ClientRegistry>,
     pub(crate) denials: dashmap::DashMap<String, Arc<DenialCounters>>,
+    pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 /// Live counters of a server, readable from any thread.
