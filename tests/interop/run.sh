@@ -42,4 +42,20 @@ timeout 60 "$python" "$here/policy_client.py" 127.0.0.1 "$port"
 kill -TERM "$pid"
 wait "$pid" || { echo "capgate serve --policy exited with an error" >&2; cat "$work/err2" >&2; exit 1; }
 
-echo "interop: pycapnp over TCP and Unix, with and without a policy, passed; serve exited cleanly on SIGTERM"
+
+# TLS with client certificates (Python's ssl module under pycapnp).
+"$bin" dev-certs "$work/certs" >/dev/null
+"$bin" serve --listen 127.0.0.1:0 --tls-cert "$work/certs/server.pem" --tls-key "$work/certs/server.key" \
+  --client-ca "$work/certs/ca.pem" --require-client-cert --policy "$here/tls_policy.toml" >"$work/out3" 2>"$work/err3" &
+pid=$!
+for _ in $(seq 100); do
+  grep -q '^listening on' "$work/out3" 2>/dev/null && break
+  sleep 0.1
+done
+port=$(sed -n 's/^listening on tcp:\/\/127\.0\.0\.1:\([0-9]*\)$/\1/p' "$work/out3")
+[[ -n "$port" ]] || { echo "capgate serve (TLS) did not report its port" >&2; cat "$work/err3" >&2; exit 1; }
+timeout 60 "$python" "$here/tls_client.py" 127.0.0.1 "$port" "$work/certs"
+kill -TERM "$pid"
+wait "$pid" || { echo "capgate serve (TLS) exited with an error" >&2; cat "$work/err3" >&2; exit 1; }
+
+echo "interop: pycapnp over TCP, Unix and TLS, with and without a policy, passed; serve exited cleanly on SIGTERM"
