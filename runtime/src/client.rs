@@ -84,6 +84,27 @@ impl ClientBuilder {
         Ok(self.from_stream(r, w))
     }
 
+    /// Spawns `command` with piped stdin and stdout and talks Cap'n Proto over them (the
+    /// child serves on its stdio, e.g. `capgate serve --stdio`). The child's stderr is
+    /// inherited. Closing the client (or dropping it and its capabilities) closes the child's
+    /// stdin, which ends a well-behaved server.
+    pub fn spawn(
+        self,
+        command: std::process::Command,
+    ) -> Result<(Client, tokio::process::Child), Error> {
+        use std::process::Stdio;
+        let mut child = tokio::process::Command::from(command)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| Error::io("spawning the server process", e))?;
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            return Err(Error::Config("the child process has no stdio pipes".into()));
+        };
+        Ok((self.from_stream(stdout, stdin), child))
+    }
+
     /// Runs the client over any pair of streams (pipes, stdio of a child process, TLS).
     pub fn from_stream<R, W>(self, reader: R, writer: W) -> Client
     where

@@ -18,6 +18,10 @@ pub(crate) struct ServeArgs {
     /// Unix socket path to listen on (repeatable).
     #[arg(long)]
     unix: Vec<PathBuf>,
+    /// Serve one connection on stdin/stdout (for a parent process that spawned this one);
+    /// exits when stdin closes.
+    #[arg(long, conflicts_with_all = ["listen", "unix"])]
+    stdio: bool,
     /// Worker threads (default: available cores).
     #[arg(long)]
     workers: Option<NonZeroUsize>,
@@ -49,8 +53,10 @@ pub(crate) struct ServeArgs {
 }
 
 pub(crate) fn run(args: ServeArgs) -> Result<(), String> {
-    if args.listen.is_empty() && args.unix.is_empty() {
-        return Err("nothing to listen on: pass --listen ADDR and/or --unix PATH".into());
+    if args.listen.is_empty() && args.unix.is_empty() && !args.stdio {
+        return Err(
+            "nothing to listen on: pass --listen ADDR and/or --unix PATH, or --stdio".into(),
+        );
     }
     if args.tls_cert.is_none() && !args.insecure_plaintext {
         if let Some(a) = args.listen.iter().find(|a| !a.ip().is_loopback()) {
@@ -96,6 +102,19 @@ pub(crate) fn run(args: ServeArgs) -> Result<(), String> {
         builder = builder.policy(policy);
     }
     let server = builder.build().map_err(|e| e.to_string())?;
+    if args.stdio {
+        let handle = server.shutdown_handle();
+        return super::block_on_local(async move {
+            tokio::task::spawn_local(async move {
+                wait_for_signal().await;
+                handle.shutdown();
+            });
+            server
+                .serve_stream(tokio::io::stdin(), tokio::io::stdout(), "stdio")
+                .await;
+            Ok(())
+        })?;
+    }
     {
         let mut out = std::io::stdout().lock();
         for a in server.local_addrs() {

@@ -119,11 +119,6 @@ impl ServerBuilder {
         let factory = self.factory.ok_or_else(|| {
             Error::Config("no bootstrap factory: call bootstrap_factory(..)".into())
         })?;
-        if self.tcp.is_empty() && self.unix.is_empty() {
-            return Err(Error::Config(
-                "no listener: call listen(..) or listen_unix(..)".into(),
-            ));
-        }
         if self.limits.max_message_bytes < 64 || self.limits.max_segments == 0 {
             return Err(Error::Config(format!(
                 "max_message_bytes ({}) must be at least 64 and max_segments ({}) at least 1",

@@ -114,7 +114,7 @@ where
     .await;
 }
 
-async fn run<R, W>(
+pub(super) async fn run<R, W>(
     reader: R,
     writer: W,
     peer: PeerInfo,

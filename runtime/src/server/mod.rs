@@ -189,6 +189,28 @@ impl Server {
         self.shared.open_connections.load(Ordering::Relaxed)
     }
 
+    /// Serves one connection over a pair of streams (a child's stdin/stdout, a pipe) on the
+    /// current thread, which must run a `tokio::task::LocalSet`, with the same policy,
+    /// limits and bootstrap factory as the listeners. Returns when the connection ends (the
+    /// peer closed its side, or [`ShutdownHandle::shutdown`] was called).
+    pub async fn serve_stream<R, W>(&self, reader: R, writer: W, label: &str)
+    where
+        R: tokio::io::AsyncRead + Unpin + 'static,
+        W: tokio::io::AsyncWrite + Unpin + 'static,
+    {
+        let peer = self.shared.peer(PeerAddr::Stream(label.to_string()));
+        self.shared.open_connections.fetch_add(1, Ordering::Relaxed);
+        connection::run(
+            reader,
+            writer,
+            peer,
+            self.shared.clone(),
+            self.shutdown.subscribe(),
+        )
+        .await;
+        self.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
+    }
+
     /// Serves until [`ShutdownHandle::shutdown`] is called, then shuts down gracefully and
     /// returns once every worker has finished.
     pub async fn serve(self) -> Result<(), Error> {
@@ -198,6 +220,11 @@ impl Server {
             workers,
             shutdown,
         } = self;
+        if listeners.is_empty() {
+            return Err(Error::Config(
+                "no listener: call listen(..) or listen_unix(..) (or use serve_stream)".into(),
+            ));
+        }
         let workers: Vec<Worker> = (0..workers)
             .map(|i| Worker::spawn(i, shared.clone(), shutdown.subscribe()))
             .collect::<Result<_, _>>()?;
