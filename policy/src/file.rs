@@ -21,6 +21,7 @@ const QUOTA_KEYS: &[&str] = &[
     "calls_per_second",
     "burst",
     "max_connections",
+    "max_class_connections",
     "idle_timeout",
 ];
 const CLIENT_KEYS: &[&str] = &["name", "match", "allow"];
@@ -381,6 +382,9 @@ fn apply_quota(d: &mut Diags<'_>, q: &mut Quotas, key: &str, v: &Value<'_>) {
         "max_open_answers" => q.max_open_answers = count(d).unwrap_or(q.max_open_answers),
         "max_exports" => q.max_exports = count(d).unwrap_or(q.max_exports),
         "max_connections" => q.max_connections = count(d).unwrap_or(q.max_connections),
+        "max_class_connections" => {
+            q.max_class_connections = count(d).unwrap_or(q.max_class_connections)
+        }
         "calls_per_second" | "burst" => {
             if let Some(n) = count(d) {
                 match NonZeroU32::new(n) {

@@ -24,6 +24,8 @@ pub struct Quotas {
     pub burst: NonZeroU32,
     /// Connections per client. Default 64.
     pub max_connections: u32,
+    /// Connections of all clients of the class together. Default 4096.
+    pub max_class_connections: u32,
     /// Idle connections are closed after this long. Default 5 min.
     pub idle_timeout: Duration,
 }
@@ -39,6 +41,7 @@ impl Default for Quotas {
             calls_per_second: NonZeroU32::new(2000).unwrap_or(NonZeroU32::MIN),
             burst: NonZeroU32::new(200).unwrap_or(NonZeroU32::MIN),
             max_connections: 64,
+            max_class_connections: 4096,
             idle_timeout: Duration::from_secs(300),
         }
     }

@@ -85,6 +85,21 @@ struct ClientState {
 #[derive(Default)]
 pub struct ClientRegistry {
     clients: DashMap<(String, ClientKey), ClientState>,
+    classes: DashMap<String, usize>,
+}
+
+/// A connection's place in its class's count; given back when dropped.
+pub struct ClassSlot {
+    registry: Arc<ClientRegistry>,
+    class: String,
+}
+
+impl Drop for ClassSlot {
+    fn drop(&mut self) {
+        if let Some(mut n) = self.registry.classes.get_mut(&self.class) {
+            *n = n.saturating_sub(1);
+        }
+    }
 }
 
 /// A connection's slot in its client's count; gives it back when dropped.
@@ -125,6 +140,21 @@ impl ClientRegistry {
             },
             rate,
         ))
+    }
+
+    /// Registers one more connection of the class, unless it already has `max`. The error is
+    /// the current count.
+    pub fn connect_class(self: &Arc<Self>, class: &str, max: u32) -> Result<ClassSlot, usize> {
+        let mut n = self.classes.entry(class.to_string()).or_insert(0);
+        if *n >= max as usize {
+            return Err(*n);
+        }
+        *n += 1;
+        drop(n);
+        Ok(ClassSlot {
+            registry: self.clone(),
+            class: class.to_string(),
+        })
     }
 
     /// The client's rate budget under (possibly new) quotas: replaced if they changed.

@@ -23,7 +23,7 @@ pub use capgate_policy::{
 };
 pub use capgate_schema::{Catalog, MethodRef};
 pub use client::{Client, ClientBuilder};
-pub use clients::{CallRate, ClientKey, ClientRegistry, ConnectionSlot};
+pub use clients::{CallRate, ClassSlot, ClientKey, ClientRegistry, ConnectionSlot};
 pub use error::Error;
 pub use framing::{
     encode_frame, encode_header, frame_len, Frame, FrameDecoder, FrameError, FrameLimits,

@@ -43,6 +43,9 @@ pub struct Limits {
     /// On graceful shutdown, how long in-flight calls may run before connections are closed
     /// anyway. Default 10 s.
     pub shutdown_timeout: Duration,
+    /// Connections open at once across the server; the next is refused with the reason.
+    /// Default 10,000. Per-client and per-class limits are in the policy's quotas.
+    pub max_connections: usize,
     /// Time a TLS client has to complete its handshake. Default 10 s. Stops clients that
     /// open TCP connections and never finish the handshake from holding them.
     pub tls_handshake_timeout: Duration,
@@ -66,6 +69,7 @@ impl Default for Limits {
             shutdown_timeout: Duration::from_secs(10),
             linger_timeout: Duration::from_secs(1),
             tls_handshake_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
         }
     }
 }

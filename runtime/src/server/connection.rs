@@ -126,6 +126,17 @@ pub(super) async fn run<R, W>(
 {
     let span = tracing::info_span!("conn", id = peer.connection_id, peer = %peer.addr, class = tracing::field::Empty);
     async move {
+        let open = shared.open_connections.load(std::sync::atomic::Ordering::Relaxed);
+        if open > shared.limits.max_connections {
+            let reason = format!(
+                "capgate: connection refused: the server has {} connections open \
+                 (max_connections = {}); retry later",
+                open - 1,
+                shared.limits.max_connections
+            );
+            refuse(reader, writer, reason, &shared.limits).await;
+            return;
+        }
         let mut policy_rx = shared.policy.subscribe();
         let policy = policy_rx.borrow_and_update().clone();
         let peer_view = view(&peer);
@@ -142,6 +153,19 @@ pub(super) async fn run<R, W>(
         tracing::Span::current().record("class", class.name());
         let key = ClientKey::of(&peer);
         let q = class.quotas();
+        let _class_slot = match shared.clients.connect_class(class.name(), q.max_class_connections) {
+            Ok(s) => s,
+            Err(n) => {
+                let reason = format!(
+                    "capgate: connection refused: client class \"{}\" already has {n} \
+                     connections (max_class_connections = {})",
+                    class.name(),
+                    q.max_class_connections
+                );
+                refuse(reader, writer, reason, &shared.limits).await;
+                return;
+            }
+        };
         let (_slot, rate) = match shared.clients.connect(
             class.name(),
             key.clone(),
