@@ -20,8 +20,15 @@ fn accept_loop_survives_emfile_and_serves_again() {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr: std::net::SocketAddr = line.trim().strip_prefix("listening on tcp://").unwrap().parse().unwrap();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr: std::net::SocketAddr = line
+        .trim()
+        .strip_prefix("listening on tcp://")
+        .unwrap()
+        .parse()
+        .unwrap();
     let limited = Command::new("prlimit")
         .arg(format!("--pid={}", child.id()))
         .arg("--nofile=48:48")
@@ -30,9 +37,14 @@ fn accept_loop_survives_emfile_and_serves_again() {
     assert!(limited.success(), "prlimit failed");
 
     // Far more connections than the child has descriptors for.
-    let held: Vec<_> = (0..120).filter_map(|_| std::net::TcpStream::connect(addr).ok()).collect();
+    let held: Vec<_> = (0..120)
+        .filter_map(|_| std::net::TcpStream::connect(addr).ok())
+        .collect();
     std::thread::sleep(Duration::from_millis(500));
-    assert!(child.try_wait().unwrap().is_none(), "the server is still running");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the server is still running"
+    );
     let mut stderr = child.stderr.take().unwrap();
     drop(held);
 
@@ -40,23 +52,36 @@ fn accept_loop_survives_emfile_and_serves_again() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let served = local(async {
-            let Ok(c) = capgate::Client::connect(addr).await else { return false };
+            let Ok(c) = capgate::Client::connect(addr).await else {
+                return false;
+            };
             let s: store::Client = c.bootstrap();
-            tokio::time::timeout(Duration::from_secs(2), s.namespaces_request().send().promise)
-                .await
-                .is_ok_and(|r| r.is_ok())
+            tokio::time::timeout(
+                Duration::from_secs(2),
+                s.namespaces_request().send().promise,
+            )
+            .await
+            .is_ok_and(|r| r.is_ok())
         });
         if served {
             break;
         }
-        assert!(Instant::now() < deadline, "not served again after descriptors were freed");
+        assert!(
+            Instant::now() < deadline,
+            "not served again after descriptors were freed"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
     let status = child.wait().unwrap();
     let mut log = String::new();
     std::io::Read::read_to_string(&mut stderr, &mut log).unwrap();
-    assert!(log.contains("accept failed; retrying"), "EMFILE was hit and logged: {log}");
+    assert!(
+        log.contains("accept failed; retrying"),
+        "EMFILE was hit and logged: {log}"
+    );
     assert!(log.contains("Too many open files"), "{log}");
     assert!(status.success(), "{status}");
 }
