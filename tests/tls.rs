@@ -236,3 +236,65 @@ fn plaintext_to_a_tls_port_gets_a_clean_close() {
     assert!(buf.is_empty() || buf[0] == 21, "{buf:?}");
     server.stop().unwrap();
 }
+
+#[test]
+fn the_bootstrap_factory_sees_the_certificate_identity() {
+    use std::sync::{Arc, Mutex};
+    let certs = Certs::new();
+    let seen: Arc<Mutex<Vec<capgate::PeerInfo>>> = Arc::default();
+    let record = seen.clone();
+    let data = capgate::demo::Store::new();
+    let config = capgate::tls::server_config(
+        &certs.path("server.pem"),
+        &certs.path("server.key"),
+        Some(&certs.path("ca.pem")),
+        true,
+    )
+    .unwrap();
+    let server = capgate::Server::builder()
+        .listen("127.0.0.1:0".parse().unwrap())
+        .tls(config)
+        .policy(policy())
+        .bootstrap_factory(move |peer: &capgate::PeerInfo| {
+            record.lock().unwrap().push(peer.clone());
+            data.client()
+        })
+        .build()
+        .unwrap();
+    let capgate::ListenAddr::Tcp(addr) = server.local_addrs()[0].clone() else {
+        unreachable!()
+    };
+    let stop = server.shutdown_handle();
+    let t = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(server.serve())
+    });
+    local(async {
+        let c = tls_client(&certs, addr, Some("reader")).await.unwrap();
+        let s: store::Client = c.bootstrap();
+        // The reader class may not list namespaces; the call only has to reach the server.
+        let e = s
+            .namespaces_request()
+            .send()
+            .promise
+            .await
+            .err()
+            .expect("denied");
+        assert!(e.extra.contains("permission denied"), "{e}");
+    });
+    stop.shutdown();
+    t.join().unwrap().unwrap();
+    let seen = seen.lock().unwrap();
+    let id = seen[0]
+        .tls
+        .as_ref()
+        .expect("a verified certificate identity");
+    assert_eq!(id.common_names, ["reader"]);
+    assert_eq!(id.subject_alt_names, ["reader.example"]);
+    assert_eq!(id.spki_sha256.len(), 64);
+    let shown = seen[0].to_string();
+    assert!(shown.ends_with("(cn=reader)"), "{shown}");
+}
