@@ -24,6 +24,10 @@ use capgate_policy::ClientClass;
 use capgate_schema::{Catalog, MethodRef};
 use capnp::message::{Builder, HeapAllocator};
 use capnp_rpc::rpc_capnp::{call, cap_descriptor, exception, message, message_target};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+
+use crate::Metrics;
 
 /// Decides whether a call may go ahead under the client's shared rate limit.
 pub trait RateLimit: Send + Sync {
@@ -97,30 +101,49 @@ pub struct DenialCounts {
     pub send_results_to: u64,
 }
 
-/// Denials by reason across all connections of one client class (shared, lock-free).
+/// Denials by reason across all connections of one client class (shared, lock-free; they
+/// are also the server's `capgate_denials_total` metric).
 #[derive(Debug, Default)]
 pub struct DenialCounters {
-    permission: std::sync::atomic::AtomicU64,
-    rate: std::sync::atomic::AtomicU64,
-    inflight_calls: std::sync::atomic::AtomicU64,
-    inflight_bytes: std::sync::atomic::AtomicU64,
-    open_answers: std::sync::atomic::AtomicU64,
-    send_results_to: std::sync::atomic::AtomicU64,
+    permission: Counter,
+    rate: Counter,
+    inflight_calls: Counter,
+    inflight_bytes: Counter,
+    open_answers: Counter,
+    send_results_to: Counter,
 }
 
 impl DenialCounters {
-    /// The counts so far.
-    pub fn snapshot(&self) -> DenialCounts {
-        use std::sync::atomic::Ordering::Relaxed;
-        DenialCounts {
-            permission: self.permission.load(Relaxed),
-            rate: self.rate.load(Relaxed),
-            inflight_calls: self.inflight_calls.load(Relaxed),
-            inflight_bytes: self.inflight_bytes.load(Relaxed),
-            open_answers: self.open_answers.load(Relaxed),
-            send_results_to: self.send_results_to.load(Relaxed),
+    /// The counters of `class` in `metrics`.
+    pub fn new(metrics: &Metrics, class: &str) -> Self {
+        Self {
+            permission: metrics.denials(class, "permission"),
+            rate: metrics.denials(class, "rate"),
+            inflight_calls: metrics.denials(class, "inflight_calls"),
+            inflight_bytes: metrics.denials(class, "inflight_bytes"),
+            open_answers: metrics.denials(class, "open_answers"),
+            send_results_to: metrics.denials(class, "send_results_to"),
         }
     }
+
+    /// The counts so far.
+    pub fn snapshot(&self) -> DenialCounts {
+        DenialCounts {
+            permission: self.permission.get(),
+            rate: self.rate.get(),
+            inflight_calls: self.inflight_calls.get(),
+            inflight_bytes: self.inflight_bytes.get(),
+            open_answers: self.open_answers.get(),
+            send_results_to: self.send_results_to.get(),
+        }
+    }
+}
+
+/// What a connection's guard reports to the server's metrics.
+struct Observer {
+    metrics: Arc<Metrics>,
+    calls: HashMap<MethodRef, Counter>,
+    inflight: Gauge,
 }
 
 /// Per-connection, sans-IO message guard.
@@ -142,6 +165,7 @@ pub struct Guard {
     returned_caps: HashMap<u32, Vec<u32>>,
     /// The class-wide counters this connection's denials are added to.
     shared_denials: Option<Arc<DenialCounters>>,
+    observer: Option<Observer>,
 }
 
 impl Guard {
@@ -161,6 +185,35 @@ impl Guard {
             exports: HashMap::new(),
             returned_caps: HashMap::new(),
             shared_denials: None,
+            observer: None,
+        }
+    }
+
+    /// Reports calls (by class and method) and in-flight calls to `metrics` from now on.
+    pub fn observe(&mut self, metrics: Arc<Metrics>) {
+        let inflight = metrics.inflight_calls.clone();
+        inflight.inc_by(i64::from(self.running));
+        if let Some(old) = self.observer.take() {
+            old.inflight.dec_by(i64::from(self.running));
+        }
+        self.observer = Some(Observer {
+            metrics,
+            calls: HashMap::new(),
+            inflight,
+        });
+    }
+
+    fn started(&mut self) {
+        self.running += 1;
+        if let Some(o) = &self.observer {
+            o.inflight.inc();
+        }
+    }
+
+    fn ended(&mut self) {
+        self.running -= 1;
+        if let Some(o) = &self.observer {
+            o.inflight.dec();
         }
     }
 
@@ -189,6 +242,10 @@ impl Guard {
     pub fn set_class(&mut self, class: Arc<ClientClass>, rate: Arc<dyn RateLimit>) {
         self.class = class;
         self.rate = rate;
+        if let Some(o) = &mut self.observer {
+            // Call counters are labelled by class.
+            o.calls.clear();
+        }
     }
 
     /// The class this connection is held to.
@@ -206,7 +263,7 @@ impl Guard {
                     return v;
                 }
                 self.answers.insert(q, Answer::Running);
-                self.running += 1;
+                self.started();
                 Verdict::Deliver
             }
             Ok(message::Release(Ok(r))) => {
@@ -228,7 +285,7 @@ impl Guard {
                         Verdict::Reply(Vec::new())
                     }
                     Some(Answer::Running) => {
-                        self.running -= 1;
+                        self.ended();
                         self.answers.insert(q, Answer::Cancelled);
                         Verdict::Deliver
                     }
@@ -371,7 +428,14 @@ impl Guard {
             return self.deny(q, c, Rc::new(d));
         }
         self.answers.insert(q, Answer::Running);
-        self.running += 1;
+        self.started();
+        if let Some(o) = &mut self.observer {
+            let (metrics, class, catalog) = (&o.metrics, self.class.name(), self.catalog);
+            o.calls
+                .entry(m)
+                .or_insert_with(|| metrics.calls(class, catalog.name_of(m)))
+                .inc();
+        }
         Verdict::Deliver
     }
 
@@ -418,7 +482,7 @@ impl Guard {
                 let done = ret.get_no_finish_needed();
                 match self.answers.get(&q) {
                     Some(Answer::Running) => {
-                        self.running -= 1;
+                        self.ended();
                         if done {
                             self.answers.remove(&q);
                         } else {
@@ -534,7 +598,6 @@ enum Reason {
 
 /// Counts one denial here and in the class-wide counters.
 fn count(local: &mut DenialCounts, shared: &Option<Arc<DenialCounters>>, reason: Reason) {
-    use std::sync::atomic::Ordering::Relaxed;
     let (l, s) = match reason {
         Reason::Permission => (
             &mut local.permission,
@@ -560,7 +623,7 @@ fn count(local: &mut DenialCounts, shared: &Option<Arc<DenialCounters>>, reason:
     };
     *l += 1;
     if let Some(s) = s {
-        s.fetch_add(1, Relaxed);
+        s.inc();
     }
 }
 

@@ -12,6 +12,7 @@ mod framing;
 mod guard;
 mod latency;
 mod limits;
+mod metrics;
 mod network;
 mod peer;
 mod server;
@@ -31,6 +32,7 @@ pub use framing::{
 pub use guard::{DenialCounters, DenialCounts, Guard, RateLimit, Unlimited, Verdict};
 pub use latency::LatencyProxy;
 pub use limits::Limits;
+pub use metrics::Metrics;
 pub use network::{new_network, ConnectionControl, ConnectionStats, GuardedNetwork};
 pub use peer::{PeerAddr, PeerInfo};
 pub use server::{

@@ -42,6 +42,9 @@ pub(crate) struct ServeArgs {
     /// Refuse TLS clients without a valid certificate from --client-ca.
     #[arg(long, requires = "client_ca")]
     require_client_cert: bool,
+    /// Serve Prometheus metrics over HTTP on this address, e.g. 127.0.0.1:9100.
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
     /// Allow plaintext TCP listeners on non-loopback addresses.
     #[arg(long)]
     insecure_plaintext: bool,
@@ -84,6 +87,9 @@ pub(crate) fn run(args: ServeArgs) -> Result<(), String> {
     if let Some(n) = args.workers {
         builder = builder.workers(n);
     }
+    if let Some(m) = args.metrics {
+        builder = builder.metrics(m);
+    }
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         let config = capgate::tls::server_config(
             cert,
@@ -119,6 +125,9 @@ pub(crate) fn run(args: ServeArgs) -> Result<(), String> {
         let mut out = std::io::stdout().lock();
         for a in server.local_addrs() {
             let _ = writeln!(out, "listening on {a}");
+        }
+        if let Some(m) = server.metrics_addr() {
+            tracing::info!("metrics on http://{m}/metrics");
         }
         let _ = out.flush();
     }

@@ -21,6 +21,7 @@ pub struct TestServer {
     shutdown: ShutdownHandle,
     policy: capgate::PolicyHandle,
     stats: capgate::ServerStats,
+    metrics_addr: Option<std::net::SocketAddr>,
     thread: Option<std::thread::JoinHandle<Result<(), capgate::Error>>>,
 }
 
@@ -73,6 +74,7 @@ impl TestServer {
         let shutdown = server.shutdown_handle();
         let policy = server.policy_handle();
         let stats = server.stats();
+        let metrics_addr = server.metrics_addr();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -87,6 +89,7 @@ impl TestServer {
             shutdown,
             policy,
             stats,
+            metrics_addr,
             thread: Some(thread),
         }
     }
@@ -124,6 +127,10 @@ impl TestServer {
 
     pub fn stats(&self) -> capgate::ServerStats {
         self.stats.clone()
+    }
+
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics_addr
     }
 
     /// Stops the server and waits (bounded) for it to finish.

@@ -26,6 +26,8 @@ pub(crate) struct ConnShared {
     peer_abort: RefCell<Option<capnp::Error>>,
     /// Bytes of incoming messages capnp-rpc still holds.
     held_bytes: Rc<Cell<usize>>,
+    /// The server's metrics, when this connection reports to them.
+    metrics: RefCell<Option<std::sync::Arc<crate::Metrics>>>,
 }
 
 /// Traffic counters of one connection.
@@ -81,6 +83,22 @@ impl ConnShared {
 
     pub(super) fn note_received(&self, bytes: usize) {
         self.stats.borrow_mut().bytes_in += bytes as u64;
+        if let Some(m) = &*self.metrics.borrow() {
+            m.bytes_in.inc_by(bytes as u64);
+        }
+    }
+
+    /// A framing violation (limit or deadline) is about to close the connection.
+    pub(super) fn note_frame_abort(&self) {
+        if let Some(m) = &*self.metrics.borrow() {
+            m.frame_aborts.inc();
+        }
+    }
+
+    fn held(&self, delta: i64) {
+        if let Some(m) = &*self.metrics.borrow() {
+            m.inflight_bytes.inc_by(delta);
+        }
     }
 
     pub(super) fn note_sent(&self, frames: u64, bytes: usize) {
@@ -88,6 +106,10 @@ impl ConnShared {
         s.frames_out += frames;
         s.bytes_out += bytes as u64;
         s.writes += 1;
+        drop(s);
+        if let Some(m) = &*self.metrics.borrow() {
+            m.bytes_out.inc_by(bytes as u64);
+        }
     }
 
     fn reader_options(&self, frame: &Frame) -> ReaderOptions {
@@ -103,13 +125,15 @@ impl ConnShared {
 /// `max_inflight_bytes`) until capnp-rpc drops it, which is exact also for cancelled calls.
 struct Incoming {
     message: capnp::message::Reader<Frame>,
-    held: Rc<Cell<usize>>,
+    shared: Rc<ConnShared>,
     bytes: usize,
 }
 
 impl Drop for Incoming {
     fn drop(&mut self) {
-        self.held.set(self.held.get().saturating_sub(self.bytes));
+        let held = &self.shared.held_bytes;
+        held.set(held.get().saturating_sub(self.bytes));
+        self.shared.held(-(self.bytes as i64));
     }
 }
 
@@ -225,16 +249,17 @@ impl<R: AsyncRead + Unpin + 'static> capnp_rpc::Connection<Side> for GuardedConn
 /// Passes a message through the guard: `Some` to hand it to capnp-rpc, `None` when the guard
 /// answered it itself.
 fn deliver(
-    shared: &ConnShared,
+    shared: &Rc<ConnShared>,
     message: capnp::message::Reader<Frame>,
 ) -> Result<Option<Box<dyn capnp_rpc::IncomingMessage>>, capnp::Error> {
     use capnp_rpc::rpc_capnp::{exception, message};
     let bytes = message.get_segments().wire_bytes();
     let incoming = |message| {
         shared.held_bytes.set(shared.held_bytes.get() + bytes);
+        shared.held(bytes as i64);
         Box::new(Incoming {
             message,
-            held: shared.held_bytes.clone(),
+            shared: shared.clone(),
             bytes,
         }) as Box<dyn capnp_rpc::IncomingMessage>
     };
@@ -378,6 +403,12 @@ impl ConnectionControl {
         *self.shared.stats.borrow()
     }
 
+    /// Reports this connection's traffic, calls and in-flight work to `metrics` from now on.
+    pub fn observe(&self, metrics: std::sync::Arc<crate::Metrics>) {
+        self.shared.guard.borrow_mut().observe(metrics.clone());
+        *self.shared.metrics.borrow_mut() = Some(metrics);
+    }
+
     /// Counts this connection's denials into a class-wide registry from now on.
     pub fn count_denials_into(&self, counters: std::sync::Arc<crate::DenialCounters>) {
         self.shared.guard.borrow_mut().count_denials_into(counters);
@@ -430,6 +461,7 @@ where
         stats: RefCell::new(ConnectionStats::default()),
         peer_abort: RefCell::new(None),
         held_bytes: Rc::new(Cell::new(0)),
+        metrics: RefCell::new(None),
         limits,
     });
     let decoder = FrameDecoder::new(shared.limits.frame_limits());

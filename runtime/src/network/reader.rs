@@ -56,7 +56,10 @@ impl<R: AsyncRead + Unpin> ReadState<R> {
                 let (n, frame) = self
                     .decoder
                     .feed(&self.buf[self.pos..self.end])
-                    .map_err(|e| capnp::Error::failed(format!("capgate: {e}")))?;
+                    .map_err(|e| {
+                        shared.note_frame_abort();
+                        capnp::Error::failed(format!("capgate: {e}"))
+                    })?;
                 self.pos += n;
                 if let Some(frame) = frame {
                     self.frame_started = None;
@@ -160,6 +163,7 @@ impl<R: AsyncRead + Unpin> ReadState<R> {
         let now = Instant::now();
         match self.frame_started {
             Some(t) if now >= t + limits.frame_timeout => {
+                shared.note_frame_abort();
                 return Err(capnp::Error::failed(format!(
                     "capgate: frame not completed within {} (frame_timeout); \
                      {} of it had arrived",

@@ -41,6 +41,7 @@ pub struct ServerBuilder {
     factory: Option<Arc<dyn BootstrapFactory>>,
     policy: Option<Policy>,
     tls: Option<Arc<rustls::ServerConfig>>,
+    metrics: Option<SocketAddr>,
 }
 
 impl ServerBuilder {
@@ -53,6 +54,7 @@ impl ServerBuilder {
             factory: None,
             policy: None,
             tls: None,
+            metrics: None,
         }
     }
 
@@ -88,6 +90,12 @@ impl ServerBuilder {
     /// factory ([`PeerInfo::tls`]). Unix listeners stay plaintext.
     pub fn tls(mut self, config: Arc<rustls::ServerConfig>) -> Self {
         self.tls = Some(config);
+        self
+    }
+
+    /// Serves the metrics in the Prometheus text format over HTTP on this address.
+    pub fn metrics(mut self, addr: SocketAddr) -> Self {
+        self.metrics = Some(addr);
         self
     }
 
@@ -159,8 +167,22 @@ impl ServerBuilder {
                     .with_quotas(quotas)])
             }
         };
+        let metrics_listener = match self.metrics {
+            Some(addr) => {
+                let l = std::net::TcpListener::bind(addr)
+                    .map_err(|e| Error::io(format!("binding the metrics endpoint {addr}"), e))?;
+                l.set_nonblocking(true)
+                    .map_err(|e| Error::io("configuring a listener", e))?;
+                let local = l
+                    .local_addr()
+                    .map_err(|e| Error::io("reading a listener's address", e))?;
+                Some((l, local))
+            }
+            None => None,
+        };
         Ok(Server {
             listeners,
+            metrics_listener,
             shared: Arc::new(ServerShared {
                 limits: self.limits,
                 factory,
@@ -170,6 +192,7 @@ impl ServerBuilder {
                 clients: Arc::default(),
                 denials: Default::default(),
                 tls: self.tls.map(tokio_rustls::TlsAcceptor::from),
+                metrics: Arc::default(),
             }),
             workers,
             shutdown: ShutdownHandle::new(),

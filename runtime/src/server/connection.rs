@@ -33,9 +33,11 @@ pub(super) async fn serve(
                         Ok(Ok(tls)) => tls,
                         Ok(Err(e)) => {
                             tracing::info!(peer = %peer.addr, cause = %e, "TLS handshake failed");
+                            shared.metrics.handshake_failures.inc();
                             return;
                         }
                         Err(_) => {
+                            shared.metrics.handshake_failures.inc();
                             tracing::info!(peer = %peer.addr, ?timeout, "TLS handshake not completed in time (tls_handshake_timeout)");
                             return;
                         }
@@ -59,6 +61,15 @@ pub(super) async fn serve(
             }
             Err(e) => tracing::warn!(cause = %e, "cannot register a connection"),
         },
+    }
+}
+
+/// Gives a gauge back when the connection ends (panics included).
+struct GaugeSlot(prometheus_client::metrics::gauge::Gauge);
+
+impl Drop for GaugeSlot {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -199,7 +210,11 @@ pub(super) async fn run<R, W>(
         limits.idle_timeout = q.idle_timeout;
         let mut guard = Guard::new(class.clone(), rate);
         guard.count_denials_into(shared.denial_counters(class.name()));
+        let class_gauge = shared.metrics.connections(class.name());
+        class_gauge.inc();
+        let _class_gauge = GaugeSlot(class_gauge);
         let (network, control) = new_network(reader, writer, Side::Server, limits.clone(), guard);
+        control.observe(shared.metrics.clone());
         let mut rpc = std::pin::pin!(RpcSystem::new(Box::new(network), Some(bootstrap)));
         tracing::debug!("connection open");
         let result = loop {

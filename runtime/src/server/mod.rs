@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::{ClientRegistry, DenialCounters, DenialCounts, Error, Policy};
+use crate::{ClientRegistry, DenialCounters, DenialCounts, Error, Metrics, Policy};
 
 use crate::{Limits, PeerAddr, PeerInfo};
 use worker::{Accepted, Worker};
@@ -24,6 +24,7 @@ use worker::{Accepted, Worker};
 /// A bound, ready-to-run capgate server. Made by [`Server::builder`].
 pub struct Server {
     listeners: Vec<Listener>,
+    metrics_listener: Option<(std::net::TcpListener, SocketAddr)>,
     shared: Arc<ServerShared>,
     workers: usize,
     shutdown: ShutdownHandle,
@@ -38,6 +39,7 @@ pub(crate) struct ServerShared {
     pub(crate) clients: Arc<ClientRegistry>,
     pub(crate) denials: dashmap::DashMap<String, Arc<DenialCounters>>,
     pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 /// Live counters of a server, readable from any thread.
@@ -52,6 +54,11 @@ impl ServerStats {
         self.shared.open_connections.load(Ordering::Relaxed)
     }
 
+    /// All metrics in the Prometheus text format.
+    pub fn metrics_text(&self) -> String {
+        self.shared.metrics.encode()
+    }
+
     /// Denials so far for a client class, by reason (all its connections, past and present).
     pub fn denials(&self, class: &str) -> DenialCounts {
         self.shared
@@ -64,7 +71,10 @@ impl ServerStats {
 
 impl ServerShared {
     pub(crate) fn denial_counters(&self, class: &str) -> Arc<DenialCounters> {
-        self.denials.entry(class.to_string()).or_default().clone()
+        self.denials
+            .entry(class.to_string())
+            .or_insert_with(|| Arc::new(DenialCounters::new(&self.metrics, class)))
+            .clone()
     }
 }
 
@@ -179,6 +189,11 @@ impl Server {
         self.shared.policy.clone()
     }
 
+    /// Where the Prometheus metrics endpoint listens, if configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener.as_ref().map(|(_, a)| *a)
+    }
+
     /// A handle that stops the server gracefully.
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         self.shutdown.clone()
@@ -216,6 +231,7 @@ impl Server {
     pub async fn serve(self) -> Result<(), Error> {
         let Server {
             listeners,
+            metrics_listener,
             shared,
             workers,
             shutdown,
@@ -253,7 +269,18 @@ impl Server {
                 }
             }
         }
-        futures::future::join_all(acceptors).await;
+        let metrics = async {
+            if let Some((l, _)) = metrics_listener {
+                match tokio::net::TcpListener::from_std(l) {
+                    Ok(l) => {
+                        crate::metrics::serve_http(l, shared.metrics.clone(), shutdown.subscribe())
+                            .await
+                    }
+                    Err(e) => tracing::warn!(cause = %e, "cannot serve metrics"),
+                }
+            }
+        };
+        futures::future::join(futures::future::join_all(acceptors), metrics).await;
         for p in unix_paths {
             let _ = std::fs::remove_file(p);
         }

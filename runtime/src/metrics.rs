@@ -1,0 +1,181 @@
+//! Server metrics in the Prometheus text format (prometheus-client): connections by class,
+//! calls by class and method, denials by class and reason, in-flight calls and bytes, bytes
+//! in and out, frame-limit aborts, TLS handshake failures.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassLabel {
+    class: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    class: String,
+    method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DenialLabels {
+    class: String,
+    reason: String,
+}
+
+/// The metric families of one server.
+pub struct Metrics {
+    registry: Registry,
+    connections: Family<ClassLabel, Gauge>,
+    calls: Family<CallLabels, Counter>,
+    denials: Family<DenialLabels, Counter>,
+    pub(crate) inflight_calls: Gauge,
+    pub(crate) inflight_bytes: Gauge,
+    pub(crate) bytes_in: Counter,
+    pub(crate) bytes_out: Counter,
+    pub(crate) frame_aborts: Counter,
+    pub(crate) handshake_failures: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("capgate");
+        let m = Metrics {
+            connections: Family::default(),
+            calls: Family::default(),
+            denials: Family::default(),
+            inflight_calls: Gauge::default(),
+            inflight_bytes: Gauge::default(),
+            bytes_in: Counter::default(),
+            bytes_out: Counter::default(),
+            frame_aborts: Counter::default(),
+            handshake_failures: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "connections",
+            "Open connections by client class",
+            m.connections.clone(),
+        );
+        registry.register(
+            "calls",
+            "Calls delivered to the server, by client class and method",
+            m.calls.clone(),
+        );
+        registry.register(
+            "denials",
+            "Calls denied by the guard, by client class and reason",
+            m.denials.clone(),
+        );
+        registry.register(
+            "inflight_calls",
+            "Calls delivered and neither returned nor finished",
+            m.inflight_calls.clone(),
+        );
+        registry.register(
+            "inflight_bytes",
+            "Bytes of incoming messages still held by the server",
+            m.inflight_bytes.clone(),
+        );
+        registry.register(
+            "received_bytes",
+            "Bytes read from peers",
+            m.bytes_in.clone(),
+        );
+        registry.register("sent_bytes", "Bytes written to peers", m.bytes_out.clone());
+        registry.register(
+            "frame_aborts",
+            "Connections closed for a framing violation (limits, deadlines)",
+            m.frame_aborts.clone(),
+        );
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed or timed out",
+            m.handshake_failures.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+}
+
+impl Metrics {
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// The open-connections gauge of a class.
+    pub(crate) fn connections(&self, class: &str) -> Gauge {
+        self.connections.get_or_create_owned(&ClassLabel {
+            class: class.to_string(),
+        })
+    }
+
+    /// The calls counter of a class and method.
+    pub(crate) fn calls(&self, class: &str, method: String) -> Counter {
+        self.calls.get_or_create_owned(&CallLabels {
+            class: class.to_string(),
+            method,
+        })
+    }
+
+    /// The denials counter of a class and reason.
+    pub(crate) fn denials(&self, class: &str, reason: &str) -> Counter {
+        self.denials.get_or_create_owned(&DenialLabels {
+            class: class.to_string(),
+            reason: reason.to_string(),
+        })
+    }
+}
+
+/// Serves `GET /metrics` (any path, really) on `listener` until the server stops.
+pub(crate) async fn serve_http(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            r = listener.accept() => r,
+        };
+        let Ok((mut s, _)) = accepted else {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            // Read the request head (bounded), answer with the exposition, close.
+            let mut buf = [0u8; 2048];
+            let mut n = 0;
+            let read = async {
+                while n < buf.len() {
+                    match s.read(&mut buf[n..]).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => {
+                            n += k;
+                            if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                                break;
+                            }
+                        }
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), read).await;
+            let body = metrics.encode();
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = s.write_all(head.as_bytes()).await;
+            let _ = s.write_all(body.as_bytes()).await;
+            let _ = s.shutdown().await;
+        });
+    }
+}
