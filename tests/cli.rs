@@ -157,3 +157,54 @@ fn serve_reloads_a_changed_policy_file_and_keeps_the_old_one_when_broken() {
     assert!(status.success(), "serve exits 0 on SIGTERM: {status}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn sigterm_during_a_long_poll_fails_it_clearly_and_exits_zero() {
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--shutdown-timeout",
+            "500ms",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on tcp://")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let pid = child.id().to_string();
+    local(async {
+        let c = capgate::Client::connect(addr).await.unwrap();
+        let s: store::Client = c.bootstrap();
+        let mut req = s.namespace_request();
+        req.get().set_name("lp");
+        let mut wait = req.send().pipeline.get_ns().wait_request();
+        wait.get().set_key("never");
+        let waiting = wait.send().promise;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = Instant::now();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let e = waiting
+            .await
+            .err()
+            .expect("the long poll fails at the deadline");
+        assert!(e.extra.contains("the server is shutting down"), "{e}");
+        assert!(
+            started.elapsed() >= Duration::from_millis(400),
+            "{:?}",
+            started.elapsed()
+        );
+    });
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+}

@@ -441,7 +441,8 @@ impl Guard {
 
     /// Rule 1: the Return with the exception, then a Release per capability in the params.
     fn deny(&mut self, q: u32, c: call::Reader<'_>, d: Rc<Denial>) -> Verdict {
-        tracing::debug!(question = q, reason = %d.reason, "call denied");
+        let _span = tracing::debug_span!("denied", question = q, reason = %d.reason).entered();
+        tracing::debug!("call denied");
         let mut out = Vec::with_capacity(1);
         let mut m = Builder::new_default();
         {
