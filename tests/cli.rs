@@ -208,3 +208,19 @@ fn sigterm_during_a_long_poll_fails_it_clearly_and_exits_zero() {
     let status = child.wait().unwrap();
     assert!(status.success(), "{status}");
 }
+
+#[test]
+fn plaintext_on_a_non_loopback_address_needs_an_explicit_flag() {
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "0.0.0.0:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("refusing to serve plaintext on 0.0.0.0:0: it is not a loopback address")
+            && err.contains("--insecure-plaintext"),
+        "{err}"
+    );
+    // (Not bound: the check happens before any listener opens; tests only bind loopback.)
+}

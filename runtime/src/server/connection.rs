@@ -135,7 +135,7 @@ pub(super) async fn run<R, W>(
     R: AsyncRead + Unpin + 'static,
     W: AsyncWrite + Unpin + 'static,
 {
-    let span = tracing::info_span!("conn", id = peer.connection_id, peer = %peer.addr, class = tracing::field::Empty);
+    let span = tracing::info_span!("conn", id = peer.connection_id, peer = %peer, class = tracing::field::Empty);
     async move {
         let open = shared.open_connections.load(std::sync::atomic::Ordering::Relaxed);
         if open > shared.limits.max_connections {
