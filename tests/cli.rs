@@ -4,12 +4,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use capgate::store_capnp::{namespace, store};
-use common::local;
+use common::{local, reported_addr};
 
 const BIN: &str = env!("CARGO_BIN_EXE_capgate");
 
@@ -107,16 +106,7 @@ fn serve_reloads_a_changed_policy_file_and_keeps_the_old_one_when_broken() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on tcp://")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .parse()
-        .unwrap();
+    let addr = reported_addr(&mut child);
     local(async {
         let c = capgate::Client::connect(addr).await.unwrap();
         let s: store::Client = c.bootstrap();
@@ -172,16 +162,7 @@ fn sigterm_during_a_long_poll_fails_it_clearly_and_exits_zero() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on tcp://")
-        .unwrap()
-        .parse()
-        .unwrap();
+    let addr = reported_addr(&mut child);
     let pid = child.id().to_string();
     local(async {
         let c = capgate::Client::connect(addr).await.unwrap();

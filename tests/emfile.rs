@@ -4,12 +4,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use capgate::store_capnp::store;
-use common::local;
+use common::{local, reported_addr};
 
 #[test]
 fn accept_loop_survives_emfile_and_serves_again() {
@@ -19,16 +18,7 @@ fn accept_loop_survives_emfile_and_serves_again() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr: std::net::SocketAddr = line
-        .trim()
-        .strip_prefix("listening on tcp://")
-        .unwrap()
-        .parse()
-        .unwrap();
+    let addr = reported_addr(&mut child);
     let limited = Command::new("prlimit")
         .arg(format!("--pid={}", child.id()))
         .arg("--nofile=48:48")

@@ -374,3 +374,17 @@ pub fn rpc_message(f: impl FnOnce(capnp_rpc::rpc_capnp::message::Builder)) -> Ve
     f(m.init_root());
     frame(&m)
 }
+
+/// The TCP address a `capgate serve` child reports on its first stdout line.
+pub fn reported_addr(child: &mut std::process::Child) -> SocketAddr {
+    use std::io::BufRead;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout is piped"))
+        .read_line(&mut line)
+        .unwrap();
+    line.trim()
+        .strip_prefix("listening on tcp://")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .parse()
+        .unwrap()
+}
