@@ -32,6 +32,10 @@ async fn demo(one_way: Duration) -> Result<(), String> {
         .listen("127.0.0.1:0".parse().map_err(err)?)
         .workers(NonZeroUsize::new(2).unwrap_or(NonZeroUsize::MIN))
         .limits(limits.clone())
+        // The demo's one class: every method, default quotas (and no "no policy" warning).
+        .policy(capgate::Policy::from_classes(vec![
+            capgate::ClientClass::new("demo", capgate::Matcher::Any).allow_all(),
+        ]))
         .bootstrap_factory(move |_peer| factory_store.client())
         .build()
         .map_err(err)?;
