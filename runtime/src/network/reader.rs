@@ -3,18 +3,18 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use std::pin::Pin;
-use tokio::io::{AsyncRead, AsyncReadExt};
+use std::task::Poll;
+use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 
 use tokio::time::{Instant, Sleep};
 
 use super::connection::ConnShared;
+use super::pool::{self, READ_BUFFER_BYTES};
 use crate::framing::{Frame, FrameDecoder};
 use crate::limits::fmt_bytes;
 
-/// Socket reads go into a buffer of this size, allocated when the first byte is expected.
-const READ_BUFFER_BYTES: usize = 8 * 1024;
-
-/// The read side of a connection: the stream, the decoder and the read buffer.
+/// The read side of a connection: the stream, the decoder and, while it holds undecoded
+/// bytes, a read buffer borrowed from the worker's pool (an idle connection holds none).
 pub(super) struct ReadState<R> {
     stream: R,
     decoder: FrameDecoder,
@@ -68,6 +68,9 @@ impl<R: AsyncRead + Unpin> ReadState<R> {
             }
             self.pos = 0;
             self.end = 0;
+            if !self.buf.is_empty() {
+                pool::give_read(std::mem::take(&mut self.buf));
+            }
             if let Some(frame) = self.wait_and_read(shared).await? {
                 self.frame_started = None;
                 return Ok(Some(frame));
@@ -90,45 +93,64 @@ impl<R: AsyncRead + Unpin> ReadState<R> {
         let limits = &shared.limits;
         loop {
             self.arm_timer(shared);
-            let direct = self.decoder.body_spare(READ_BUFFER_BYTES).is_some();
-            if !direct && self.buf.is_empty() {
-                self.buf = vec![0; READ_BUFFER_BYTES];
-            }
             let Self {
                 stream,
                 decoder,
-                buf,
                 timer,
                 ..
             } = self;
-            let dst: &mut [u8] = if direct {
-                decoder.body_spare(READ_BUFFER_BYTES).unwrap_or(&mut [])
-            } else {
-                &mut buf[..]
-            };
+            // Large frame bodies are read straight into the frame; everything else into a
+            // pooled buffer that is taken only for a poll that returns bytes.
+            let read = std::future::poll_fn(|cx| {
+                if let Some(dst) = decoder.body_spare(READ_BUFFER_BYTES) {
+                    let mut rb = ReadBuf::new(dst);
+                    return match Pin::new(&mut *stream).poll_read(cx, &mut rb) {
+                        Poll::Pending => Poll::Pending,
+                        Poll::Ready(r) => Poll::Ready(r.map(|()| (rb.filled().len(), None))),
+                    };
+                }
+                let mut buf = pool::take_read();
+                let mut rb = ReadBuf::new(&mut buf);
+                match Pin::new(&mut *stream).poll_read(cx, &mut rb) {
+                    Poll::Pending => {
+                        pool::give_read(buf);
+                        Poll::Pending
+                    }
+                    Poll::Ready(r) => {
+                        let n = rb.filled().len();
+                        Poll::Ready(r.map(|()| (n, Some(buf))))
+                    }
+                }
+            });
             let timer = timer.as_mut().expect("armed above");
             let event = tokio::select! {
                 biased;
                 () = shared.aborted() => Event::Aborted,
-                r = stream.read(dst) => Event::Read(r),
+                r = read => Event::Read(r),
                 () = timer.as_mut() => Event::Timer,
             };
             match event {
                 Event::Aborted => return Err(shared.abort_error()),
                 Event::Read(r) => {
-                    let n = r.map_err(|e| {
+                    let (n, buf) = r.map_err(|e| {
                         capnp::Error::disconnected(format!("capgate: read failed: {e}"))
                     })?;
                     if n == 0 {
+                        if let Some(buf) = buf {
+                            pool::give_read(buf);
+                        }
                         self.eof = true;
                         return Ok(None);
                     }
                     shared.note_received(n);
-                    if direct {
-                        return Ok(self.decoder.advance_body(n));
+                    match buf {
+                        None => return Ok(self.decoder.advance_body(n)),
+                        Some(buf) => {
+                            self.buf = buf;
+                            self.end = n;
+                            return Ok(None);
+                        }
                     }
-                    self.end = n;
-                    return Ok(None);
                 }
                 Event::Timer => self.on_timer(shared, limits)?,
             }
@@ -217,7 +239,8 @@ impl<R: AsyncRead + Unpin> ReadState<R> {
 
 enum Event {
     Aborted,
-    Read(std::io::Result<usize>),
+    /// Bytes read, and the pooled buffer holding them (`None`: read into the frame body).
+    Read(std::io::Result<(usize, Option<Vec<u8>>)>),
     Timer,
 }
 
