@@ -6,6 +6,7 @@ use capnp::message::{Builder, HeapAllocator};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use super::connection::ConnShared;
+use super::pool;
 use super::signal::Signal;
 use crate::framing::{encode_frame, encode_header, frame_len};
 use crate::limits::fmt_bytes;
@@ -21,8 +22,6 @@ const GATHER_BYTES: usize = 64 * 1024;
 const GATHER_PATIENCE: u32 = 8;
 /// ...and is tried again only every this many writes.
 const GATHER_PROBE_EVERY: u32 = 8;
-/// The coalescing buffer is released while idle if it grew beyond this.
-const KEEP_BUFFER_BYTES: usize = 16 * 1024;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum State {
@@ -177,6 +176,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         let mut large: Option<Message> = None;
         {
             let mut q = outbox.queue.borrow_mut();
+            if buf.capacity() == 0 && !q.is_empty() {
+                buf = pool::take_write();
+            }
             while let Some((msg, bytes)) = q.pop_front() {
                 batch_bytes += bytes;
                 batch_frames += 1;
@@ -192,23 +194,25 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 let _ = tokio::time::timeout(limits.write_timeout, stream.shutdown()).await;
                 return Ok(());
             }
-            if buf.capacity() > KEEP_BUFFER_BYTES {
-                buf = Vec::new();
-            }
+            // Idle: the coalescing buffer goes back to the worker's pool.
+            pool::give_write(std::mem::take(&mut buf));
             outbox.wake.wait().await;
             continue;
         }
         let write = async {
-            if !buf.is_empty() {
-                stream.write_all(&buf).await?;
-            }
-            if let Some(msg) = &large {
-                let segments = msg.get_segments_for_output();
-                let mut header = Vec::with_capacity(8 + 4 * segments.len());
-                encode_header(&mut header, &segments);
-                stream.write_all(&header).await?;
-                for s in segments.iter() {
-                    stream.write_all(s).await?;
+            match &large {
+                None => stream.write_all(&buf).await?,
+                Some(msg) => {
+                    // What is coalesced, the large frame's segment table and its segments
+                    // (not copied) in as few `writev`s as the socket takes.
+                    let segments = msg.get_segments_for_output();
+                    let mut header = Vec::with_capacity(8 + 4 * segments.len());
+                    encode_header(&mut header, &segments);
+                    let mut parts = Vec::with_capacity(2 + segments.len());
+                    parts.push(&buf[..]);
+                    parts.push(&header[..]);
+                    parts.extend(segments.iter().copied());
+                    write_all_vectored(stream, &parts).await?;
                 }
             }
             stream.flush().await
@@ -277,4 +281,64 @@ async fn yield_to_local_tasks() {
         }
     })
     .await;
+}
+
+/// Writes every byte of `parts` in order, with vectored writes.
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    stream: &mut W,
+    parts: &[&[u8]],
+) -> std::io::Result<()> {
+    let mut slices: Vec<std::io::IoSlice<'_>> = parts
+        .iter()
+        .filter(|p| !p.is_empty())
+        .map(|p| std::io::IoSlice::new(p))
+        .collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        let n = stream.write_vectored(rest).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        std::io::IoSlice::advance_slices(&mut rest, n);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    /// Takes at most 3 bytes per write, so every slice boundary is crossed mid-write.
+    struct Trickle(Vec<u8>);
+
+    impl tokio::io::AsyncWrite for Trickle {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            let n = buf.len().min(3);
+            self.0.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[test]
+    fn vectored_writes_deliver_every_byte_in_order() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let parts: [&[u8]; 4] = [b"", b"abcde", b"f", b"ghijklmnop"];
+        let mut w = Trickle(Vec::new());
+        rt.block_on(super::write_all_vectored(&mut w, &parts))
+            .unwrap();
+        assert_eq!(w.0, b"abcdefghijklmnop");
+    }
 }
