@@ -10,6 +10,7 @@ mod clients;
 mod error;
 mod framing;
 mod guard;
+mod handle;
 mod latency;
 mod limits;
 mod metrics;
@@ -30,6 +31,7 @@ pub use framing::{
     encode_frame, encode_header, frame_len, Frame, FrameDecoder, FrameError, FrameLimits,
 };
 pub use guard::{DenialCounters, DenialCounts, Guard, RateLimit, Unlimited, Verdict};
+pub use handle::ClientHandle;
 pub use latency::LatencyProxy;
 pub use limits::Limits;
 pub use metrics::Metrics;
