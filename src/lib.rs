@@ -15,6 +15,7 @@
 
 pub mod demo;
 mod dev_certs;
+pub mod load;
 pub use dev_certs::{write_dev_certs, DevCa, DevCerts};
 
 pub use capgate_runtime::*;

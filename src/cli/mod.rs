@@ -1,6 +1,7 @@
 //! Command-line interface.
 
 mod demo;
+mod load;
 mod policy;
 mod serve;
 
@@ -29,6 +30,9 @@ enum Command {
     /// Run a server and a client in one process and print a short report: pipelining,
     /// a callback, a remote exception, an oversized message refused.
     Demo(demo::DemoArgs),
+    /// Load a server: N connections x K calls in flight for a duration; prints throughput
+    /// and latency percentiles (p50/p90/p99/p999).
+    Load(Box<load::LoadArgs>),
     /// Check or explain a policy file.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
@@ -107,6 +111,7 @@ pub(crate) fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve::run(*args),
         Command::Demo(args) => demo::run(args),
+        Command::Load(args) => load::run(*args),
         Command::Policy(cmd) => policy::run(cmd),
         Command::DevCerts { dir } => dev_certs(&dir),
     };

@@ -51,8 +51,20 @@ pub(crate) struct ServeArgs {
     /// Time a TLS client has to complete its handshake, e.g. "10s".
     #[arg(long, value_parser = capgate::parse_duration)]
     tls_handshake_timeout: Option<std::time::Duration>,
+    /// The bootstrap capability: the demo `Store`, or `Echo` (returns its payload; for
+    /// `capgate load --method echo` and benchmarks).
+    #[arg(long, value_enum, default_value_t = Service::Store)]
+    service: Service,
     #[command(flatten)]
     limits: LimitArgs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Service {
+    /// The demo key/value Store (schema/store.capnp).
+    Store,
+    /// The Echo service (schema/bench.capnp).
+    Echo,
 }
 
 pub(crate) fn run(args: ServeArgs) -> Result<(), String> {
@@ -74,10 +86,14 @@ pub(crate) fn run(args: ServeArgs) -> Result<(), String> {
     if let Some(t) = args.tls_handshake_timeout {
         limits.tls_handshake_timeout = t;
     }
-    let store = Store::new();
-    let mut builder = Server::builder()
-        .limits(limits)
-        .bootstrap_factory(move |_peer| store.client());
+    let mut builder = Server::builder().limits(limits);
+    builder = match args.service {
+        Service::Store => {
+            let store = Store::new();
+            builder.bootstrap_factory(move |_peer| store.client())
+        }
+        Service::Echo => builder.bootstrap_factory(|_peer| capgate::demo::EchoService.client()),
+    };
     for a in args.listen {
         builder = builder.listen(a);
     }
