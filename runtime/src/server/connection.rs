@@ -15,6 +15,8 @@ use crate::{ClientKey, Guard, PeerAddr, PeerInfo, PeerView, Side};
 /// How often a connection that is draining for shutdown checks for in-flight calls.
 const DRAIN_POLL: Duration = Duration::from_millis(10);
 
+/// Each transport's connection future is boxed: a plaintext connection then allocates its
+/// own state only, not the size of the largest variant (TLS handshake included).
 pub(super) async fn serve(
     accepted: Accepted,
     shared: Arc<ServerShared>,
@@ -25,7 +27,7 @@ pub(super) async fn serve(
             Ok(s) => match shared.tls.clone() {
                 None => {
                     let (r, w) = s.into_split();
-                    run(r, w, peer, shared, stop).await;
+                    Box::pin(run(r, w, peer, shared, stop)).await;
                 }
                 Some(acceptor) => {
                     let timeout = shared.limits.tls_handshake_timeout;
@@ -49,7 +51,7 @@ pub(super) async fn serve(
                         .and_then(|c| c.first())
                         .and_then(|c| crate::CertIdentity::from_der(c));
                     let (r, w) = tokio::io::split(tls);
-                    run(r, w, peer, shared, stop).await;
+                    Box::pin(run(r, w, peer, shared, stop)).await;
                 }
             },
             Err(e) => tracing::warn!(cause = %e, "cannot register a connection"),
@@ -57,7 +59,7 @@ pub(super) async fn serve(
         Accepted::Unix(s, peer) => match tokio::net::UnixStream::from_std(s) {
             Ok(s) => {
                 let (r, w) = s.into_split();
-                run(r, w, peer, shared, stop).await;
+                Box::pin(run(r, w, peer, shared, stop)).await;
             }
             Err(e) => tracing::warn!(cause = %e, "cannot register a connection"),
         },
