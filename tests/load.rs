@@ -149,15 +149,33 @@ fn load_against_nothing_fails_with_the_address() {
 fn readme_flow_serve_echo_with_the_example_policy_then_load() {
     let policy = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/load-policy.toml");
     let mut child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--service", "echo", "--policy", policy])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--service",
+            "echo",
+            "--policy",
+            policy,
+        ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     let addr = reported_addr(&mut child).to_string();
     let (ok, out, err) = load(&[
-        "--connect", &addr, "--method", "echo", "--payload", "1 KiB", "--connections", "4",
-        "--inflight", "8", "--duration", "1s",
+        "--connect",
+        &addr,
+        "--method",
+        "echo",
+        "--payload",
+        "1 KiB",
+        "--connections",
+        "4",
+        "--inflight",
+        "8",
+        "--duration",
+        "1s",
     ]);
     let _ = child.kill();
     let _ = child.wait();
