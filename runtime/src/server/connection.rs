@@ -16,43 +16,20 @@ use crate::{ClientKey, Guard, PeerAddr, PeerInfo, PeerView, Side};
 const DRAIN_POLL: Duration = Duration::from_millis(10);
 
 /// Each transport's connection future is boxed: a plaintext connection then allocates its
-/// own state only, not the size of the largest variant (TLS handshake included).
+/// own state only, not the size of the largest variant (the TLS handshake's is ~3 KiB).
 pub(super) async fn serve(
     accepted: Accepted,
     shared: Arc<ServerShared>,
     stop: watch::Receiver<bool>,
 ) {
     match accepted {
-        Accepted::Tcp(s, mut peer) => match tokio::net::TcpStream::from_std(s) {
+        Accepted::Tcp(s, peer) => match tokio::net::TcpStream::from_std(s) {
             Ok(s) => match shared.tls.clone() {
                 None => {
                     let (r, w) = s.into_split();
                     Box::pin(run(r, w, peer, shared, stop)).await;
                 }
-                Some(acceptor) => {
-                    let timeout = shared.limits.tls_handshake_timeout;
-                    let tls = match tokio::time::timeout(timeout, acceptor.accept(s)).await {
-                        Ok(Ok(tls)) => tls,
-                        Ok(Err(e)) => {
-                            tracing::info!(peer = %peer.addr, cause = %e, "TLS handshake failed");
-                            shared.metrics.handshake_failures.inc();
-                            return;
-                        }
-                        Err(_) => {
-                            shared.metrics.handshake_failures.inc();
-                            tracing::info!(peer = %peer.addr, ?timeout, "TLS handshake not completed in time (tls_handshake_timeout)");
-                            return;
-                        }
-                    };
-                    peer.tls = tls
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .and_then(|c| c.first())
-                        .and_then(|c| crate::CertIdentity::from_der(c));
-                    let (r, w) = tokio::io::split(tls);
-                    Box::pin(run(r, w, peer, shared, stop)).await;
-                }
+                Some(acceptor) => Box::pin(serve_tls(s, acceptor, peer, shared, stop)).await,
             },
             Err(e) => tracing::warn!(cause = %e, "cannot register a connection"),
         },
@@ -64,6 +41,38 @@ pub(super) async fn serve(
             Err(e) => tracing::warn!(cause = %e, "cannot register a connection"),
         },
     }
+}
+
+/// The TLS handshake (bounded by `tls_handshake_timeout`), then the connection.
+async fn serve_tls(
+    s: tokio::net::TcpStream,
+    acceptor: tokio_rustls::TlsAcceptor,
+    mut peer: PeerInfo,
+    shared: Arc<ServerShared>,
+    stop: watch::Receiver<bool>,
+) {
+    let timeout = shared.limits.tls_handshake_timeout;
+    let tls = match tokio::time::timeout(timeout, acceptor.accept(s)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::info!(peer = %peer.addr, cause = %e, "TLS handshake failed");
+            shared.metrics.handshake_failures.inc();
+            return;
+        }
+        Err(_) => {
+            shared.metrics.handshake_failures.inc();
+            tracing::info!(peer = %peer.addr, ?timeout, "TLS handshake not completed in time (tls_handshake_timeout)");
+            return;
+        }
+    };
+    peer.tls = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|c| crate::CertIdentity::from_der(c));
+    let (r, w) = tokio::io::split(tls);
+    run(r, w, peer, shared, stop).await;
 }
 
 /// Gives a gauge back when the connection ends (panics included).
@@ -147,7 +156,7 @@ pub(super) async fn run<R, W>(
                 open - 1,
                 shared.limits.max_connections
             );
-            refuse(reader, writer, reason, &shared.limits).await;
+            Box::pin(refuse(reader, writer, reason, &shared.limits)).await;
             return;
         }
         let mut policy_rx = shared.policy.subscribe();
@@ -159,7 +168,7 @@ pub(super) async fn run<R, W>(
                 policy.origin(),
                 peer.addr
             );
-            refuse(reader, writer, reason, &shared.limits).await;
+            Box::pin(refuse(reader, writer, reason, &shared.limits)).await;
             return;
         };
         let class = class.clone();
@@ -175,7 +184,7 @@ pub(super) async fn run<R, W>(
                     class.name(),
                     q.max_class_connections
                 );
-                refuse(reader, writer, reason, &shared.limits).await;
+                Box::pin(refuse(reader, writer, reason, &shared.limits)).await;
                 return;
             }
         };
@@ -195,7 +204,7 @@ pub(super) async fn run<R, W>(
                     class.name(),
                     q.max_connections
                 );
-                refuse(reader, writer, reason, &shared.limits).await;
+                Box::pin(refuse(reader, writer, reason, &shared.limits)).await;
                 return;
             }
         };
@@ -249,7 +258,8 @@ pub(super) async fn run<R, W>(
         };
         let result = match result {
             Some(r) => r,
-            None => {
+            // Boxed: its timers would otherwise enlarge every connection's future.
+            None => Box::pin(async {
                 // Graceful shutdown: let in-flight calls finish, up to the deadline.
                 let deadline = tokio::time::Instant::now() + limits.shutdown_timeout;
                 let finished = loop {
@@ -273,7 +283,8 @@ pub(super) async fn run<R, W>(
                         }
                     }
                 }
-            }
+            })
+            .await,
         };
         let stats = control.stats();
         match &result {
