@@ -98,9 +98,15 @@ impl capnp::message::ReaderSegments for Frame {
     }
 }
 
-/// Body buffers grow in steps of at least this many bytes, and at most doubling what has
-/// arrived so far: a frame that claims megabytes commits memory only as its bytes arrive.
+/// Body buffers grow in steps of at least this many bytes, and to at most [`GROWTH_FACTOR`]
+/// times what has arrived so far: a frame that claims megabytes commits memory only as its
+/// bytes arrive.
 const GROWTH_STEP_BYTES: usize = 8 * 1024;
+/// The body buffer grows to at most this many times what was received (plus the first step):
+/// 4 rather than 2 means a large frame's body is copied about a third of its size while it
+/// grows instead of about its whole size, and a peer still commits memory only in proportion
+/// to the bytes it actually sent.
+const GROWTH_FACTOR: usize = 4;
 
 enum State {
     /// Reading the first four bytes: segment count minus one.
@@ -127,8 +133,8 @@ enum State {
 /// Feed it bytes as they arrive; it returns a [`Frame`] once one is complete. The segment
 /// count and the total size are checked against [`FrameLimits`] as soon as they are known,
 /// before any buffer for the body exists, and the body buffer then grows only as body bytes
-/// arrive (at most doubling what was received, in steps of 8 KiB). Memory committed for a
-/// frame in progress is therefore at most `2 * received + 8 KiB + 4 * max_segments`.
+/// arrive (to at most four times what was received, the first step 8 KiB). Memory committed
+/// for a frame in progress is therefore at most `4 * received + 8 KiB + 4 * max_segments`.
 pub struct FrameDecoder {
     limits: FrameLimits,
     state: State,
@@ -291,7 +297,7 @@ impl FrameDecoder {
         if missing < min_bytes {
             return None;
         }
-        let step = missing.min((*filled).max(GROWTH_STEP_BYTES));
+        let step = missing.min(((GROWTH_FACTOR - 1) * *filled).max(GROWTH_STEP_BYTES));
         grow(words, *filled, step, *total);
         let end = (words.len() * 8).min(*total);
         Some(&mut Word::words_to_bytes_mut(words)[*filled..end])
@@ -354,14 +360,16 @@ fn take_into(raw: &mut [u8; 4], have: &mut u8, input: &[u8]) -> usize {
 }
 
 /// Grows `words` so that `filled + want` bytes fit, never beyond `total` bytes, and by at most
-/// `max(filled, GROWTH_STEP_BYTES)` beyond what is needed now.
+/// `max((GROWTH_FACTOR - 1) * filled, GROWTH_STEP_BYTES)` beyond what is needed now.
 fn grow(words: &mut Vec<Word>, filled: usize, want: usize, total: usize) {
     let need = filled + want;
     let have = words.len() * 8;
     if need <= have {
         return;
     }
-    let target = need.max(filled + filled.max(GROWTH_STEP_BYTES)).min(total);
+    let target = need
+        .max(filled + ((GROWTH_FACTOR - 1) * filled).max(GROWTH_STEP_BYTES))
+        .min(total);
     let target_words = target.div_ceil(8);
     words.resize(target_words, capnp::word(0, 0, 0, 0, 0, 0, 0, 0));
 }
