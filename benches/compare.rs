@@ -480,7 +480,42 @@ fn throughput_report(b: &Bench, conns: &[(Sys, Conn)]) {
 
 /// Runs `conns` connections x `inflight` calls each, spread over `threads` client threads,
 /// until `total` calls are done; returns calls per second (connection set-up not timed).
-fn multi_conn_rate(sys: Sys, addr: SocketAddr, conns: usize, inflight: usize, total: u64) -> f64 {
+/// CPU time (ns) used so far by this process's threads whose name starts with `prefix`.
+fn threads_cpu_ns(prefix: &str) -> u64 {
+    let mut total = 0;
+    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+        for t in tasks.flatten() {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            if comm.starts_with(prefix) {
+                let stat = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+                total += stat
+                    .split_whitespace()
+                    .next()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        }
+    }
+    total
+}
+
+/// The thread-name prefix of each system's server threads.
+fn server_threads(sys: Sys) -> &'static str {
+    match sys {
+        Sys::Twoparty => "twoparty-server",
+        Sys::Tarpc => "tarpc-server",
+        Sys::Capgate | Sys::Handle => "capgate-worker",
+    }
+}
+
+/// Calls per second, and server CPU per call (us).
+fn multi_conn_rate(
+    sys: Sys,
+    addr: SocketAddr,
+    conns: usize,
+    inflight: usize,
+    total: u64,
+) -> (f64, f64) {
     let threads = 2.min(conns);
     let barrier = Arc::new(Barrier::new(threads + 1));
     let per_thread = total / threads as u64;
@@ -510,9 +545,12 @@ fn multi_conn_rate(sys: Sys, addr: SocketAddr, conns: usize, inflight: usize, to
         })
         .collect();
     barrier.wait();
+    let cpu = threads_cpu_ns(server_threads(sys));
     let start = Instant::now();
     let done: u64 = handles.into_iter().map(|h| h.join().unwrap()).sum();
-    done as f64 / start.elapsed().as_secs_f64()
+    let rate = done as f64 / start.elapsed().as_secs_f64();
+    let cpu = threads_cpu_ns(server_threads(sys)) - cpu;
+    (rate, cpu as f64 / done as f64 / 1000.0)
 }
 
 /// Many connections, servers with 2 threads (and capgate with 1 worker, for the worker
@@ -524,23 +562,34 @@ fn multi_conn_report(b: &Bench, servers: &[(&str, Sys, SocketAddr)]) {
     );
     for conns in [4usize, 16] {
         let mut rates = vec![Vec::new(); servers.len()];
+        let mut cpu = vec![Vec::new(); servers.len()];
         for _ in 0..rounds {
             for (i, (_, sys, addr)) in servers.iter().enumerate() {
-                rates[i].push(multi_conn_rate(*sys, *addr, conns, 16, total));
+                let (r, c) = multi_conn_rate(*sys, *addr, conns, 16, total);
+                rates[i].push(r);
+                cpu[i].push(c);
             }
         }
         let m: Vec<f64> = rates.iter_mut().map(|v| median(v)).collect();
+        let c: Vec<f64> = cpu.iter_mut().map(|v| median(v)).collect();
         let cells: Vec<String> = servers
             .iter()
             .zip(&m)
             .map(|((n, _, _), r)| format!("{n} {r:>7.0}"))
             .collect();
+        let cpu_cells: Vec<String> = servers
+            .iter()
+            .zip(&c)
+            .map(|((n, _, _), c)| format!("{n} {c:.1} us"))
+            .collect();
         println!(
-            "  16 x {conns:>2}: {}\n           capgate/twoparty {:.2}  capgate/tarpc {:.2}  capgate 2 workers / 1 worker {:.2}",
+            "  16 x {conns:>2}: {}\n           capgate/twoparty {:.2}  capgate/tarpc {:.2}  capgate 2 workers / 1 worker {:.2}\n           server CPU per call: {}  (2 workers / 1 worker {:.2}: 1.0 means no contention between workers)",
             cells.join("  "),
             m[1] / m[0],
             m[1] / m[2],
             m[1] / m[3],
+            cpu_cells.join("  "),
+            c[1] / c[3],
         );
     }
 }
