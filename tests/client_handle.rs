@@ -34,9 +34,23 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// Everything allowed, with a call rate far above what these tests make (the default quota,
+/// 2000 calls/s with a burst of 200, would answer some of their bursts with Overloaded).
+fn roomy() -> capgate::Policy {
+    let mut q = capgate::Quotas::default();
+    q.calls_per_second = std::num::NonZeroU32::new(1_000_000).unwrap();
+    q.burst = std::num::NonZeroU32::new(100_000).unwrap();
+    capgate::Policy::from_classes(vec![capgate::ClientClass::new(
+        "all",
+        capgate::Matcher::Any,
+    )
+    .allow_all()
+    .with_quotas(q)])
+}
+
 #[test]
 fn handle_serves_tasks_on_every_thread_of_a_multi_threaded_runtime() {
-    let server = TestServer::start(Limits::default());
+    let server = TestServer::start_policy(Limits::default(), roomy());
     let addr = server.tcp;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)

@@ -15,6 +15,15 @@ use crate::{ClientKey, Guard, PeerAddr, PeerInfo, PeerView, Side};
 /// How often a connection that is draining for shutdown checks for in-flight calls.
 const DRAIN_POLL: Duration = Duration::from_millis(10);
 
+/// Moves a future to the heap from a plain function: done inline in an `async fn`, the
+/// moved-from value would still occupy that function's state.
+#[inline(never)]
+fn boxed<F: std::future::Future<Output = ()> + 'static>(
+    f: F,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>> {
+    Box::pin(f)
+}
+
 /// Each transport's connection future is boxed: a plaintext connection then allocates its
 /// own state only, not the size of the largest variant (the TLS handshake's is ~3 KiB).
 pub(super) async fn serve(
@@ -27,16 +36,16 @@ pub(super) async fn serve(
             Ok(s) => match shared.tls.clone() {
                 None => {
                     let (r, w) = s.into_split();
-                    Box::pin(run(r, w, peer, shared, stop)).await;
+                    boxed(run(r, w, peer, shared, stop)).await;
                 }
-                Some(acceptor) => Box::pin(serve_tls(s, acceptor, peer, shared, stop)).await,
+                Some(acceptor) => boxed(serve_tls(s, acceptor, peer, shared, stop)).await,
             },
             Err(e) => tracing::warn!(cause = %e, "cannot register a connection"),
         },
         Accepted::Unix(s, peer) => match tokio::net::UnixStream::from_std(s) {
             Ok(s) => {
                 let (r, w) = s.into_split();
-                Box::pin(run(r, w, peer, shared, stop)).await;
+                boxed(run(r, w, peer, shared, stop)).await;
             }
             Err(e) => tracing::warn!(cause = %e, "cannot register a connection"),
         },
@@ -136,13 +145,16 @@ where
     .await;
 }
 
-pub(super) async fn run<R, W>(
+/// One connection from start to end. (A plain fn returning the instrumented future, so the
+/// arguments are held once, inside it, not also by an outer `async fn` state.)
+pub(super) fn run<R, W>(
     reader: R,
     writer: W,
     peer: PeerInfo,
     shared: Arc<ServerShared>,
     mut stop: watch::Receiver<bool>,
-) where
+) -> impl std::future::Future<Output = ()>
+where
     R: AsyncRead + Unpin + 'static,
     W: AsyncWrite + Unpin + 'static,
 {
@@ -224,7 +236,8 @@ pub(super) async fn run<R, W>(
         let class_gauge = shared.metrics.connections(class.name());
         class_gauge.inc();
         let _class_gauge = GaugeSlot(class_gauge);
-        let (network, control) = new_network(reader, writer, Side::Server, limits.clone(), guard);
+        let (shutdown_timeout, write_timeout) = (limits.shutdown_timeout, limits.write_timeout);
+        let (network, control) = new_network(reader, writer, Side::Server, limits, guard);
         control.observe(shared.metrics.clone());
         let mut rpc = std::pin::pin!(RpcSystem::new(Box::new(network), Some(bootstrap)));
         tracing::debug!("connection open");
@@ -261,7 +274,7 @@ pub(super) async fn run<R, W>(
             // Boxed: its timers would otherwise enlarge every connection's future.
             None => Box::pin(async {
                 // Graceful shutdown: let in-flight calls finish, up to the deadline.
-                let deadline = tokio::time::Instant::now() + limits.shutdown_timeout;
+                let deadline = tokio::time::Instant::now() + shutdown_timeout;
                 let finished = loop {
                     if control.in_flight_calls() == 0 || tokio::time::Instant::now() >= deadline {
                         break None;
@@ -277,7 +290,7 @@ pub(super) async fn run<R, W>(
                         control.abort(capnp::Error::disconnected(
                             "capgate: the server is shutting down".into(),
                         ));
-                        match tokio::time::timeout(limits.write_timeout, &mut rpc).await {
+                        match tokio::time::timeout(write_timeout, &mut rpc).await {
                             Ok(r) => r,
                             Err(_) => Ok(()),
                         }
@@ -294,5 +307,4 @@ pub(super) async fn run<R, W>(
         control.linger().await;
     }
     .instrument(span)
-    .await;
 }
