@@ -15,39 +15,45 @@ use crate::{ClientKey, Guard, PeerAddr, PeerInfo, PeerView, Side};
 /// How often a connection that is draining for shutdown checks for in-flight calls.
 const DRAIN_POLL: Duration = Duration::from_millis(10);
 
-/// Moves a future to the heap from a plain function: done inline in an `async fn`, the
-/// moved-from value would still occupy that function's state.
-#[inline(never)]
+/// Moves a future to the heap from a plain function (done inside an `async fn`, the
+/// moved-from value would still occupy that function's state).
 fn boxed<F: std::future::Future<Output = ()> + 'static>(
     f: F,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>> {
     Box::pin(f)
 }
 
-/// Each transport's connection future is boxed: a plaintext connection then allocates its
-/// own state only, not the size of the largest variant (the TLS handshake's is ~3 KiB).
-pub(super) async fn serve(
+/// The future that serves one accepted connection, boxed per transport: a plaintext
+/// connection allocates its own state only, not the size of the largest variant (the TLS
+/// handshake's is ~3 KiB). Call inside the worker's runtime (it registers the socket).
+pub(super) fn serve(
     accepted: Accepted,
     shared: Arc<ServerShared>,
     stop: watch::Receiver<bool>,
-) {
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>> {
     match accepted {
         Accepted::Tcp(s, peer) => match tokio::net::TcpStream::from_std(s) {
             Ok(s) => match shared.tls.clone() {
                 None => {
                     let (r, w) = s.into_split();
-                    boxed(run(r, w, peer, shared, stop)).await;
+                    run(r, w, peer, shared, stop)
                 }
-                Some(acceptor) => boxed(serve_tls(s, acceptor, peer, shared, stop)).await,
+                Some(acceptor) => boxed(serve_tls(s, acceptor, peer, shared, stop)),
             },
-            Err(e) => tracing::warn!(cause = %e, "cannot register a connection"),
+            Err(e) => {
+                tracing::warn!(cause = %e, "cannot register a connection");
+                boxed(async {})
+            }
         },
         Accepted::Unix(s, peer) => match tokio::net::UnixStream::from_std(s) {
             Ok(s) => {
                 let (r, w) = s.into_split();
-                boxed(run(r, w, peer, shared, stop)).await;
+                run(r, w, peer, shared, stop)
             }
-            Err(e) => tracing::warn!(cause = %e, "cannot register a connection"),
+            Err(e) => {
+                tracing::warn!(cause = %e, "cannot register a connection");
+                boxed(async {})
+            }
         },
     }
 }
@@ -145,142 +151,232 @@ where
     .await;
 }
 
-/// One connection from start to end. (A plain fn returning the instrumented future, so the
-/// arguments are held once, inside it, not also by an outer `async fn` state.)
+/// One connection from start to end: admission (policy class, connection limits,
+/// bootstrap) happens synchronously here; the returned future serves an admitted connection
+/// or sends a refused one its reason. Keeping admission out of the future keeps an idle
+/// connection's future small (it holds only what serving needs).
 pub(super) fn run<R, W>(
     reader: R,
     writer: W,
     peer: PeerInfo,
     shared: Arc<ServerShared>,
-    mut stop: watch::Receiver<bool>,
-) -> impl std::future::Future<Output = ()>
+    stop: watch::Receiver<bool>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>
 where
     R: AsyncRead + Unpin + 'static,
     W: AsyncWrite + Unpin + 'static,
 {
     let span = tracing::info_span!("conn", id = peer.connection_id, peer = %peer, class = tracing::field::Empty);
-    async move {
-        let open = shared.open_connections.load(std::sync::atomic::Ordering::Relaxed);
-        if open > shared.limits.max_connections {
-            let reason = format!(
+    let admitted = {
+        let _entered = span.enter();
+        admit(reader, writer, peer, &shared, stop, &span)
+    };
+    match admitted {
+        Admission::Admitted(c) => Box::pin(serve_admitted(c, shared).instrument(span)),
+        Admission::Refused(f) => Box::pin(f.instrument(span)),
+    }
+}
+
+#[allow(clippy::large_enum_variant)] // a short-lived return value: boxing it would cost an allocation
+enum Admission {
+    Admitted(Admitted),
+    /// Sends the refusal (or nothing, if the bootstrap factory panicked).
+    Refused(std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>),
+}
+
+/// What serving an admitted connection needs.
+struct Admitted {
+    peer: PeerInfo,
+    key: ClientKey,
+    stop: watch::Receiver<bool>,
+    policy_rx: watch::Receiver<Arc<capgate_policy::Policy>>,
+    control: crate::ConnectionControl,
+    rpc: RpcSystem<Side>,
+    shutdown_timeout: Duration,
+    write_timeout: Duration,
+    /// Released when the connection ends.
+    _slots: (crate::ClassSlot, crate::ConnectionSlot, GaugeSlot),
+}
+
+fn admit<R, W>(
+    reader: R,
+    writer: W,
+    peer: PeerInfo,
+    shared: &Arc<ServerShared>,
+    stop: watch::Receiver<bool>,
+    span: &tracing::Span,
+) -> Admission
+where
+    R: AsyncRead + Unpin + 'static,
+    W: AsyncWrite + Unpin + 'static,
+{
+    let open = shared
+        .open_connections
+        .load(std::sync::atomic::Ordering::Relaxed);
+    if open > shared.limits.max_connections {
+        return refused(
+            reader,
+            writer,
+            shared,
+            format!(
                 "capgate: connection refused: the server has {} connections open \
-                 (max_connections = {}); retry later",
+             (max_connections = {}); retry later",
                 open - 1,
                 shared.limits.max_connections
-            );
-            Box::pin(refuse(reader, writer, reason, &shared.limits)).await;
-            return;
-        }
-        let mut policy_rx = shared.policy.subscribe();
-        let policy = policy_rx.borrow_and_update().clone();
-        let peer_view = view(&peer);
-        let Some((_, class)) = policy.classify(&peer_view) else {
-            let reason = format!(
+            ),
+        );
+    }
+    let mut policy_rx = shared.policy.subscribe();
+    let policy = policy_rx.borrow_and_update().clone();
+    let Some((_, class)) = policy.classify(&view(&peer)) else {
+        return refused(
+            reader,
+            writer,
+            shared,
+            format!(
                 "capgate: connection refused: no client class of the policy ({}) matches {}",
                 policy.origin(),
                 peer.addr
-            );
-            Box::pin(refuse(reader, writer, reason, &shared.limits)).await;
-            return;
-        };
-        let class = class.clone();
-        tracing::Span::current().record("class", class.name());
-        let key = ClientKey::of(&peer);
-        let q = class.quotas();
-        let _class_slot = match shared.clients.connect_class(class.name(), q.max_class_connections) {
-            Ok(s) => s,
-            Err(n) => {
-                let reason = format!(
+            ),
+        );
+    };
+    let class = class.clone();
+    span.record("class", class.name());
+    let key = ClientKey::of(&peer);
+    let q = class.quotas();
+    let class_slot = match shared
+        .clients
+        .connect_class(class.name(), q.max_class_connections)
+    {
+        Ok(s) => s,
+        Err(n) => {
+            return refused(
+                reader,
+                writer,
+                shared,
+                format!(
                     "capgate: connection refused: client class \"{}\" already has {n} \
-                     connections (max_class_connections = {})",
+                 connections (max_class_connections = {})",
                     class.name(),
                     q.max_class_connections
-                );
-                Box::pin(refuse(reader, writer, reason, &shared.limits)).await;
-                return;
-            }
-        };
-        let (_slot, rate) = match shared.clients.connect(
-            class.name(),
-            key.clone(),
-            q.calls_per_second,
-            q.burst,
-            q.max_connections,
-        ) {
-            Ok(r) => r,
-            Err(n) => {
-                let reason = format!(
+                ),
+            )
+        }
+    };
+    let (slot, rate) = match shared.clients.connect(
+        class.name(),
+        key.clone(),
+        q.calls_per_second,
+        q.burst,
+        q.max_connections,
+    ) {
+        Ok(r) => r,
+        Err(n) => {
+            return refused(
+                reader,
+                writer,
+                shared,
+                format!(
                     "capgate: connection refused: client {} of class \"{}\" already has {n} \
-                     connections (max_connections = {})",
+                 connections (max_connections = {})",
                     peer.addr,
                     class.name(),
                     q.max_connections
-                );
-                Box::pin(refuse(reader, writer, reason, &shared.limits)).await;
-                return;
+                ),
+            )
+        }
+    };
+    let bootstrap =
+        match std::panic::catch_unwind(AssertUnwindSafe(|| shared.factory.bootstrap(&peer))) {
+            Ok(b) => b,
+            Err(_) => {
+                tracing::error!("bootstrap factory panicked; closing the connection");
+                return Admission::Refused(Box::pin(async {}));
             }
         };
-        let bootstrap =
-            match std::panic::catch_unwind(AssertUnwindSafe(|| shared.factory.bootstrap(&peer))) {
-                Ok(b) => b,
-                Err(_) => {
-                    tracing::error!("bootstrap factory panicked; closing the connection");
-                    return;
+    let mut limits = shared.limits.clone();
+    limits.max_message_bytes = q.max_message_bytes;
+    limits.idle_timeout = q.idle_timeout;
+    let mut guard = Guard::new(class.clone(), rate);
+    guard.count_denials_into(shared.denial_counters(class.name()));
+    let class_gauge = shared.metrics.connections(class.name());
+    class_gauge.inc();
+    let (shutdown_timeout, write_timeout) = (limits.shutdown_timeout, limits.write_timeout);
+    let (network, control) = new_network(reader, writer, Side::Server, limits, guard);
+    control.observe(shared.metrics.clone());
+    let rpc = RpcSystem::new(Box::new(network), Some(bootstrap));
+    tracing::debug!("connection open");
+    Admission::Admitted(Admitted {
+        peer,
+        key,
+        stop,
+        policy_rx,
+        control,
+        rpc,
+        shutdown_timeout,
+        write_timeout,
+        _slots: (class_slot, slot, GaugeSlot(class_gauge)),
+    })
+}
+
+/// Sends a refused connection its reason.
+fn refused<R, W>(reader: R, writer: W, shared: &ServerShared, reason: String) -> Admission
+where
+    R: AsyncRead + Unpin + 'static,
+    W: AsyncWrite + Unpin + 'static,
+{
+    let limits = shared.limits.clone();
+    Admission::Refused(Box::pin(async move {
+        refuse(reader, writer, reason, &limits).await;
+    }))
+}
+
+/// Serves an admitted connection until it ends, the server shuts down, or a policy reload
+/// no longer matches it.
+async fn serve_admitted(mut c: Admitted, shared: Arc<ServerShared>) {
+    let control = &c.control;
+    let result = loop {
+        tokio::select! {
+            r = &mut c.rpc => break Some(r),
+            _ = c.stop.wait_for(|s| *s) => break None,
+            changed = c.policy_rx.changed() => {
+                if changed.is_err() {
+                    continue;
                 }
-            };
-        let mut limits = shared.limits.clone();
-        limits.max_message_bytes = q.max_message_bytes;
-        limits.idle_timeout = q.idle_timeout;
-        let mut guard = Guard::new(class.clone(), rate);
-        guard.count_denials_into(shared.denial_counters(class.name()));
-        let class_gauge = shared.metrics.connections(class.name());
-        class_gauge.inc();
-        let _class_gauge = GaugeSlot(class_gauge);
-        let (shutdown_timeout, write_timeout) = (limits.shutdown_timeout, limits.write_timeout);
-        let (network, control) = new_network(reader, writer, Side::Server, limits, guard);
-        control.observe(shared.metrics.clone());
-        let mut rpc = std::pin::pin!(RpcSystem::new(Box::new(network), Some(bootstrap)));
-        tracing::debug!("connection open");
-        let result = loop {
-            tokio::select! {
-                r = &mut rpc => break Some(r),
-                _ = stop.wait_for(|s| *s) => break None,
-                changed = policy_rx.changed() => {
-                    if changed.is_err() {
-                        continue;
+                let policy = c.policy_rx.borrow_and_update().clone();
+                match policy.classify(&view(&c.peer)) {
+                    Some((_, k)) => {
+                        let k = k.clone();
+                        let q = k.quotas();
+                        let rate = shared.clients.rate(k.name(), &c.key, q.calls_per_second, q.burst);
+                        tracing::info!(class = k.name(), "policy reloaded: connection re-matched");
+                        control.set_class(k.clone(), rate);
+                        control.count_denials_into(shared.denial_counters(k.name()));
                     }
-                    let policy = policy_rx.borrow_and_update().clone();
-                    match policy.classify(&peer_view) {
-                        Some((_, c)) => {
-                            let c = c.clone();
-                            let q = c.quotas();
-                            let rate = shared.clients.rate(c.name(), &key, q.calls_per_second, q.burst);
-                            tracing::info!(class = c.name(), "policy reloaded: connection re-matched");
-                            control.set_class(c.clone(), rate);
-                            control.count_denials_into(shared.denial_counters(c.name()));
-                        }
-                        None => control.abort(capnp::Error::failed(format!(
-                            "capgate: the policy was reloaded and no client class of it ({}) \
-                             matches {} any more",
-                            policy.origin(),
-                            peer.addr
-                        ))),
-                    }
+                    None => control.abort(capnp::Error::failed(format!(
+                        "capgate: the policy was reloaded and no client class of it ({}) \
+                         matches {} any more",
+                        policy.origin(),
+                        c.peer.addr
+                    ))),
                 }
             }
-        };
-        let result = match result {
-            Some(r) => r,
-            // Boxed: its timers would otherwise enlarge every connection's future.
-            None => Box::pin(async {
+        }
+    };
+    let rpc = &mut c.rpc;
+    let result = match result {
+        Some(r) => r,
+        // Boxed: its timers would otherwise enlarge every connection's future.
+        None => {
+            Box::pin(async {
                 // Graceful shutdown: let in-flight calls finish, up to the deadline.
-                let deadline = tokio::time::Instant::now() + shutdown_timeout;
+                let deadline = tokio::time::Instant::now() + c.shutdown_timeout;
                 let finished = loop {
                     if control.in_flight_calls() == 0 || tokio::time::Instant::now() >= deadline {
                         break None;
                     }
                     tokio::select! {
-                        r = &mut rpc => break Some(r),
+                        r = &mut *rpc => break Some(r),
                         () = tokio::time::sleep(DRAIN_POLL) => {}
                     }
                 };
@@ -290,21 +386,20 @@ where
                         control.abort(capnp::Error::disconnected(
                             "capgate: the server is shutting down".into(),
                         ));
-                        match tokio::time::timeout(write_timeout, &mut rpc).await {
+                        match tokio::time::timeout(c.write_timeout, &mut *rpc).await {
                             Ok(r) => r,
                             Err(_) => Ok(()),
                         }
                     }
                 }
             })
-            .await,
-        };
-        let stats = control.stats();
-        match &result {
-            Ok(()) => tracing::debug!(?stats, "connection closed"),
-            Err(e) => tracing::info!(cause = %e, ?stats, "connection closed with an error"),
+            .await
         }
-        control.linger().await;
+    };
+    let stats = control.stats();
+    match &result {
+        Ok(()) => tracing::debug!(?stats, "connection closed"),
+        Err(e) => tracing::info!(cause = %e, ?stats, "connection closed with an error"),
     }
-    .instrument(span)
+    control.linger().await;
 }

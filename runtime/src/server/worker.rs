@@ -84,11 +84,15 @@ fn run(
             let shared = shared.clone();
             let stop = stop.clone();
             let load = load.clone();
+            // Counts down even if the connection's task panics and unwinds.
+            shared.open_connections.fetch_add(1, Ordering::Relaxed);
+            let load = LoadGuard(load, shared.clone());
+            // The connection's future is built here and boxed, so the task itself stays a
+            // few words (an idle connection's memory is mostly its futures).
+            let conn = connection::serve(accepted, shared, stop);
             tasks.push(tokio::task::spawn_local(async move {
-                // Counts down even if the connection's task panics and unwinds.
-                shared.open_connections.fetch_add(1, Ordering::Relaxed);
-                let _load = LoadGuard(load, shared.clone());
-                connection::serve(accepted, shared, stop).await;
+                let _load = load;
+                conn.await;
             }));
         }
         // The acceptors are gone (shutdown): let every connection finish its graceful close.
