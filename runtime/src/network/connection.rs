@@ -4,7 +4,6 @@ use std::rc::Rc;
 use capnp::capability::Promise;
 use capnp::message::{Builder, HeapAllocator, ReaderOptions};
 use capnp_rpc::rpc_twoparty_capnp::Side;
-use futures::future::{FutureExt, Shared};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::reader::{Lease, ReadState};
@@ -305,7 +304,8 @@ pub struct GuardedNetwork {
     make_connection: Box<dyn Fn() -> Box<dyn capnp_rpc::Connection<Side>>>,
     accepted: bool,
     side: Side,
-    driver: Shared<Promise<(), capnp::Error>>,
+    /// Taken by `drive_until_shutdown`, which capnp-rpc calls once.
+    driver: Option<Promise<(), capnp::Error>>,
     writer_task: tokio::task::AbortHandle,
 }
 
@@ -333,7 +333,9 @@ impl capnp_rpc::VatNetwork<Side> for GuardedNetwork {
     }
 
     fn drive_until_shutdown(&mut self) -> Promise<(), capnp::Error> {
-        Promise::from_future(self.driver.clone())
+        self.driver
+            .take()
+            .unwrap_or_else(|| Promise::from_future(futures::future::pending()))
     }
 }
 
@@ -500,7 +502,6 @@ where
             let r = result.borrow_mut().take();
             r.unwrap_or(Ok(()))
         })
-        .shared()
     };
     let control = ConnectionControl {
         shared: shared.clone(),
@@ -511,7 +512,7 @@ where
             make_connection,
             accepted: false,
             side,
-            driver,
+            driver: Some(driver),
             writer_task,
         },
         control,

@@ -319,6 +319,40 @@ where
     })
 }
 
+/// Graceful shutdown of one connection: let in-flight calls finish, up to the deadline, then
+/// close with an `Abort` saying why.
+fn drain<'a>(
+    control: &'a crate::ConnectionControl,
+    rpc: &'a mut RpcSystem<Side>,
+    shutdown_timeout: Duration,
+    write_timeout: Duration,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), capnp::Error>> + 'a>> {
+    Box::pin(async move {
+        let deadline = tokio::time::Instant::now() + shutdown_timeout;
+        let finished = loop {
+            if control.in_flight_calls() == 0 || tokio::time::Instant::now() >= deadline {
+                break None;
+            }
+            tokio::select! {
+                r = &mut *rpc => break Some(r),
+                () = tokio::time::sleep(DRAIN_POLL) => {}
+            }
+        };
+        match finished {
+            Some(r) => r,
+            None => {
+                control.abort(capnp::Error::disconnected(
+                    "capgate: the server is shutting down".into(),
+                ));
+                match tokio::time::timeout(write_timeout, &mut *rpc).await {
+                    Ok(r) => r,
+                    Err(_) => Ok(()),
+                }
+            }
+        }
+    })
+}
+
 /// Sends a refused connection its reason.
 fn refused<R, W>(reader: R, writer: W, shared: &ServerShared, reason: String) -> Admission
 where
@@ -333,73 +367,54 @@ where
 
 /// Serves an admitted connection until it ends, the server shuts down, or a policy reload
 /// no longer matches it.
-async fn serve_admitted(mut c: Admitted, shared: Arc<ServerShared>) {
-    let control = &c.control;
-    let result = loop {
-        tokio::select! {
-            r = &mut c.rpc => break Some(r),
-            _ = c.stop.wait_for(|s| *s) => break None,
-            changed = c.policy_rx.changed() => {
-                if changed.is_err() {
-                    continue;
-                }
-                let policy = c.policy_rx.borrow_and_update().clone();
-                match policy.classify(&view(&c.peer)) {
-                    Some((_, k)) => {
-                        let k = k.clone();
-                        let q = k.quotas();
-                        let rate = shared.clients.rate(k.name(), &c.key, q.calls_per_second, q.burst);
-                        tracing::info!(class = k.name(), "policy reloaded: connection re-matched");
-                        control.set_class(k.clone(), rate);
-                        control.count_denials_into(shared.denial_counters(k.name()));
+///
+/// A plain fn around an `async move` block: the block uses `c` in place, where an
+/// `async fn` would keep a second copy of its argument in the future's state.
+fn serve_admitted(
+    mut c: Admitted,
+    shared: Arc<ServerShared>,
+) -> impl std::future::Future<Output = ()> {
+    async move {
+        let control = &c.control;
+        let result = loop {
+            tokio::select! {
+                r = &mut c.rpc => break Some(r),
+                _ = c.stop.wait_for(|s| *s) => break None,
+                changed = c.policy_rx.changed() => {
+                    if changed.is_err() {
+                        continue;
                     }
-                    None => control.abort(capnp::Error::failed(format!(
-                        "capgate: the policy was reloaded and no client class of it ({}) \
-                         matches {} any more",
-                        policy.origin(),
-                        c.peer.addr
-                    ))),
+                    let policy = c.policy_rx.borrow_and_update().clone();
+                    match policy.classify(&view(&c.peer)) {
+                        Some((_, k)) => {
+                            let k = k.clone();
+                            let q = k.quotas();
+                            let rate = shared.clients.rate(k.name(), &c.key, q.calls_per_second, q.burst);
+                            tracing::info!(class = k.name(), "policy reloaded: connection re-matched");
+                            control.set_class(k.clone(), rate);
+                            control.count_denials_into(shared.denial_counters(k.name()));
+                        }
+                        None => control.abort(capnp::Error::failed(format!(
+                            "capgate: the policy was reloaded and no client class of it ({}) \
+                             matches {} any more",
+                            policy.origin(),
+                            c.peer.addr
+                        ))),
+                    }
                 }
             }
+        };
+        let rpc = &mut c.rpc;
+        let result = match result {
+            Some(r) => r,
+            // Boxed from a plain fn: its timers would otherwise enlarge every connection's future.
+            None => drain(control, rpc, c.shutdown_timeout, c.write_timeout).await,
+        };
+        let stats = control.stats();
+        match &result {
+            Ok(()) => tracing::debug!(?stats, "connection closed"),
+            Err(e) => tracing::info!(cause = %e, ?stats, "connection closed with an error"),
         }
-    };
-    let rpc = &mut c.rpc;
-    let result = match result {
-        Some(r) => r,
-        // Boxed: its timers would otherwise enlarge every connection's future.
-        None => {
-            Box::pin(async {
-                // Graceful shutdown: let in-flight calls finish, up to the deadline.
-                let deadline = tokio::time::Instant::now() + c.shutdown_timeout;
-                let finished = loop {
-                    if control.in_flight_calls() == 0 || tokio::time::Instant::now() >= deadline {
-                        break None;
-                    }
-                    tokio::select! {
-                        r = &mut *rpc => break Some(r),
-                        () = tokio::time::sleep(DRAIN_POLL) => {}
-                    }
-                };
-                match finished {
-                    Some(r) => r,
-                    None => {
-                        control.abort(capnp::Error::disconnected(
-                            "capgate: the server is shutting down".into(),
-                        ));
-                        match tokio::time::timeout(c.write_timeout, &mut *rpc).await {
-                            Ok(r) => r,
-                            Err(_) => Ok(()),
-                        }
-                    }
-                }
-            })
-            .await
-        }
-    };
-    let stats = control.stats();
-    match &result {
-        Ok(()) => tracing::debug!(?stats, "connection closed"),
-        Err(e) => tracing::info!(cause = %e, ?stats, "connection closed with an error"),
+        control.linger().await;
     }
-    control.linger().await;
 }
