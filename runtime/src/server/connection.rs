@@ -370,11 +370,15 @@ where
 ///
 /// A plain fn around an `async move` block: the block uses `c` in place, where an
 /// `async fn` would keep a second copy of its argument in the future's state.
+#[allow(clippy::manual_async_fn)] // on purpose: see above
 fn serve_admitted(
     mut c: Admitted,
     shared: Arc<ServerShared>,
 ) -> impl std::future::Future<Output = ()> {
     async move {
+        // Use `c` whole, so the block owns all of it: closures capture only the fields they
+        // use, and the connection slots (never read) would otherwise be released at once.
+        let c = &mut c;
         let control = &c.control;
         let result = loop {
             tokio::select! {
