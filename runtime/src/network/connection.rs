@@ -185,7 +185,7 @@ impl capnp_rpc::OutgoingMessage for Outgoing {
 
 struct GuardedConnection<R> {
     shared: Rc<ConnShared>,
-    read: Rc<RefCell<Option<ReadState<R>>>>,
+    read: Rc<RefCell<Option<Box<ReadState<R>>>>>,
     peer_side: Side,
 }
 
@@ -357,11 +357,9 @@ trait LingerState {
     ) -> futures::future::LocalBoxFuture<'a, ()>;
 }
 
-impl<R: AsyncRead + Unpin + 'static> LingerRead for Rc<RefCell<Option<ReadState<R>>>> {
+impl<R: AsyncRead + Unpin + 'static> LingerRead for Rc<RefCell<Option<Box<ReadState<R>>>>> {
     fn take(&self) -> Option<Box<dyn LingerState>> {
-        self.borrow_mut()
-            .take()
-            .map(|s| Box::new(s) as Box<dyn LingerState>)
+        self.borrow_mut().take().map(|s| s as Box<dyn LingerState>)
     }
 }
 
@@ -467,7 +465,10 @@ where
         limits,
     });
     let decoder = FrameDecoder::new(shared.limits.frame_limits());
-    let read = Rc::new(RefCell::new(Some(ReadState::new(reader, decoder))));
+    // Boxed: a receive future leases the state by moving this pointer, not the state.
+    let read = Rc::new(RefCell::new(Some(Box::new(ReadState::new(
+        reader, decoder,
+    )))));
     let peer_side = match side {
         Side::Client => Side::Server,
         Side::Server => Side::Client,

@@ -247,12 +247,12 @@ enum Event {
 /// Lends the read state to one receive future and puts it back when that future ends or is
 /// dropped, so the connection can still linger after capnp-rpc is gone.
 pub(super) struct Lease<R> {
-    slot: Rc<RefCell<Option<ReadState<R>>>>,
-    state: Option<ReadState<R>>,
+    slot: Rc<RefCell<Option<Box<ReadState<R>>>>>,
+    state: Option<Box<ReadState<R>>>,
 }
 
 impl<R> Lease<R> {
-    pub(super) fn take(slot: &Rc<RefCell<Option<ReadState<R>>>>) -> Option<Self> {
+    pub(super) fn take(slot: &Rc<RefCell<Option<Box<ReadState<R>>>>>) -> Option<Self> {
         let state = slot.borrow_mut().take()?;
         Some(Self {
             slot: slot.clone(),
