@@ -143,6 +143,9 @@ pub struct Progress {
     pub failed: AtomicU64,
 }
 
+/// How long after the run's end an outstanding call may still be answered.
+const ANSWER_GRACE: Duration = Duration::from_secs(5);
+
 fn new_histogram() -> Histogram<u64> {
     // 1 ns .. 1 hour, 3 significant digits.
     Histogram::new_with_bounds(1, 3_600_000_000_000, 3).expect("valid histogram bounds")
@@ -282,9 +285,23 @@ async fn drive(
                     failed: BTreeMap::new(),
                     latency: new_histogram(),
                 };
+                // A call still unanswered this long after the end is abandoned, so a server
+                // that stops answering cannot keep the run going.
+                let give_up = tokio::time::Instant::from_std(deadline + ANSWER_GRACE);
                 while Instant::now() < deadline {
                     let t = Instant::now();
-                    let outcome = call(&client, method, &key, &payload).await;
+                    let outcome = match tokio::time::timeout_at(
+                        give_up,
+                        call(&client, method, &key, &payload),
+                    )
+                    .await
+                    {
+                        Ok(r) => r,
+                        Err(_) => Err(capnp::Error::disconnected(format!(
+                            "no answer within {} s after the run ended",
+                            ANSWER_GRACE.as_secs()
+                        ))),
+                    };
                     let took = t.elapsed();
                     progress.done.fetch_add(1, Ordering::Relaxed);
                     match outcome {

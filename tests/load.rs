@@ -183,3 +183,35 @@ fn readme_flow_serve_echo_with_the_example_policy_then_load() {
     assert!(out.contains(" ok, 0 failed"), "{out}");
     assert!(ok_calls(&out) > 100, "{out}");
 }
+
+#[test]
+fn a_server_that_never_answers_cannot_keep_the_run_going() {
+    // Accepts and reads, never writes: every call stays unanswered.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in listener.incoming().take(4).flatten() {
+            let mut r = s.try_clone().unwrap();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while matches!(std::io::Read::read(&mut r, &mut buf), Ok(n) if n > 0) {}
+            });
+            held.push(s);
+        }
+        std::thread::sleep(std::time::Duration::from_secs(30));
+    });
+    let start = std::time::Instant::now();
+    let (ok, out, err) = load(&["--connect", &addr, "--inflight", "4", "--duration", "1s"]);
+    let took = start.elapsed();
+    assert!(!ok, "{out}");
+    assert!(
+        took < std::time::Duration::from_secs(15),
+        "the run took {took:?}"
+    );
+    assert!(
+        out.contains("no answer within 5 s after the run ended"),
+        "stdout:\n{out}\nstderr:\n{err}"
+    );
+    assert!(err.contains("no call succeeded"), "{err}");
+}
