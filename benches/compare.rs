@@ -24,6 +24,9 @@ use tokio::task::LocalSet;
 use tokio_util::compat::TokioAsyncReadCompatExt;
 
 // `ByteBuf` (serde_bytes) so bincode copies the payload as one block, not byte by byte.
+mod common;
+use common::{median, threads_cpu_ns, twoparty_connect};
+
 #[tarpc::service]
 trait TarpcEcho {
     async fn echo(payload: ByteBuf) -> ByteBuf;
@@ -250,22 +253,6 @@ enum Conn {
     Handle(ClientHandle),
 }
 
-async fn twoparty_connect(addr: SocketAddr) -> capnp::capability::Client {
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream.set_nodelay(true).unwrap();
-    let (r, w) = stream.compat().split();
-    let network = twoparty::VatNetwork::new(
-        futures::io::BufReader::new(r),
-        futures::io::BufWriter::new(w),
-        Side::Client,
-        Default::default(),
-    );
-    let mut rpc = RpcSystem::new(Box::new(network), None);
-    let client = rpc.bootstrap(Side::Server);
-    tokio::task::spawn_local(rpc);
-    client
-}
-
 async fn connect(sys: Sys, addr: SocketAddr) -> Conn {
     match sys {
         Sys::Twoparty => Conn::Twoparty(echo::Client {
@@ -352,11 +339,6 @@ async fn run_calls(conn: &Conn, total: u64, inflight: usize, payload: &Rc<Vec<u8
 
 // ---------------------------------------------------------------------------------------
 // Statistics.
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 fn pct(sorted: &[Duration], q: f64) -> f64 {
     sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)].as_secs_f64() * 1e6
@@ -476,27 +458,6 @@ fn throughput_report(b: &Bench, conns: &[(Sys, Conn)]) {
             m[3] / m[1],
         );
     }
-}
-
-/// Runs `conns` connections x `inflight` calls each, spread over `threads` client threads,
-/// until `total` calls are done; returns calls per second (connection set-up not timed).
-/// CPU time (ns) used so far by this process's threads whose name starts with `prefix`.
-fn threads_cpu_ns(prefix: &str) -> u64 {
-    let mut total = 0;
-    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
-        for t in tasks.flatten() {
-            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-            if comm.starts_with(prefix) {
-                let stat = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
-                total += stat
-                    .split_whitespace()
-                    .next()
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .unwrap_or(0);
-            }
-        }
-    }
-    total
 }
 
 /// The thread-name prefix of each system's server threads.

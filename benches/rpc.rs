@@ -21,6 +21,9 @@ use tokio::runtime::Runtime;
 use tokio::task::LocalSet;
 use tokio_util::compat::TokioAsyncReadCompatExt;
 
+mod common;
+use common::{median, threads_cpu_ns, twoparty_connect};
+
 const PAYLOAD: &[u8] = &[42u8; 64];
 
 /// Raw capnp-rpc twoparty server (the baseline), one thread, buffered streams.
@@ -125,22 +128,6 @@ fn start_capgate_server(policy: Policy) -> SocketAddr {
     addr
 }
 
-async fn twoparty_client(addr: SocketAddr) -> echo::Client {
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream.set_nodelay(true).unwrap();
-    let (r, w) = stream.compat().split();
-    let network = twoparty::VatNetwork::new(
-        futures::io::BufReader::new(r),
-        futures::io::BufWriter::new(w),
-        Side::Client,
-        Default::default(),
-    );
-    let mut rpc = RpcSystem::new(Box::new(network), None);
-    let client: echo::Client = rpc.bootstrap(Side::Server);
-    tokio::task::spawn_local(rpc);
-    client
-}
-
 async fn capgate_client(addr: SocketAddr) -> (Client, echo::Client) {
     let c = Client::connect(addr).await.unwrap();
     let e = c.bootstrap();
@@ -222,7 +209,9 @@ impl Setup {
             .unwrap();
         let local = LocalSet::new();
         let (raw, (gate_conn, gate), (policed_conn, policed)) = local.block_on(&rt, async {
-            let raw = twoparty_client(raw_addr).await;
+            let raw = echo::Client {
+                client: twoparty_connect(raw_addr).await,
+            };
             let gate = capgate_client(gate_addr).await;
             let policed = capgate_client(policed_addr).await;
             call(&raw).await;
@@ -364,40 +353,16 @@ fn throughput_report(s: &Setup, calls: u64, rounds: usize) {
     );
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-/// CPU time (ns) used so far by capgate worker threads of this process.
-fn worker_cpu_ns() -> u64 {
-    let mut total = 0;
-    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
-        for t in tasks.flatten() {
-            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-            if comm.starts_with("capgate-worker") {
-                let stat = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
-                total += stat
-                    .split_whitespace()
-                    .next()
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .unwrap_or(0);
-            }
-        }
-    }
-    total
-}
-
 /// Server CPU per call, allowed vs denied, on the realistic-policy server.
 fn denial_cost_report(s: &Setup, calls: u64, rounds: usize) {
     let mut allowed = Vec::new();
     let mut denied = Vec::new();
     for _ in 0..rounds {
-        let before = worker_cpu_ns();
+        let before = threads_cpu_ns("capgate-worker");
         s.run(run_calls(&s.policed, calls, 128));
-        let mid = worker_cpu_ns();
+        let mid = threads_cpu_ns("capgate-worker");
         s.run(run_denied(&s.policed, calls, 128));
-        let after = worker_cpu_ns();
+        let after = threads_cpu_ns("capgate-worker");
         allowed.push((mid - before) as f64 / calls as f64 / 1000.0);
         denied.push((after - mid) as f64 / calls as f64 / 1000.0);
     }

@@ -157,6 +157,25 @@ struct ThreadResult {
     latency: Histogram<u64>,
 }
 
+impl ThreadResult {
+    fn new() -> Self {
+        Self {
+            ok: 0,
+            failed: BTreeMap::new(),
+            latency: new_histogram(),
+        }
+    }
+
+    /// Adds `other`'s counts and latencies to these.
+    fn merge(&mut self, other: ThreadResult) {
+        self.ok += other.ok;
+        for (k, v) in other.failed {
+            *self.failed.entry(k).or_default() += v;
+        }
+        let _ = self.latency.add(&other.latency);
+    }
+}
+
 /// Runs the load; `progress` is updated as calls complete. Fails if a connection cannot be
 /// made (no calls are made then).
 pub fn run(config: &LoadConfig, progress: Arc<Progress>) -> Result<LoadReport, Error> {
@@ -206,11 +225,7 @@ pub fn run(config: &LoadConfig, progress: Arc<Progress>) -> Result<LoadReport, E
                         return Err(e);
                     }
                     if failed_setup.load(Ordering::SeqCst) {
-                        return Ok(ThreadResult {
-                            ok: 0,
-                            failed: BTreeMap::new(),
-                            latency: new_histogram(),
-                        });
+                        return Ok(ThreadResult::new());
                     }
                     let start = start_at.lock().map(|s| *s).ok().flatten();
                     let deadline = start.unwrap_or_else(Instant::now) + config.duration;
@@ -226,22 +241,11 @@ pub fn run(config: &LoadConfig, progress: Arc<Progress>) -> Result<LoadReport, E
     }
     ready.wait();
     let start = Instant::now();
-    let mut report = LoadReport {
-        ok: 0,
-        failed: BTreeMap::new(),
-        elapsed: Duration::ZERO,
-        latency_ns: new_histogram(),
-    };
+    let mut total = ThreadResult::new();
     let mut first_error = None;
     for h in handles {
         match h.join() {
-            Ok(Ok(r)) => {
-                report.ok += r.ok;
-                for (k, v) in r.failed {
-                    *report.failed.entry(k).or_default() += v;
-                }
-                let _ = report.latency_ns.add(&r.latency);
-            }
+            Ok(Ok(r)) => total.merge(r),
             Ok(Err(e)) => {
                 first_error.get_or_insert(e);
             }
@@ -250,10 +254,15 @@ pub fn run(config: &LoadConfig, progress: Arc<Progress>) -> Result<LoadReport, E
             }
         }
     }
-    report.elapsed = start.elapsed();
+    let elapsed = start.elapsed();
     match first_error {
         Some(e) => Err(e),
-        None => Ok(report),
+        None => Ok(LoadReport {
+            ok: total.ok,
+            failed: total.failed,
+            elapsed,
+            latency_ns: total.latency,
+        }),
     }
 }
 
@@ -280,11 +289,7 @@ async fn drive(
             let method = config.method;
             let key = format!("k{}", i % 64);
             tasks.push(tokio::task::spawn_local(async move {
-                let mut r = ThreadResult {
-                    ok: 0,
-                    failed: BTreeMap::new(),
-                    latency: new_histogram(),
-                };
+                let mut r = ThreadResult::new();
                 // A call still unanswered this long after the end is abandoned, so a server
                 // that stops answering cannot keep the run going.
                 let give_up = tokio::time::Instant::from_std(deadline + ANSWER_GRACE);
@@ -322,18 +327,10 @@ async fn drive(
             }));
         }
     }
-    let mut total = ThreadResult {
-        ok: 0,
-        failed: BTreeMap::new(),
-        latency: new_histogram(),
-    };
+    let mut total = ThreadResult::new();
     for t in tasks {
         if let Ok(r) = t.await {
-            total.ok += r.ok;
-            for (k, v) in r.failed {
-                *total.failed.entry(k).or_default() += v;
-            }
-            let _ = total.latency.add(&r.latency);
+            total.merge(r);
         }
     }
     total

@@ -1,0 +1,52 @@
+//! Helpers shared by the benchmarks (each bench includes this module).
+
+use std::net::SocketAddr;
+
+use capnp_rpc::{rpc_twoparty_capnp::Side, twoparty, RpcSystem};
+use futures::AsyncReadExt;
+use tokio_util::compat::TokioAsyncReadCompatExt;
+
+/// Connects a raw capnp-rpc twoparty client (buffered streams, TCP_NODELAY) and returns the
+/// server's bootstrap capability. Call inside a LocalSet.
+pub(crate) async fn twoparty_connect(addr: SocketAddr) -> capnp::capability::Client {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    let (r, w) = stream.compat().split();
+    let network = twoparty::VatNetwork::new(
+        futures::io::BufReader::new(r),
+        futures::io::BufWriter::new(w),
+        Side::Client,
+        Default::default(),
+    );
+    let mut rpc = RpcSystem::new(Box::new(network), None);
+    let client = rpc.bootstrap(Side::Server);
+    tokio::task::spawn_local(rpc);
+    client
+}
+
+/// The median (sorts `v`).
+pub(crate) fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Runs `conns` connections x `inflight` calls each, spread over `threads` client threads,
+/// until `total` calls are done; returns calls per second (connection set-up not timed).
+/// CPU time (ns) used so far by this process's threads whose name starts with `prefix`.
+pub(crate) fn threads_cpu_ns(prefix: &str) -> u64 {
+    let mut total = 0;
+    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+        for t in tasks.flatten() {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            if comm.starts_with(prefix) {
+                let stat = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+                total += stat
+                    .split_whitespace()
+                    .next()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        }
+    }
+    total
+}
