@@ -15,7 +15,8 @@ use crate::Limits;
 
 /// State shared by the reader, the writer, outgoing messages and the connection's owner.
 pub(crate) struct ConnShared {
-    pub(super) limits: Limits,
+    /// Shared by the connections of a class (a pointer here, not a copy).
+    pub(super) limits: std::sync::Arc<Limits>,
     pub(super) outbox: Outbox,
     guard: RefCell<Guard>,
     abort: RefCell<Option<capnp::Error>>,
@@ -304,17 +305,9 @@ pub struct GuardedNetwork {
     make_connection: Box<dyn Fn() -> Box<dyn capnp_rpc::Connection<Side>>>,
     accepted: bool,
     side: Side,
-    /// Taken by `drive_until_shutdown`, which capnp-rpc calls once.
+    /// The writer, taken by `drive_until_shutdown`, which capnp-rpc calls once. Dropping the
+    /// RPC system drops it, and the write half of the socket with it.
     driver: Option<Promise<(), capnp::Error>>,
-    writer_task: tokio::task::AbortHandle,
-}
-
-impl Drop for GuardedNetwork {
-    /// The RPC system is gone (finished, dropped, or unwound by a panic): stop the writer
-    /// so the socket closes with it.
-    fn drop(&mut self) {
-        self.writer_task.abort();
-    }
 }
 
 impl capnp_rpc::VatNetwork<Side> for GuardedNetwork {
@@ -438,7 +431,8 @@ impl ConnectionControl {
 }
 
 /// Builds the `VatNetwork` for one connection over a read half and a write half.
-/// Must be called inside a `tokio::task::LocalSet` (the writer runs as a local task).
+/// The writer runs inside the RPC system (as its network's driver), so it writes only while
+/// the `RpcSystem` is polled.
 ///
 /// `side` is this end's role: the server side serves its bootstrap capability, the client
 /// side asks for the server's.
@@ -446,13 +440,14 @@ pub fn new_network<R, W>(
     reader: R,
     writer: W,
     side: Side,
-    limits: Limits,
+    limits: impl Into<std::sync::Arc<Limits>>,
     guard: Guard,
 ) -> (GuardedNetwork, ConnectionControl)
 where
     R: AsyncRead + Unpin + 'static,
     W: AsyncWrite + Unpin + 'static,
 {
+    let limits = limits.into();
     let shared = Rc::new(ConnShared {
         outbox: Outbox::new(limits.max_outgoing_bytes),
         guard: RefCell::new(guard),
@@ -484,26 +479,10 @@ where
             }) as Box<dyn capnp_rpc::Connection<Side>>
         })
     };
-    // The writer is its own task, so that it runs after the tasks that produce messages have
-    // had their turn: that is what lets it coalesce many messages into one write.
-    let result = Rc::new(RefCell::new(None));
-    let writer_task = {
-        let shared = shared.clone();
-        let result = result.clone();
-        async move {
-            let r = writer::run(writer, shared).await;
-            *result.borrow_mut() = Some(r);
-        }
-    };
-    let writer_task = tokio::task::spawn_local(writer_task).abort_handle();
-    let driver = {
-        let shared = shared.clone();
-        Promise::from_future(async move {
-            shared.outbox.finished().await;
-            let r = result.borrow_mut().take();
-            r.unwrap_or(Ok(()))
-        })
-    };
+    // The writer is the network's driver: capnp-rpc polls it among its own tasks (no task of
+    // its own, so an idle connection holds no task cell for it), and the RPC system ends when
+    // it has flushed and closed the stream, or failed.
+    let driver = Promise::from_future(writer::run(writer, shared.clone()));
     let control = ConnectionControl {
         shared: shared.clone(),
         linger: Box::new(read),
@@ -514,7 +493,6 @@ where
             accepted: false,
             side,
             driver: Some(driver),
-            writer_task,
         },
         control,
     )

@@ -25,7 +25,7 @@ impl Signal {
         poll_fn(|cx| self.poll_wait(cx)).await;
     }
 
-    fn poll_wait(&self, cx: &mut Context<'_>) -> Poll<()> {
+    pub(super) fn poll_wait(&self, cx: &mut Context<'_>) -> Poll<()> {
         if self.set.replace(false) {
             return Poll::Ready(());
         }

@@ -1,5 +1,6 @@
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
+use std::future::Future;
 use std::rc::Rc;
 
 use capnp::message::{Builder, HeapAllocator};
@@ -191,46 +192,54 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         }
         if batch_bytes == 0 {
             if outbox.state.get() == State::Closing {
-                let _ = tokio::time::timeout(limits.write_timeout, stream.shutdown()).await;
+                // Boxed: its timer would otherwise enlarge every connection's writer.
+                let shutdown = Box::pin(tokio::time::timeout(
+                    limits.write_timeout,
+                    stream.shutdown(),
+                ));
+                let _ = shutdown.await;
                 return Ok(());
             }
-            // Idle: the coalescing buffer goes back to the worker's pool.
+            // Idle: the coalescing buffer goes back to the worker's pool, and the empty queue
+            // gives its slots back (an idle connection holds neither).
             pool::give_write(std::mem::take(&mut buf));
+            *outbox.queue.borrow_mut() = VecDeque::new();
             outbox.wake.wait().await;
             continue;
         }
-        let write = async {
-            match &large {
-                None => stream.write_all(&buf).await?,
-                Some(msg) => {
-                    // What is coalesced, the large frame's segment table and its segments
-                    // (not copied) in as few `writev`s as the socket takes.
-                    let segments = msg.get_segments_for_output();
-                    let mut header = Vec::with_capacity(8 + 4 * segments.len());
-                    encode_header(&mut header, &segments);
-                    let mut parts = Vec::with_capacity(2 + segments.len());
-                    parts.push(&buf[..]);
-                    parts.push(&header[..]);
-                    parts.extend(segments.iter().copied());
-                    write_all_vectored(stream, &parts).await?;
+        let written = {
+            let write = async {
+                match &large {
+                    None => stream.write_all(&buf).await?,
+                    Some(msg) => write_large(stream, &buf, msg).await?,
                 }
-            }
-            stream.flush().await
-        };
-        let written = tokio::select! {
-            r = tokio::time::timeout(limits.write_timeout, write) => r,
-            () = outbox.cut.wait() => return Ok(()),
+                stream.flush().await
+            };
+            // Polled in place (a helper `async fn` would hold a second copy of the write).
+            let mut write = std::pin::pin!(write);
+            let mut timer = None;
+            std::future::poll_fn(|cx| {
+                poll_with_deadline(
+                    write.as_mut(),
+                    cx,
+                    &mut timer,
+                    limits.write_timeout,
+                    &outbox.cut,
+                )
+            })
+            .await
         };
         match written {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
+            Written::Done(Ok(())) => {}
+            Written::Done(Err(e)) => {
                 // The peer is gone. Stop writing, but let the reader see the peer's last
                 // words (often an Abort with the reason) before the connection ends.
                 tracing::debug!(cause = %e, "write failed");
                 outbox.fail();
                 return Ok(());
             }
-            Err(_) => {
+            Written::Cut => return Ok(()),
+            Written::TimedOut => {
                 outbox.fail();
                 return Err(capnp::Error::failed(format!(
                     "capgate: a write to the peer stalled for {:?} (write_timeout); \
@@ -244,6 +253,58 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         outbox.queued_bytes.set(q.saturating_sub(batch_bytes));
         shared.note_sent(batch_frames, batch_bytes);
     }
+}
+
+enum Written {
+    Done(std::io::Result<()>),
+    /// The outbox failed meanwhile: the write was abandoned.
+    Cut,
+    TimedOut,
+}
+
+/// Polls `write` until it completes, `cut` is signalled, or it has been blocked for
+/// `timeout`. The timer is made only once the socket blocks, and dropped with the write: a
+/// write that completes at once (nearly all of them) costs no timer, and the writer's future
+/// stays small while it waits for messages.
+fn poll_with_deadline(
+    write: std::pin::Pin<&mut impl Future<Output = std::io::Result<()>>>,
+    cx: &mut std::task::Context<'_>,
+    timer: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    timeout: std::time::Duration,
+    cut: &Signal,
+) -> std::task::Poll<Written> {
+    use std::task::Poll;
+    if let Poll::Ready(r) = write.poll(cx) {
+        return Poll::Ready(Written::Done(r));
+    }
+    if cut.poll_wait(cx).is_ready() {
+        return Poll::Ready(Written::Cut);
+    }
+    let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+    if timer.as_mut().poll(cx).is_ready() {
+        return Poll::Ready(Written::TimedOut);
+    }
+    Poll::Pending
+}
+
+/// Writes what is coalesced, then a large frame's segment table and its segments (not
+/// copied), in as few `writev`s as the socket takes. Boxed from a plain fn: large frames are
+/// rare, and their write state would otherwise enlarge every connection's writer.
+fn write_large<'a, W: AsyncWrite + Unpin>(
+    stream: &'a mut W,
+    buf: &'a [u8],
+    msg: &'a Message,
+) -> std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + 'a>> {
+    Box::pin(async move {
+        let segments = msg.get_segments_for_output();
+        let mut header = Vec::with_capacity(8 + 4 * segments.len());
+        encode_header(&mut header, &segments);
+        let mut parts = Vec::with_capacity(2 + segments.len());
+        parts.push(buf);
+        parts.push(&header[..]);
+        parts.extend(segments.iter().copied());
+        write_all_vectored(stream, &parts).await
+    })
 }
 
 /// Yields while the queue grows; returns whether there is load worth gathering for (the
