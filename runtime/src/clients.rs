@@ -3,7 +3,8 @@
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
 use governor::clock::{Clock, DefaultClock};
@@ -76,39 +77,56 @@ where
     }
 }
 
-struct ClientState {
-    rate: Arc<CallRate>,
-    connections: usize,
+/// One client's shared state. Connections hold it directly, so giving a slot back is one
+/// atomic decrement, with no lookup and no copy of the key.
+struct ClientEntry {
+    rate: Mutex<Arc<CallRate>>,
+    connections: AtomicUsize,
 }
 
 /// All clients of a server, keyed by class name and identity.
 #[derive(Default)]
 pub struct ClientRegistry {
-    clients: DashMap<(String, ClientKey), ClientState>,
-    classes: DashMap<String, usize>,
+    clients: DashMap<(String, ClientKey), Arc<ClientEntry>>,
+    classes: DashMap<String, Arc<AtomicUsize>>,
 }
 
 /// A connection's place in its class's count; given back when dropped.
-pub struct ClassSlot {
-    registry: Arc<ClientRegistry>,
-    class: String,
-}
+pub struct ClassSlot(Arc<AtomicUsize>);
 
 impl Drop for ClassSlot {
     fn drop(&mut self) {
-        if let Some(mut n) = self.registry.classes.get_mut(&self.class) {
-            *n = n.saturating_sub(1);
-        }
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 /// A connection's slot in its client's count; gives it back when dropped.
-pub struct ConnectionSlot {
-    registry: Arc<ClientRegistry>,
-    key: (String, ClientKey),
+pub struct ConnectionSlot(Arc<ClientEntry>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl ClientRegistry {
+    fn entry(
+        &self,
+        class: &str,
+        key: ClientKey,
+        per_second: NonZeroU32,
+        burst: NonZeroU32,
+    ) -> dashmap::mapref::one::RefMut<'_, (String, ClientKey), Arc<ClientEntry>> {
+        self.clients
+            .entry((class.to_string(), key))
+            .or_insert_with(|| {
+                Arc::new(ClientEntry {
+                    rate: Mutex::new(Arc::new(CallRate::new(per_second, burst))),
+                    connections: AtomicUsize::new(0),
+                })
+            })
+    }
+
     /// Registers one more connection of this client, unless it already has
     /// `max_connections`. Returns the slot and the client's (shared) rate budget.
     pub fn connect(
@@ -119,42 +137,27 @@ impl ClientRegistry {
         burst: NonZeroU32,
         max_connections: u32,
     ) -> Result<(ConnectionSlot, Arc<CallRate>), usize> {
-        let k = (class.to_string(), key);
-        let mut entry = self
-            .clients
-            .entry(k.clone())
-            .or_insert_with(|| ClientState {
-                rate: Arc::new(CallRate::new(per_second, burst)),
-                connections: 0,
-            });
-        if entry.connections >= max_connections as usize {
-            return Err(entry.connections);
+        // The map's entry stays locked from the check to the increment.
+        let entry = self.entry(class, key, per_second, burst);
+        let n = entry.connections.load(Ordering::Relaxed);
+        if n >= max_connections as usize {
+            return Err(n);
         }
-        entry.connections += 1;
-        let rate = entry.rate.clone();
-        drop(entry);
-        Ok((
-            ConnectionSlot {
-                registry: self.clone(),
-                key: k,
-            },
-            rate,
-        ))
+        entry.connections.store(n + 1, Ordering::Relaxed);
+        let rate = lock(&entry.rate).clone();
+        Ok((ConnectionSlot(entry.value().clone()), rate))
     }
 
     /// Registers one more connection of the class, unless it already has `max`. The error is
     /// the current count.
     pub fn connect_class(self: &Arc<Self>, class: &str, max: u32) -> Result<ClassSlot, usize> {
-        let mut n = self.classes.entry(class.to_string()).or_insert(0);
-        if *n >= max as usize {
-            return Err(*n);
+        let entry = self.classes.entry(class.to_string()).or_default();
+        let n = entry.load(Ordering::Relaxed);
+        if n >= max as usize {
+            return Err(n);
         }
-        *n += 1;
-        drop(n);
-        Ok(ClassSlot {
-            registry: self.clone(),
-            class: class.to_string(),
-        })
+        entry.store(n + 1, Ordering::Relaxed);
+        Ok(ClassSlot(entry.value().clone()))
     }
 
     /// The client's rate budget under (possibly new) quotas: replaced if they changed.
@@ -165,31 +168,25 @@ impl ClientRegistry {
         per_second: NonZeroU32,
         burst: NonZeroU32,
     ) -> Arc<CallRate> {
-        let k = (class.to_string(), key.clone());
-        let mut entry = self.clients.entry(k).or_insert_with(|| ClientState {
-            rate: Arc::new(CallRate::new(per_second, burst)),
-            connections: 0,
-        });
-        if entry.rate.per_second != per_second || entry.rate.burst != burst {
-            entry.rate = Arc::new(CallRate::new(per_second, burst));
+        let entry = self.entry(class, key.clone(), per_second, burst);
+        let mut rate = lock(&entry.rate);
+        if rate.per_second != per_second || rate.burst != burst {
+            *rate = Arc::new(CallRate::new(per_second, burst));
         }
-        entry.rate.clone()
+        rate.clone()
     }
 
     /// Connections of this client now.
     pub fn connections(&self, class: &str, key: &ClientKey) -> usize {
         self.clients
             .get(&(class.to_string(), key.clone()))
-            .map_or(0, |e| e.connections)
+            .map_or(0, |e| e.connections.load(Ordering::Relaxed))
     }
 }
 
-impl Drop for ConnectionSlot {
-    fn drop(&mut self) {
-        if let Some(mut e) = self.registry.clients.get_mut(&self.key) {
-            e.connections = e.connections.saturating_sub(1);
-        }
-    }
+/// The lock holds no invariant a panic could break (a pointer swap), so poisoning is ignored.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]
@@ -232,5 +229,19 @@ mod tests {
         drop(s1);
         assert_eq!(reg.connections("c", &a), 1);
         assert!(reg.connect("c", a, nz(10), nz(10), 2).is_ok());
+    }
+
+    #[test]
+    fn class_slots_are_counted_and_given_back() {
+        let reg = Arc::new(ClientRegistry::default());
+        let a = reg.connect_class("c", 2).unwrap();
+        let _b = reg.connect_class("c", 2).unwrap();
+        assert_eq!(reg.connect_class("c", 2).err(), Some(2));
+        assert!(
+            reg.connect_class("other", 2).is_ok(),
+            "classes are counted apart"
+        );
+        drop(a);
+        assert!(reg.connect_class("c", 2).is_ok());
     }
 }

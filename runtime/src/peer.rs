@@ -31,7 +31,8 @@ pub struct PeerInfo {
     /// Transport identity.
     pub addr: PeerAddr,
     /// The verified client certificate's identity, on TLS connections that presented one.
-    pub tls: Option<crate::CertIdentity>,
+    /// (Boxed: most connections have none, and a peer's info is kept for its lifetime.)
+    pub tls: Option<Box<crate::CertIdentity>>,
 }
 
 impl PeerInfo {

@@ -193,6 +193,7 @@ impl ServerBuilder {
                 denials: Default::default(),
                 tls: self.tls.map(tokio_rustls::TlsAcceptor::from),
                 metrics: Arc::default(),
+                class_limits: Default::default(),
             }),
             workers,
             shutdown: ShutdownHandle::new(),

@@ -3,10 +3,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use capnp_rpc::RpcSystem;
+use std::rc::Rc;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::watch;
 use tracing::Instrument;
 
+use super::events::{Event, Events, Subscription};
 use super::worker::Accepted;
 use super::ServerShared;
 use crate::network::new_network;
@@ -29,16 +30,16 @@ fn boxed<F: std::future::Future<Output = ()> + 'static>(
 pub(super) fn serve(
     accepted: Accepted,
     shared: Arc<ServerShared>,
-    stop: watch::Receiver<bool>,
+    events: &Rc<Events>,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>> {
     match accepted {
         Accepted::Tcp(s, peer) => match tokio::net::TcpStream::from_std(s) {
             Ok(s) => match shared.tls.clone() {
                 None => {
                     let (r, w) = s.into_split();
-                    run(r, w, peer, shared, stop)
+                    run(r, w, peer, shared, events)
                 }
-                Some(acceptor) => boxed(serve_tls(s, acceptor, peer, shared, stop)),
+                Some(acceptor) => boxed(serve_tls(s, acceptor, peer, shared, events.clone())),
             },
             Err(e) => {
                 tracing::warn!(cause = %e, "cannot register a connection");
@@ -48,7 +49,7 @@ pub(super) fn serve(
         Accepted::Unix(s, peer) => match tokio::net::UnixStream::from_std(s) {
             Ok(s) => {
                 let (r, w) = s.into_split();
-                run(r, w, peer, shared, stop)
+                run(r, w, peer, shared, events)
             }
             Err(e) => {
                 tracing::warn!(cause = %e, "cannot register a connection");
@@ -64,7 +65,7 @@ async fn serve_tls(
     acceptor: tokio_rustls::TlsAcceptor,
     mut peer: PeerInfo,
     shared: Arc<ServerShared>,
-    stop: watch::Receiver<bool>,
+    events: Rc<Events>,
 ) {
     let timeout = shared.limits.tls_handshake_timeout;
     let tls = match tokio::time::timeout(timeout, acceptor.accept(s)).await {
@@ -85,9 +86,10 @@ async fn serve_tls(
         .1
         .peer_certificates()
         .and_then(|c| c.first())
-        .and_then(|c| crate::CertIdentity::from_der(c));
+        .and_then(|c| crate::CertIdentity::from_der(c))
+        .map(Box::new);
     let (r, w) = tokio::io::split(tls);
-    run(r, w, peer, shared, stop).await;
+    run(r, w, peer, shared, &events).await;
 }
 
 /// Gives a gauge back when the connection ends (panics included).
@@ -160,7 +162,7 @@ pub(super) fn run<R, W>(
     writer: W,
     peer: PeerInfo,
     shared: Arc<ServerShared>,
-    stop: watch::Receiver<bool>,
+    events: &Rc<Events>,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>
 where
     R: AsyncRead + Unpin + 'static,
@@ -169,7 +171,7 @@ where
     let span = tracing::info_span!("conn", id = peer.connection_id, peer = %peer, class = tracing::field::Empty);
     let admitted = {
         let _entered = span.enter();
-        admit(reader, writer, peer, &shared, stop, &span)
+        admit(reader, writer, peer, &shared, events, &span)
     };
     match admitted {
         Admission::Admitted(c) => Box::pin(serve_admitted(c, shared).instrument(span)),
@@ -188,12 +190,10 @@ enum Admission {
 struct Admitted {
     peer: PeerInfo,
     key: ClientKey,
-    stop: watch::Receiver<bool>,
-    policy_rx: watch::Receiver<Arc<capgate_policy::Policy>>,
+    /// Shutdown and policy reloads.
+    events: Subscription,
     control: crate::ConnectionControl,
     rpc: RpcSystem<Side>,
-    shutdown_timeout: Duration,
-    write_timeout: Duration,
     /// Released when the connection ends.
     _slots: (crate::ClassSlot, crate::ConnectionSlot, GaugeSlot),
 }
@@ -203,7 +203,7 @@ fn admit<R, W>(
     writer: W,
     peer: PeerInfo,
     shared: &Arc<ServerShared>,
-    stop: watch::Receiver<bool>,
+    events: &Rc<Events>,
     span: &tracing::Span,
 ) -> Admission
 where
@@ -226,8 +226,9 @@ where
             ),
         );
     }
-    let mut policy_rx = shared.policy.subscribe();
-    let policy = policy_rx.borrow_and_update().clone();
+    // Subscribed before the policy is read: a reload in between re-matches the connection.
+    let events = events.subscribe();
+    let policy = shared.policy.current();
     let Some((_, class)) = policy.classify(&view(&peer)) else {
         return refused(
             reader,
@@ -294,14 +295,11 @@ where
                 return Admission::Refused(Box::pin(async {}));
             }
         };
-    let mut limits = shared.limits.clone();
-    limits.max_message_bytes = q.max_message_bytes;
-    limits.idle_timeout = q.idle_timeout;
+    let limits = shared.limits_for(q);
     let mut guard = Guard::new(class.clone(), rate);
     guard.count_denials_into(shared.denial_counters(class.name()));
     let class_gauge = shared.metrics.connections(class.name());
     class_gauge.inc();
-    let (shutdown_timeout, write_timeout) = (limits.shutdown_timeout, limits.write_timeout);
     let (network, control) = new_network(reader, writer, Side::Server, limits, guard);
     control.observe(shared.metrics.clone());
     let rpc = RpcSystem::new(Box::new(network), Some(bootstrap));
@@ -309,48 +307,43 @@ where
     Admission::Admitted(Admitted {
         peer,
         key,
-        stop,
-        policy_rx,
+        events,
         control,
         rpc,
-        shutdown_timeout,
-        write_timeout,
         _slots: (class_slot, slot, GaugeSlot(class_gauge)),
     })
 }
 
 /// Graceful shutdown of one connection: let in-flight calls finish, up to the deadline, then
 /// close with an `Abort` saying why.
-fn drain<'a>(
-    control: &'a crate::ConnectionControl,
-    rpc: &'a mut RpcSystem<Side>,
+async fn drain(
+    control: &crate::ConnectionControl,
+    rpc: &mut RpcSystem<Side>,
     shutdown_timeout: Duration,
     write_timeout: Duration,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), capnp::Error>> + 'a>> {
-    Box::pin(async move {
-        let deadline = tokio::time::Instant::now() + shutdown_timeout;
-        let finished = loop {
-            if control.in_flight_calls() == 0 || tokio::time::Instant::now() >= deadline {
-                break None;
-            }
-            tokio::select! {
-                r = &mut *rpc => break Some(r),
-                () = tokio::time::sleep(DRAIN_POLL) => {}
-            }
-        };
-        match finished {
-            Some(r) => r,
-            None => {
-                control.abort(capnp::Error::disconnected(
-                    "capgate: the server is shutting down".into(),
-                ));
-                match tokio::time::timeout(write_timeout, &mut *rpc).await {
-                    Ok(r) => r,
-                    Err(_) => Ok(()),
-                }
+) -> Result<(), capnp::Error> {
+    let deadline = tokio::time::Instant::now() + shutdown_timeout;
+    let finished = loop {
+        if control.in_flight_calls() == 0 || tokio::time::Instant::now() >= deadline {
+            break None;
+        }
+        tokio::select! {
+            r = &mut *rpc => break Some(r),
+            () = tokio::time::sleep(DRAIN_POLL) => {}
+        }
+    };
+    match finished {
+        Some(r) => r,
+        None => {
+            control.abort(capnp::Error::disconnected(
+                "capgate: the server is shutting down".into(),
+            ));
+            match tokio::time::timeout(write_timeout, &mut *rpc).await {
+                Ok(r) => r,
+                Err(_) => Ok(()),
             }
         }
-    })
+    }
 }
 
 /// Sends a refused connection its reason.
@@ -383,36 +376,56 @@ fn serve_admitted(
         let result = loop {
             tokio::select! {
                 r = &mut c.rpc => break Some(r),
-                _ = c.stop.wait_for(|s| *s) => break None,
-                changed = c.policy_rx.changed() => {
-                    if changed.is_err() {
-                        continue;
-                    }
-                    let policy = c.policy_rx.borrow_and_update().clone();
-                    match policy.classify(&view(&c.peer)) {
-                        Some((_, k)) => {
-                            let k = k.clone();
-                            let q = k.quotas();
-                            let rate = shared.clients.rate(k.name(), &c.key, q.calls_per_second, q.burst);
-                            tracing::info!(class = k.name(), "policy reloaded: connection re-matched");
-                            control.set_class(k.clone(), rate);
-                            control.count_denials_into(shared.denial_counters(k.name()));
+                event = c.events.next() => match event {
+                    Event::Stop => break None,
+                    Event::PolicyChanged => {
+                        let policy = shared.policy.current();
+                        match policy.classify(&view(&c.peer)) {
+                            Some((_, k)) => {
+                                let k = k.clone();
+                                let q = k.quotas();
+                                let rate = shared.clients.rate(k.name(), &c.key, q.calls_per_second, q.burst);
+                                tracing::info!(class = k.name(), "policy reloaded: connection re-matched");
+                                control.set_class(k.clone(), rate);
+                                control.count_denials_into(shared.denial_counters(k.name()));
+                            }
+                            None => control.abort(capnp::Error::failed(format!(
+                                "capgate: the policy was reloaded and no client class of it ({}) \
+                                 matches {} any more",
+                                policy.origin(),
+                                c.peer.addr
+                            ))),
                         }
-                        None => control.abort(capnp::Error::failed(format!(
-                            "capgate: the policy was reloaded and no client class of it ({}) \
-                             matches {} any more",
-                            policy.origin(),
-                            c.peer.addr
-                        ))),
                     }
-                }
+                },
             }
         };
-        let rpc = &mut c.rpc;
-        let result = match result {
+        close(c, result, &shared).await;
+    }
+}
+
+/// The end of a connection: the graceful drain if the server is shutting down, the closing
+/// log line, and the linger. Boxed from a plain fn: its timers and locals would otherwise
+/// enlarge every open connection's future.
+fn close<'a>(
+    c: &'a mut Admitted,
+    finished: Option<Result<(), capnp::Error>>,
+    shared: &'a ServerShared,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + 'a>> {
+    Box::pin(async move {
+        let control = &c.control;
+        let result = match finished {
             Some(r) => r,
-            // Boxed from a plain fn: its timers would otherwise enlarge every connection's future.
-            None => drain(control, rpc, c.shutdown_timeout, c.write_timeout).await,
+            None => {
+                let limits = &shared.limits;
+                drain(
+                    control,
+                    &mut c.rpc,
+                    limits.shutdown_timeout,
+                    limits.write_timeout,
+                )
+                .await
+            }
         };
         let stats = control.stats();
         match &result {
@@ -420,5 +433,5 @@ fn serve_admitted(
             Err(e) => tracing::info!(cause = %e, ?stats, "connection closed with an error"),
         }
         control.linger().await;
-    }
+    })
 }

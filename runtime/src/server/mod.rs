@@ -3,7 +3,7 @@
 
 mod builder;
 mod connection;
-
+mod events;
 mod worker;
 
 pub use builder::{BootstrapFactory, ServerBuilder};
@@ -40,6 +40,8 @@ pub(crate) struct ServerShared {
     pub(crate) denials: dashmap::DashMap<String, Arc<DenialCounters>>,
     pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
     pub(crate) metrics: Arc<Metrics>,
+    /// The connection limits of each class's quotas, shared by its connections.
+    class_limits: std::sync::Mutex<Vec<Arc<Limits>>>,
 }
 
 /// Live counters of a server, readable from any thread.
@@ -69,7 +71,31 @@ impl ServerStats {
     }
 }
 
+/// At most this many distinct per-class limit sets are shared; beyond (many reloads with
+/// ever-changing quotas), a connection gets its own copy.
+const MAX_SHARED_LIMITS: usize = 64;
+
 impl ServerShared {
+    /// The server's limits with a class's quotas applied, shared by the connections that have
+    /// the same quotas.
+    pub(crate) fn limits_for(&self, q: &capgate_policy::Quotas) -> Arc<Limits> {
+        let mut limits = self.limits.clone();
+        limits.max_message_bytes = q.max_message_bytes;
+        limits.idle_timeout = q.idle_timeout;
+        let mut cache = self
+            .class_limits
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(l) = cache.iter().find(|l| ***l == limits) {
+            return l.clone();
+        }
+        let limits = Arc::new(limits);
+        if cache.len() < MAX_SHARED_LIMITS {
+            cache.push(limits.clone());
+        }
+        limits
+    }
+
     pub(crate) fn denial_counters(&self, class: &str) -> Arc<DenialCounters> {
         self.denials
             .entry(class.to_string())
@@ -215,14 +241,19 @@ impl Server {
     {
         let peer = self.shared.peer(PeerAddr::Stream(label.to_string()));
         self.shared.open_connections.fetch_add(1, Ordering::Relaxed);
-        connection::run(
-            reader,
-            writer,
-            peer,
-            self.shared.clone(),
-            self.shutdown.subscribe(),
-        )
-        .await;
+        let events = std::rc::Rc::new(events::Events::default());
+        let conn = connection::run(reader, writer, peer, self.shared.clone(), &events);
+        let follow = async {
+            events
+                .follow(self.shutdown.subscribe(), self.shared.policy.subscribe())
+                .await;
+            // After shutdown the connection drains on its own.
+            std::future::pending::<()>().await;
+        };
+        tokio::select! {
+            () = conn => {}
+            () = follow => {}
+        }
         self.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
     }
 

@@ -1,8 +1,10 @@
+use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::events::Events;
 use super::{connection, ServerShared};
 use crate::Error;
 use crate::PeerInfo;
@@ -78,18 +80,24 @@ fn run(
     };
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
+        // Shutdown and policy reloads reach this worker's connections through one follower.
+        let events = Rc::new(Events::default());
+        let follower = {
+            let events = events.clone();
+            let policy = shared.policy.subscribe();
+            tokio::task::spawn_local(async move { events.follow(stop, policy).await })
+        };
         let mut tasks = Vec::new();
         while let Some(accepted) = rx.recv().await {
             tasks.retain(|t: &tokio::task::JoinHandle<()>| !t.is_finished());
             let shared = shared.clone();
-            let stop = stop.clone();
             let load = load.clone();
             // Counts down even if the connection's task panics and unwinds.
             shared.open_connections.fetch_add(1, Ordering::Relaxed);
             let load = LoadGuard(load, shared.clone());
             // The connection's future is built here and boxed, so the task itself stays a
             // few words (an idle connection's memory is mostly its futures).
-            let conn = connection::serve(accepted, shared, stop);
+            let conn = connection::serve(accepted, shared, &events);
             tasks.push(tokio::task::spawn_local(async move {
                 let _load = load;
                 conn.await;
@@ -103,6 +111,7 @@ fn run(
                 }
             }
         }
+        follower.abort();
     });
 }
 
