@@ -721,7 +721,18 @@ fn memory_report(b: &Bench) {
         } else {
             what.to_string()
         };
-        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        // CAPGATE_BENCH_CHILD_WRAP runs the child under a tool, e.g. "valgrind --tool=massif".
+        let wrap = std::env::var("CAPGATE_BENCH_CHILD_WRAP").unwrap_or_default();
+        let mut words = wrap.split_whitespace();
+        let mut child = match words.next() {
+            Some(tool) => {
+                let mut c = std::process::Command::new(tool);
+                c.args(words).arg(std::env::current_exe().unwrap());
+                c
+            }
+            None => std::process::Command::new(std::env::current_exe().unwrap()),
+        };
+        let mut child = child
             .env(CHILD_ENV, arg)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
