@@ -25,11 +25,12 @@ pub fn parse_bytes(s: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("size {s:?} is too large"))
 }
 
-/// Parses a duration: a whole number with a unit (`ms`, `s`, `min`, `h`), space optional,
-/// e.g. `"30s"`, `"500 ms"`, `"5 min"`.
+/// Parses a duration: a whole number with a unit (`us`, `ms`, `s`, `min`, `h`), space
+/// optional, e.g. `"30s"`, `"500 ms"`, `"5 min"`, `"200us"`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = split_number(s)?;
     let d = match unit.to_ascii_lowercase().as_str() {
+        "us" | "µs" => Duration::from_micros(num),
         "ms" => Duration::from_millis(num),
         "s" | "sec" | "secs" => Duration::from_secs(num),
         "m" | "min" | "mins" => Duration::from_secs(num.saturating_mul(60)),
@@ -41,7 +42,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         }
         _ => {
             return Err(format!(
-                "unknown duration unit {unit:?} in {s:?}: use ms, s, min or h"
+                "unknown duration unit {unit:?} in {s:?}: use us, ms, s, min or h"
             ))
         }
     };
@@ -83,6 +84,8 @@ mod tests {
         assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
         assert_eq!(parse_duration("5 min"), Ok(Duration::from_secs(300)));
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("200us"), Ok(Duration::from_micros(200)));
+        assert_eq!(parse_duration("200 µs"), Ok(Duration::from_micros(200)));
         assert!(parse_duration("30").unwrap_err().contains("no unit"));
     }
 }

@@ -32,6 +32,13 @@ impl ClientBuilder {
         self
     }
 
+    /// Polls the socket for up to `time` after each write instead of sleeping at once (see
+    /// [`Limits::busy_poll`]): lower latency for more CPU. Default: off.
+    pub fn busy_poll(mut self, time: std::time::Duration) -> Self {
+        self.limits.busy_poll = time;
+        self
+    }
+
     /// Connects with TLS (see [`crate::tls::client_config`]), verifying that the server's
     /// certificate is valid for `server_name` (a DNS name or an IP address).
     pub fn tls(

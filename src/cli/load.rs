@@ -47,6 +47,10 @@ pub(crate) struct LoadArgs {
     /// Name the server certificate must be valid for (default: the address's IP).
     #[arg(long, requires = "tls_ca")]
     server_name: Option<String>,
+    /// After each write, poll the socket this long instead of sleeping, e.g. "200us"
+    /// (lower latency for more CPU; see `capgate serve --busy-poll`).
+    #[arg(long, value_parser = parse_duration)]
+    busy_poll: Option<Duration>,
     /// Never draw a progress bar (it is drawn only when stderr is a terminal).
     #[arg(long)]
     no_progress: bool,
@@ -59,6 +63,9 @@ pub(crate) fn run(args: LoadArgs) -> Result<(), String> {
         (None, None) => return Err("give --connect ADDR or --unix PATH".into()),
     };
     let mut client = Client::builder();
+    if let Some(t) = args.busy_poll {
+        client = client.busy_poll(t);
+    }
     if let Some(ca) = &args.tls_ca {
         let identity = args.tls_cert.as_deref().zip(args.tls_key.as_deref());
         let cfg = capgate::tls::client_config(ca, identity).map_err(|e| e.to_string())?;

@@ -68,6 +68,10 @@ pub(crate) struct LimitArgs {
     /// On shutdown, time in-flight calls get to finish, e.g. "10s".
     #[arg(long, value_parser = parse_duration)]
     shutdown_timeout: Option<Duration>,
+    /// After each write, poll the socket this long instead of sleeping, e.g. "200us": lower
+    /// latency for more CPU (default: off).
+    #[arg(long, value_parser = parse_duration)]
+    busy_poll: Option<Duration>,
 }
 
 impl LimitArgs {
@@ -93,6 +97,9 @@ impl LimitArgs {
         }
         if let Some(v) = self.shutdown_timeout {
             l.shutdown_timeout = v;
+        }
+        if let Some(v) = self.busy_poll {
+            l.busy_poll = v;
         }
         l
     }

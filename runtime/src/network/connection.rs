@@ -77,6 +77,10 @@ impl ConnShared {
         s.bytes_in + s.bytes_out
     }
 
+    pub(super) fn bytes_received(&self) -> u64 {
+        self.stats.borrow().bytes_in
+    }
+
     pub(super) fn in_flight_calls(&self) -> usize {
         self.guard.borrow().in_flight_calls()
     }

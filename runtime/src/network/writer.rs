@@ -204,6 +204,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             // gives its slots back (an idle connection holds neither).
             pool::give_write(std::mem::take(&mut buf));
             *outbox.queue.borrow_mut() = VecDeque::new();
+            if !limits.busy_poll.is_zero() && batches > 0 {
+                busy_poll(shared, limits.busy_poll).await;
+            }
             outbox.wake.wait().await;
             continue;
         }
@@ -260,6 +263,23 @@ enum Written {
     /// The outbox failed meanwhile: the write was abandoned.
     Cut,
     TimedOut,
+}
+
+/// After a write: keeps the thread polling the socket instead of sleeping, until bytes
+/// arrive, something is queued to send, or `budget` has passed. Each round yields to the
+/// runtime, which polls for I/O without blocking and runs whatever became ready: the reader
+/// sees the peer's answer as soon as it arrives, and other tasks are not held up.
+async fn busy_poll(shared: &ConnShared, budget: std::time::Duration) {
+    let deadline = std::time::Instant::now() + budget;
+    let received = shared.bytes_received();
+    while shared.outbox.queue.borrow().is_empty()
+        && shared.bytes_received() == received
+        && std::time::Instant::now() < deadline
+    {
+        // Give the core to any other thread that is ready to run, then let the runtime poll.
+        std::thread::yield_now();
+        tokio::task::yield_now().await;
+    }
 }
 
 /// Polls `write` until it completes, `cut` is signalled, or it has been blocked for

@@ -77,6 +77,13 @@ impl ServerBuilder {
         self
     }
 
+    /// Polls each connection's socket for up to `time` after each write instead of sleeping
+    /// at once (see [`Limits::busy_poll`]): lower latency for more CPU. Default: off.
+    pub fn busy_poll(mut self, time: std::time::Duration) -> Self {
+        self.limits.busy_poll = time;
+        self
+    }
+
     /// The policy: client classes, allowlists, quotas (from a file with [`Policy::load`] or
     /// built in code). Without one, every client may call every method, with the default
     /// quotas; `build` logs a warning saying so.

@@ -1,0 +1,109 @@
+//! `Limits::busy_poll`: connections poll instead of sleeping after each write, for a bounded
+//! time, without holding up anything else on their thread.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use capgate::store_capnp::{namespace, store};
+use capgate::{Client, Limits};
+use common::*;
+
+fn open(s: &store::Client, name: &str) -> namespace::Client {
+    let mut req = s.namespace_request();
+    req.get().set_name(name);
+    req.send().pipeline.get_ns()
+}
+
+async fn put_get(s: &store::Client, key: &str) -> Vec<u8> {
+    let n = open(s, "busy");
+    let mut put = n.put_request();
+    put.get().set_key(key);
+    put.get().set_value(key.as_bytes());
+    put.send().promise.await.expect("put answered");
+    let mut get = capgate::cast::<capgate::store_capnp::reader::Client>(&n).get_request();
+    get.get().set_key(key);
+    let reply = get.send().promise.await.expect("get answered");
+    reply.get().unwrap().get_value().unwrap().to_vec()
+}
+
+/// CPU time used so far by every thread of this process (ns).
+fn process_cpu_ns() -> u64 {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .flatten()
+        .map(|t| {
+            std::fs::read_to_string(t.path().join("schedstat"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+fn busy(time: Duration) -> Limits {
+    let mut l = Limits::default();
+    l.busy_poll = time;
+    l
+}
+
+#[test]
+fn busy_polling_connections_serve_calls_and_go_quiet_when_idle() {
+    let server = TestServer::start(busy(Duration::from_millis(20)));
+    let addr = server.tcp;
+    local(async move {
+        let c = Client::builder()
+            .busy_poll(Duration::from_millis(20))
+            .connect(addr)
+            .await
+            .unwrap();
+        let s: store::Client = c.bootstrap();
+        for i in 0..50 {
+            let key = format!("k{i}");
+            assert_eq!(put_get(&s, &key).await, key.as_bytes());
+        }
+        // Both ends polled after each of those writes; 20 ms after the last one they must
+        // have stopped. Polling on through the next 500 ms would cost about that much CPU
+        // per polling thread (the client's and the server worker's).
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let cpu = process_cpu_ns();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let idle_cpu = Duration::from_nanos(process_cpu_ns() - cpu);
+        assert!(
+            idle_cpu < Duration::from_millis(150),
+            "the process used {idle_cpu:?} of CPU while idle for 500 ms"
+        );
+        // And the connection still works afterwards.
+        assert_eq!(put_get(&s, "after").await, b"after");
+    });
+}
+
+#[test]
+fn a_polling_connection_does_not_hold_up_others_on_its_worker() {
+    // One worker, polling for up to 3 s after each write.
+    let server = TestServer::start_custom(busy(Duration::from_secs(3)), None, None, |b| {
+        b.workers(std::num::NonZeroUsize::new(1).unwrap())
+    });
+    let addr = server.tcp;
+    local(async move {
+        // A's call leaves the worker polling for A's next request (which never comes).
+        let (_a, sa) = store_client(addr).await;
+        assert_eq!(put_get(&sa, "a").await, b"a");
+        // B, on the same worker, is served meanwhile: 20 calls in well under the 3 s that
+        // a thread held by A's polling would make even the first one wait.
+        let (_b, sb) = store_client(addr).await;
+        let t = Instant::now();
+        for i in 0..20 {
+            let key = format!("b{i}");
+            assert_eq!(put_get(&sb, &key).await, key.as_bytes());
+        }
+        let took = t.elapsed();
+        assert!(
+            took < Duration::from_millis(1500),
+            "20 calls of another client took {took:?}"
+        );
+    });
+    assert_served(addr);
+}
