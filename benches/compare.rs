@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use capgate::bench_capnp::echo;
 use capgate::demo::{EchoService, Store};
 use capgate::store_capnp::{namespace, store};
-use capgate::{Client, ClientClass, ClientHandle, ListenAddr, Matcher, Policy, Quotas, Server};
+use capgate::{
+    Client, ClientClass, ClientHandle, Limits, ListenAddr, Matcher, Policy, Quotas, Server,
+};
 use capnp_rpc::{rpc_twoparty_capnp::Side, twoparty, RpcSystem};
 use futures::{AsyncReadExt, StreamExt};
 use serde_bytes::ByteBuf;
@@ -53,6 +55,8 @@ enum Sys {
     Tarpc,
     /// capgate through the `Send + Clone` `ClientHandle` (client side only).
     Handle,
+    /// capgate with busy-polling on both sides (`Limits::busy_poll`).
+    Busy,
 }
 
 impl Sys {
@@ -62,6 +66,7 @@ impl Sys {
             Sys::Capgate => "capgate",
             Sys::Tarpc => "tarpc",
             Sys::Handle => "capgate handle",
+            Sys::Busy => "capgate busy-poll",
         }
     }
 }
@@ -155,11 +160,29 @@ fn start_capgate(
     store: bool,
     tls: Option<Arc<rustls::ServerConfig>>,
 ) -> SocketAddr {
+    start_capgate_with(workers, store, tls, capgate_limits())
+}
+
+/// The busy-polling budget of the `capgate busy-poll` runs.
+const BUSY_POLL: Duration = Duration::from_micros(200);
+
+fn busy_limits() -> Limits {
+    let mut l = capgate_limits();
+    l.busy_poll = BUSY_POLL;
+    l
+}
+
+fn start_capgate_with(
+    workers: usize,
+    store: bool,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    limits: Limits,
+) -> SocketAddr {
     let store_impl = Store::new();
     let mut b = Server::builder()
         .listen("127.0.0.1:0".parse().unwrap())
         .workers(NonZeroUsize::new(workers).unwrap())
-        .limits(capgate_limits())
+        .limits(limits)
         .policy(bench_policy());
     b = if store {
         b.bootstrap_factory(move |_| store_impl.client())
@@ -258,9 +281,14 @@ async fn connect(sys: Sys, addr: SocketAddr) -> Conn {
         Sys::Twoparty => Conn::Twoparty(echo::Client {
             client: twoparty_connect(addr).await,
         }),
-        Sys::Capgate => {
+        Sys::Capgate | Sys::Busy => {
+            let limits = if sys == Sys::Busy {
+                busy_limits()
+            } else {
+                capgate_limits()
+            };
             let c = Client::builder()
-                .limits(capgate_limits())
+                .limits(limits)
                 .connect(addr)
                 .await
                 .unwrap();
@@ -371,23 +399,29 @@ fn latency_report(b: &Bench, tcp: SocketAddr, conns: &[(Sys, Conn)]) {
     let (blocks, per) = if b.quick { (2, 50) } else { (10, 2_000) };
     let payload = Rc::new(vec![42u8; 64]);
     let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); conns.len() + 1];
+    // CPU time of the whole process (client and server threads) per system.
+    let mut cpu_ns = vec![0u64; conns.len() + 1];
     b.run(async {
         let mut s = tokio::net::TcpStream::connect(tcp).await.unwrap();
         s.set_nodelay(true).unwrap();
         let mut buf = [7u8; 8];
         for _ in 0..blocks {
+            let cpu = threads_cpu_ns("");
             for _ in 0..per {
                 let t = Instant::now();
                 s.write_all(&buf).await.unwrap();
                 s.read_exact(&mut buf).await.unwrap();
                 samples[0].push(t.elapsed());
             }
+            cpu_ns[0] += threads_cpu_ns("") - cpu;
             for (i, (_, c)) in conns.iter().enumerate() {
+                let cpu = threads_cpu_ns("");
                 for _ in 0..per {
                     let t = Instant::now();
                     c.echo(&payload).await;
                     samples[i + 1].push(t.elapsed());
                 }
+                cpu_ns[i + 1] += threads_cpu_ns("") - cpu;
             }
         }
     });
@@ -405,10 +439,11 @@ fn latency_report(b: &Bench, tcp: SocketAddr, conns: &[(Sys, Conn)]) {
     let twoparty = names.iter().position(|n| *n == "twoparty").unwrap();
     for (i, name) in names.iter().enumerate() {
         println!(
-            "  {name:<15} p50 {:7.1} us  p90 {:7.1} us  p99 {:7.1} us",
+            "  {name:<17} p50 {:7.1} us  p90 {:7.1} us  p99 {:7.1} us  CPU/call {:6.1} us",
             pct(&samples[i], 0.5),
             pct(&samples[i], 0.9),
-            pct(&samples[i], 0.99)
+            pct(&samples[i], 0.99),
+            cpu_ns[i] as f64 / samples[i].len() as f64 / 1e3,
         );
     }
     let p = |i: usize| pct(&samples[i], 0.5);
@@ -418,6 +453,18 @@ fn latency_report(b: &Bench, tcp: SocketAddr, conns: &[(Sys, Conn)]) {
         p(capgate) / p(twoparty),
         p(capgate) / p(names.iter().position(|n| *n == "tarpc").unwrap()),
         p(names.iter().position(|n| *n == "capgate handle").unwrap()) / p(capgate),
+    );
+    let busy = names
+        .iter()
+        .position(|n| *n == "capgate busy-poll")
+        .unwrap();
+    println!(
+        "  busy-poll ({} us after each write, both sides): /raw TCP {:.2}  /twoparty {:.2}  /capgate {:.2}; CPU per call x{:.2} of capgate's",
+        BUSY_POLL.as_micros(),
+        p(busy) / p(0),
+        p(busy) / p(twoparty),
+        p(busy) / p(capgate),
+        cpu_ns[busy] as f64 / cpu_ns[capgate] as f64,
     );
 }
 
@@ -451,11 +498,12 @@ fn throughput_report(b: &Bench, conns: &[(Sys, Conn)]) {
             .map(|((s, _), r)| format!("{} {:>7.0}", s.name(), r))
             .collect();
         println!(
-            "  {inflight:>3} in flight: {}\n              capgate/twoparty {:.2} (rounds {lo:.2}..{hi:.2})  capgate/tarpc {:.2}  handle/capgate {:.2}",
+            "  {inflight:>3} in flight: {}\n              capgate/twoparty {:.2} (rounds {lo:.2}..{hi:.2})  capgate/tarpc {:.2}  handle/capgate {:.2}  busy-poll/capgate {:.2}",
             cells.join("  "),
             median(&mut vs_twoparty),
             m[1] / m[2],
             m[3] / m[1],
+            m[4] / m[1],
         );
     }
 }
@@ -465,7 +513,7 @@ fn server_threads(sys: Sys) -> &'static str {
     match sys {
         Sys::Twoparty => "twoparty-server",
         Sys::Tarpc => "tarpc-server",
-        Sys::Capgate | Sys::Handle => "capgate-worker",
+        Sys::Capgate | Sys::Handle | Sys::Busy => "capgate-worker",
     }
 }
 
@@ -815,12 +863,14 @@ fn main() {
         (Sys::Capgate, start_capgate(1, false, None)),
         (Sys::Tarpc, start_tarpc(1)),
     ];
+    let busy = start_capgate_with(1, false, None, busy_limits());
     let mut conns: Vec<(Sys, Conn)> = b.run(async {
         let mut v = Vec::new();
         for (sys, addr) in single {
             v.push((sys, connect(sys, addr).await));
         }
         v.push((Sys::Handle, connect(Sys::Handle, single[1].1).await));
+        v.push((Sys::Busy, connect(Sys::Busy, busy).await));
         v
     });
     let payload = Rc::new(vec![0u8; 64]);
@@ -840,7 +890,9 @@ fn main() {
         throughput_report(&b, &conns);
     }
     if want("payload") {
-        conns.pop(); // the handle: 1 MiB through a closure measures the channel, not RPC
+        // Not the handle (1 MiB through a closure measures the channel, not RPC), nor
+        // busy-polling (a latency option).
+        conns.retain(|(s, _)| !matches!(s, Sys::Handle | Sys::Busy));
         payload_report(&b, &conns);
     }
     if want("connections") {
