@@ -81,6 +81,66 @@ impl Frame {
     }
 }
 
+impl Frame {
+    /// Gives this frame's buffer back for a later large frame on this thread, when it is
+    /// large enough to be worth reusing (see [`FrameDecoder`]). Dropping a frame frees it.
+    pub fn recycle(self) {
+        let words = self.words;
+        if words.capacity() * 8 < RECYCLE_MIN_BYTES {
+            return;
+        }
+        RECYCLED.with(|r| {
+            let mut r = r.borrow_mut();
+            let held: usize = r.iter().map(|w| w.capacity() * 8).sum();
+            if r.len() < RECYCLE_MAX_BUFFERS && held + words.capacity() * 8 <= RECYCLE_MAX_BYTES {
+                r.push(words);
+            }
+        });
+    }
+}
+
+/// Frame bodies at least this large start from a recycled buffer when one is available.
+const RECYCLE_MIN_BYTES: usize = 64 * 1024;
+/// At most this many bytes of recycled buffers are kept per thread...
+const RECYCLE_MAX_BYTES: usize = 8 << 20;
+/// ...in at most this many buffers.
+const RECYCLE_MAX_BUFFERS: usize = 8;
+
+thread_local! {
+    /// Buffers of finished large frames, for the next large frames on this thread.
+    static RECYCLED: std::cell::RefCell<Vec<Vec<Word>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Bytes and buffers this thread keeps for reuse.
+#[cfg(test)]
+pub(super) fn recycled() -> (usize, usize) {
+    RECYCLED.with(|r| {
+        let r = r.borrow();
+        (r.iter().map(|w| w.capacity() * 8).sum(), r.len())
+    })
+}
+
+/// A recycled buffer for a body of `total` bytes: the smallest that holds it, else the
+/// largest there is. Its contents are stale but initialised: the body overwrites them.
+fn take_recycled(total: usize) -> Vec<Word> {
+    RECYCLED.with(|r| {
+        let mut r = r.borrow_mut();
+        let fits = r
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| w.capacity() * 8 >= total)
+            .min_by_key(|(_, w)| w.capacity())
+            .map(|(i, _)| i);
+        let pick = fits.or_else(|| {
+            r.iter()
+                .enumerate()
+                .max_by_key(|(_, w)| w.capacity())
+                .map(|(i, _)| i)
+        });
+        pick.map(|i| r.swap_remove(i)).unwrap_or_default()
+    })
+}
+
 impl capnp::message::ReaderSegments for Frame {
     fn get_segment(&self, idx: u32) -> Option<&[u8]> {
         let idx = idx as usize;
@@ -135,6 +195,11 @@ enum State {
 /// before any buffer for the body exists, and the body buffer then grows only as body bytes
 /// arrive (to at most four times what was received, the first step 8 KiB). Memory committed
 /// for a frame in progress is therefore at most `4 * received + 8 KiB + 4 * max_segments`.
+///
+/// One exception saves copying large bodies as they grow: a body of 64 KiB or more starts in a
+/// buffer that an earlier frame gave back with [`Frame::recycle`] on the same thread, if there
+/// is one. That memory was committed by traffic that really arrived; a thread keeps at most
+/// 8 MiB of it, so however many peers claim large frames, reuse adds at most that much.
 pub struct FrameDecoder {
     limits: FrameLimits,
     state: State,
@@ -328,9 +393,16 @@ impl FrameDecoder {
             unreachable!("start_body outside the table state")
         };
         let total = *ends.last().unwrap_or(&0) as usize * 8;
+        let words = if total >= RECYCLE_MIN_BYTES {
+            let mut w = take_recycled(total);
+            w.truncate(total / 8);
+            w
+        } else {
+            Vec::new()
+        };
         self.state = State::Body {
             ends,
-            words: Vec::new(),
+            words,
             filled: 0,
             total,
         };
@@ -371,6 +443,9 @@ fn grow(words: &mut Vec<Word>, filled: usize, want: usize, total: usize) {
         .max(filled + ((GROWTH_FACTOR - 1) * filled).max(GROWTH_STEP_BYTES))
         .min(total);
     let target_words = target.div_ceil(8);
+    // Exactly: `resize` alone may round the capacity up (to double the old one), past what
+    // the rule allows and past the frame's size.
+    words.reserve_exact(target_words - words.len());
     words.resize(target_words, capnp::word(0, 0, 0, 0, 0, 0, 0, 0));
 }
 

@@ -128,7 +128,8 @@ impl ConnShared {
 /// An incoming message as capnp-rpc sees it. Its bytes count as held (for
 /// `max_inflight_bytes`) until capnp-rpc drops it, which is exact also for cancelled calls.
 struct Incoming {
-    message: capnp::message::Reader<Frame>,
+    /// `None` only while being dropped.
+    message: Option<capnp::message::Reader<Frame>>,
     shared: Rc<ConnShared>,
     bytes: usize,
 }
@@ -138,12 +139,21 @@ impl Drop for Incoming {
         let held = &self.shared.held_bytes;
         held.set(held.get().saturating_sub(self.bytes));
         self.shared.held(-(self.bytes as i64));
+        // A large frame's buffer is reused by the next large frame on this thread.
+        if let Some(m) = self.message.take() {
+            m.into_segments().recycle();
+        }
     }
 }
 
 impl capnp_rpc::IncomingMessage for Incoming {
     fn get_body(&self) -> capnp::Result<capnp::any_pointer::Reader<'_>> {
-        self.message.get_root()
+        match &self.message {
+            Some(m) => m.get_root(),
+            None => Err(capnp::Error::failed(
+                "capgate: message already released".into(),
+            )),
+        }
     }
 }
 
@@ -262,7 +272,7 @@ fn deliver(
         shared.held_bytes.set(shared.held_bytes.get() + bytes);
         shared.held(bytes as i64);
         Box::new(Incoming {
-            message,
+            message: Some(message),
             shared: shared.clone(),
             bytes,
         }) as Box<dyn capnp_rpc::IncomingMessage>
