@@ -412,3 +412,33 @@ fn a_panicking_handler_costs_only_its_connection() {
     });
     handle.shutdown();
 }
+
+#[test]
+fn large_values_come_back_intact_however_buffers_are_reused() {
+    // Frames of 64 KiB and more reuse the buffers of earlier ones on both sides: every value
+    // must come back with its own bytes, never stale ones, whatever the order of sizes.
+    let server = TestServer::start(capgate::Limits::default());
+    local(async {
+        let c = Client::connect(server.tcp).await.unwrap();
+        let s: store::Client = c.bootstrap();
+        let ns = open(&s, "large");
+        let r = capgate::cast::<reader::Client>(&ns);
+        let sizes = [300 << 10, 70 << 10, 1 << 20, 100 << 10, 64 << 10, 900 << 10];
+        for (i, size) in sizes.into_iter().enumerate() {
+            let value: Vec<u8> = (0..size).map(|j| (j * 7 + i * 13) as u8).collect();
+            let key = format!("v{i}");
+            put(&ns, &key, &value).await;
+            assert_eq!(
+                get(&r, &key).await.as_deref(),
+                Some(&value[..]),
+                "value {i}"
+            );
+        }
+        // Read back in another order: every answer is a new large frame for the client.
+        for (i, size) in sizes.into_iter().enumerate().rev() {
+            let value: Vec<u8> = (0..size).map(|j| (j * 7 + i * 13) as u8).collect();
+            assert_eq!(get(&r, &format!("v{i}")).await.as_deref(), Some(&value[..]));
+        }
+    });
+    assert_served(server.tcp);
+}

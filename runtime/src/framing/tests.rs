@@ -272,7 +272,10 @@ fn recycling_is_bounded_per_thread() {
         .collect();
     frames.into_iter().for_each(Frame::recycle);
     let (bytes, buffers) = decoder::recycled();
-    assert!(bytes <= 8 << 20 && buffers <= 8, "{bytes} bytes in {buffers} buffers");
+    assert!(
+        bytes <= 8 << 20 && buffers <= 8,
+        "{bytes} bytes in {buffers} buffers"
+    );
     // A peer claiming 4 MiB and sending 16 bytes of it gets one recycled buffer at most:
     // nothing new is allocated for what it merely claims.
     let mut dec = FrameDecoder::new(limits);
