@@ -509,3 +509,51 @@ fn max_message_bytes_is_per_class() {
     });
     server.stop().unwrap();
 }
+
+#[test]
+fn a_reload_that_no_longer_matches_a_connection_closes_it_with_the_reason() {
+    let all = || Policy::from_classes(vec![class("all", Matcher::Any, &["*"], Quotas::default())]);
+    let server = TestServer::start_policy(quick_limits(), all());
+    let handle = server.policy_handle();
+    local(async {
+        // Connections on both workers, from two source addresses.
+        let a: Vec<Client> =
+            futures::future::join_all((0..2).map(|_| connect_from("127.0.0.1", server.tcp))).await;
+        let b: Vec<Client> =
+            futures::future::join_all((0..2).map(|_| connect_from("127.0.0.2", server.tcp))).await;
+        for c in a.iter().chain(&b) {
+            let s: store::Client = c.bootstrap();
+            s.namespaces_request().send().promise.await.expect("served");
+        }
+        // Only 127.0.0.2 matches the new policy.
+        handle.replace(Policy::from_classes(vec![class(
+            "second",
+            Matcher::Source("127.0.0.2/32".parse().unwrap()),
+            &["*"],
+            Quotas::default(),
+        )]));
+        for c in &a {
+            let e = tokio::time::timeout(Duration::from_secs(10), c.closed())
+                .await
+                .expect("closed within 10 s")
+                .expect_err("closed with the reason");
+            assert!(
+                e.extra
+                    .contains("the policy was reloaded and no client class of it")
+                    && e.extra.contains("matches tcp://127.0.0.1:"),
+                "{e}"
+            );
+        }
+        // The others were re-matched and keep being served, under the new class.
+        for c in &b {
+            let s: store::Client = c.bootstrap();
+            s.namespaces_request()
+                .send()
+                .promise
+                .await
+                .expect("still served");
+        }
+        handle.replace(all());
+    });
+    assert_served(server.tcp);
+}
