@@ -157,6 +157,9 @@ impl capnp_rpc::IncomingMessage for Incoming {
     }
 }
 
+/// The largest first segment of an outgoing message, in words (1 KiB).
+const FIRST_SEGMENT_WORDS: u32 = 128;
+
 /// An outgoing message being built by capnp-rpc.
 struct Outgoing {
     message: Builder<HeapAllocator>,
@@ -213,10 +216,12 @@ impl<R: AsyncRead + Unpin + 'static> capnp_rpc::Connection<Side> for GuardedConn
         &mut self,
         first_segment_word_size: u32,
     ) -> Box<dyn capnp_rpc::OutgoingMessage> {
-        let words = if first_segment_word_size == 0 {
-            capnp::message::SUGGESTED_FIRST_SEGMENT_WORDS
-        } else {
-            first_segment_word_size
+        // capnp-rpc asks for 1024 words (8 KiB, zero-filled) for every call it sends, whatever
+        // the params; most messages need a few dozen. A larger message simply gets a second
+        // segment sized to fit.
+        let words = match first_segment_word_size {
+            0 => FIRST_SEGMENT_WORDS,
+            n => n.min(FIRST_SEGMENT_WORDS),
         };
         Box::new(Outgoing {
             message: Builder::new(HeapAllocator::new().first_segment_words(words)),
