@@ -266,13 +266,14 @@ enum Written {
 }
 
 /// After a write: keeps the thread polling the socket instead of sleeping, until bytes
-/// arrive, something is queued to send, or `budget` has passed. Each round yields to the
+/// arrive, something is queued to send, the outbox closes, or `budget` has passed. Each round yields to the
 /// runtime, which polls for I/O without blocking and runs whatever became ready: the reader
 /// sees the peer's answer as soon as it arrives, and other tasks are not held up.
 async fn busy_poll(shared: &ConnShared, budget: std::time::Duration) {
     let deadline = std::time::Instant::now() + budget;
     let received = shared.bytes_received();
     while shared.outbox.queue.borrow().is_empty()
+        && shared.outbox.state.get() == State::Open
         && shared.bytes_received() == received
         && std::time::Instant::now() < deadline
     {
