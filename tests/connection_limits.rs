@@ -96,3 +96,41 @@ fn two_thousand_idle_connections_then_class_and_total_limits() {
     drop(crowd_conns);
     server.stop().unwrap();
 }
+
+#[test]
+fn clients_from_thousands_of_addresses_are_forgotten_once_idle() {
+    // A peer rotating through source addresses (an IPv6 prefix holds billions) must not grow
+    // the server's per-client state without bound: a client is forgotten once it has no
+    // connection and its rate budget has refilled (0.1 s with the default quotas).
+    let server = TestServer::start(quick_limits());
+    let addr = server.tcp;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        for i in 0..5000u32 {
+            let source = format!("127.1.{}.{}:0", i / 250, 1 + i % 250);
+            let sock = tokio::net::TcpSocket::new_v4().unwrap();
+            sock.bind(source.parse().unwrap()).unwrap();
+            let s = sock.connect(addr).await.unwrap();
+            drop(s);
+            if i % 500 == 499 {
+                // Let the server catch up (and the oldest budgets refill).
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+        }
+    });
+    let stats = server.stats();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while stats.open_connections() > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(stats.open_connections(), 0);
+    let known = stats.known_clients();
+    assert!(
+        known <= 2048,
+        "{known} clients still known after 5000 came and went"
+    );
+    assert_served(addr);
+}

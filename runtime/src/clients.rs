@@ -5,6 +5,7 @@ use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use governor::clock::{Clock, DefaultClock};
@@ -82,13 +83,52 @@ where
 struct ClientEntry {
     rate: Mutex<Arc<CallRate>>,
     connections: AtomicUsize,
+    /// Since when it has had no connection (`None` while it has one).
+    idle_since: Mutex<Option<Instant>>,
 }
 
+impl ClientEntry {
+    /// True when forgetting this client loses nothing: no connection, and idle for longer
+    /// than its rate budget takes to refill completely (a new budget would be the same).
+    fn forgettable(&self, now: Instant) -> bool {
+        if self.connections.load(Ordering::Relaxed) > 0 {
+            return false;
+        }
+        let Some(since) = *lock(&self.idle_since) else {
+            return false;
+        };
+        let rate = lock(&self.rate).clone();
+        let refill =
+            Duration::from_secs_f64(f64::from(rate.burst.get()) / f64::from(rate.per_second.get()));
+        now.saturating_duration_since(since) > refill
+    }
+}
+
+/// The registry is swept for forgettable clients whenever it has grown to twice its size
+/// after the last sweep, and at least to this many clients.
+const SWEEP_MIN_CLIENTS: usize = 1024;
+
 /// All clients of a server, keyed by class name and identity.
-#[derive(Default)]
+///
+/// A client stays known while it has connections and until its rate budget has refilled
+/// after the last one ends; then it may be forgotten. So the registry holds the clients of
+/// roughly the last refill period, not every address that ever connected (a peer rotating
+/// through an IPv6 prefix cannot grow it without bound).
 pub struct ClientRegistry {
     clients: DashMap<(String, ClientKey), Arc<ClientEntry>>,
     classes: DashMap<String, Arc<AtomicUsize>>,
+    /// The size at which the next sweep runs.
+    next_sweep: AtomicUsize,
+}
+
+impl Default for ClientRegistry {
+    fn default() -> Self {
+        Self {
+            clients: DashMap::new(),
+            classes: DashMap::new(),
+            next_sweep: AtomicUsize::new(SWEEP_MIN_CLIENTS),
+        }
+    }
 }
 
 /// A connection's place in its class's count; given back when dropped.
@@ -105,7 +145,10 @@ pub struct ConnectionSlot(Arc<ClientEntry>);
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+        let mut idle = lock(&self.0.idle_since);
+        if self.0.connections.fetch_sub(1, Ordering::Relaxed) == 1 {
+            *idle = Some(Instant::now());
+        }
     }
 }
 
@@ -123,8 +166,31 @@ impl ClientRegistry {
                 Arc::new(ClientEntry {
                     rate: Mutex::new(Arc::new(CallRate::new(per_second, burst))),
                     connections: AtomicUsize::new(0),
+                    // Idle until a connection succeeds: a refused first attempt leaves
+                    // nothing behind for long.
+                    idle_since: Mutex::new(Some(Instant::now())),
                 })
             })
+    }
+
+    /// Forgets the clients that can be forgotten, once the registry has doubled since the
+    /// last sweep (amortised: constant work per connection).
+    fn maybe_sweep(&self) {
+        let len = self.clients.len();
+        if len < self.next_sweep.load(Ordering::Relaxed) {
+            return;
+        }
+        let now = Instant::now();
+        self.clients.retain(|_, e| !e.forgettable(now));
+        let left = self.clients.len();
+        self.next_sweep
+            .store((2 * left).max(SWEEP_MIN_CLIENTS), Ordering::Relaxed);
+    }
+
+    /// Clients known now (connected, or recently enough that their rate budget is still
+    /// refilling).
+    pub fn known_clients(&self) -> usize {
+        self.clients.len()
     }
 
     /// Registers one more connection of this client, unless it already has
@@ -137,13 +203,18 @@ impl ClientRegistry {
         burst: NonZeroU32,
         max_connections: u32,
     ) -> Result<(ConnectionSlot, Arc<CallRate>), usize> {
-        // The map's entry stays locked from the check to the increment.
+        self.maybe_sweep();
+        // The map's entry stays locked from the check to the increment (a sweep cannot
+        // forget it meanwhile).
         let entry = self.entry(class, key, per_second, burst);
+        let mut idle = lock(&entry.idle_since);
         let n = entry.connections.load(Ordering::Relaxed);
         if n >= max_connections as usize {
             return Err(n);
         }
         entry.connections.store(n + 1, Ordering::Relaxed);
+        *idle = None;
+        drop(idle);
         let rate = lock(&entry.rate).clone();
         Ok((ConnectionSlot(entry.value().clone()), rate))
     }
@@ -243,5 +314,59 @@ mod tests {
         );
         drop(a);
         assert!(reg.connect_class("c", 2).is_ok());
+    }
+
+    #[test]
+    fn clients_are_forgotten_once_idle_and_refilled_so_the_registry_stays_bounded() {
+        let reg = Arc::new(ClientRegistry::default());
+        // 1000 calls/s with a burst of 1: a budget refills in 1 ms.
+        let (rate, burst) = (nz(1000), nz(1));
+        let held = reg
+            .connect("c", ClientKey::Uid(u32::MAX), rate, burst, 10)
+            .unwrap();
+        for i in 0..20_000u32 {
+            let (slot, _) = reg
+                .connect("c", ClientKey::Uid(i), rate, burst, 10)
+                .unwrap();
+            drop(slot);
+            if i % 500 == 0 {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        // Without forgetting, 20,001 clients; sweeps keep it near the number of clients
+        // of the last refill period.
+        assert!(
+            reg.known_clients() <= 2 * SWEEP_MIN_CLIENTS,
+            "{} clients known",
+            reg.known_clients()
+        );
+        // A connected client is never forgotten, and a refused attempt leaves nothing for long.
+        assert_eq!(reg.connections("c", &ClientKey::Uid(u32::MAX)), 1);
+        assert_eq!(
+            reg.connect("c", ClientKey::Uid(u32::MAX - 1), rate, burst, 0)
+                .err(),
+            Some(0)
+        );
+        std::thread::sleep(Duration::from_millis(5));
+        reg.next_sweep.store(0, Ordering::Relaxed);
+        reg.maybe_sweep();
+        assert_eq!(reg.known_clients(), 1, "only the connected client is left");
+        drop(held);
+    }
+
+    #[test]
+    fn a_client_still_refilling_keeps_its_spent_budget() {
+        let reg = Arc::new(ClientRegistry::default());
+        let key = ClientKey::Uid(7);
+        // 1 call/s, burst 2: the budget takes 2 s to refill.
+        let (slot, rate) = reg.connect("c", key.clone(), nz(1), nz(2), 10).unwrap();
+        assert!(rate.try_call() && rate.try_call() && !rate.try_call());
+        drop(slot);
+        reg.next_sweep.store(0, Ordering::Relaxed);
+        reg.maybe_sweep();
+        // Reconnecting does not buy a fresh budget.
+        let (_slot, again) = reg.connect("c", key, nz(1), nz(2), 10).unwrap();
+        assert!(Arc::ptr_eq(&rate, &again));
+        assert!(!again.try_call());
     }
 }

@@ -56,6 +56,12 @@ impl ServerStats {
         self.shared.open_connections.load(Ordering::Relaxed)
     }
 
+    /// Clients the server keeps per-client state for (rate budget, connection count): those
+    /// connected, and those whose rate budget is still refilling. Forgotten after that.
+    pub fn known_clients(&self) -> usize {
+        self.shared.clients.known_clients()
+    }
+
     /// All metrics in the Prometheus text format.
     pub fn metrics_text(&self) -> String {
         self.shared.metrics.encode()
