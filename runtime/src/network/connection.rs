@@ -237,18 +237,29 @@ impl<R: AsyncRead + Unpin + 'static> capnp_rpc::Connection<Side> for GuardedConn
                 "capgate: concurrent receive on one connection".into(),
             ));
         };
+        // Fast path: under load, most frames are already read (many arrive per read), and
+        // answering them at once saves a boxed future per message.
+        loop {
+            if self.shared.abort.borrow().is_some() {
+                return Promise::err(self.shared.abort_error());
+            }
+            match lease.get().buffered_frame(&self.shared) {
+                Err(e) => return Promise::err(e),
+                Ok(None) => break,
+                Ok(Some(frame)) => match receive(&self.shared, frame) {
+                    Err(e) => return Promise::err(e),
+                    Ok(Some(m)) => return Promise::ok(Some(m)),
+                    Ok(None) => {}
+                },
+            }
+        }
         let shared = self.shared.clone();
         Promise::from_future(async move {
             loop {
                 let Some(frame) = lease.get().next_frame(&shared).await? else {
                     return Ok(None);
                 };
-                shared.stats.borrow_mut().frames_in += 1;
-                let message = {
-                    let options = shared.reader_options(&frame);
-                    frame.into_reader(options)
-                };
-                if let Some(m) = deliver(&shared, message)? {
+                if let Some(m) = receive(&shared, frame)? {
                     return Ok(Some(m));
                 }
             }
@@ -263,6 +274,19 @@ impl<R: AsyncRead + Unpin + 'static> capnp_rpc::Connection<Side> for GuardedConn
             Ok(())
         })
     }
+}
+
+/// Counts a received frame and passes it through the guard.
+fn receive(
+    shared: &Rc<ConnShared>,
+    frame: Frame,
+) -> Result<Option<Box<dyn capnp_rpc::IncomingMessage>>, capnp::Error> {
+    shared.stats.borrow_mut().frames_in += 1;
+    let message = {
+        let options = shared.reader_options(&frame);
+        frame.into_reader(options)
+    };
+    deliver(shared, message)
 }
 
 /// Passes a message through the guard: `Some` to hand it to capnp-rpc, `None` when the guard

@@ -46,25 +46,36 @@ impl<R: AsyncRead + Unpin> ReadState<R> {
         }
     }
 
+    /// The next frame from bytes already read, if they complete one (no waiting).
+    pub(super) fn buffered_frame(
+        &mut self,
+        shared: &ConnShared,
+    ) -> Result<Option<Frame>, capnp::Error> {
+        while self.pos < self.end {
+            let (n, frame) = self
+                .decoder
+                .feed(&self.buf[self.pos..self.end])
+                .map_err(|e| {
+                    shared.note_frame_abort();
+                    capnp::Error::failed(format!("capgate: {e}"))
+                })?;
+            self.pos += n;
+            if let Some(frame) = frame {
+                self.frame_started = None;
+                return Ok(Some(frame));
+            }
+        }
+        Ok(None)
+    }
+
     /// Reads the next frame. `Ok(None)` on a clean end of stream between frames.
     pub(super) async fn next_frame(
         &mut self,
         shared: &ConnShared,
     ) -> Result<Option<Frame>, capnp::Error> {
         loop {
-            while self.pos < self.end {
-                let (n, frame) = self
-                    .decoder
-                    .feed(&self.buf[self.pos..self.end])
-                    .map_err(|e| {
-                        shared.note_frame_abort();
-                        capnp::Error::failed(format!("capgate: {e}"))
-                    })?;
-                self.pos += n;
-                if let Some(frame) = frame {
-                    self.frame_started = None;
-                    return Ok(Some(frame));
-                }
+            if let Some(frame) = self.buffered_frame(shared)? {
+                return Ok(Some(frame));
             }
             self.pos = 0;
             self.end = 0;
