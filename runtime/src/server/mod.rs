@@ -248,11 +248,11 @@ impl Server {
         let peer = self.shared.peer(PeerAddr::Stream(label.to_string()));
         self.shared.open_connections.fetch_add(1, Ordering::Relaxed);
         let events = std::rc::Rc::new(events::Events::default());
+        // Subscribed before the connection is admitted: no reload can fall in between.
+        let (stop, policy) = (self.shutdown.subscribe(), self.shared.policy.subscribe());
         let conn = connection::run(reader, writer, peer, self.shared.clone(), &events);
         let follow = async {
-            events
-                .follow(self.shutdown.subscribe(), self.shared.policy.subscribe())
-                .await;
+            events.follow(stop, policy).await;
             // After shutdown the connection drains on its own.
             std::future::pending::<()>().await;
         };
