@@ -544,7 +544,8 @@ fn a_reload_that_no_longer_matches_a_connection_closes_it_with_the_reason() {
                 "{e}"
             );
         }
-        // The others were re-matched and keep being served, under the new class.
+        // The others were re-matched and keep being served, under the new class, where
+        // they are now counted.
         for c in &b {
             let s: store::Client = c.bootstrap();
             s.namespaces_request()
@@ -552,6 +553,19 @@ fn a_reload_that_no_longer_matches_a_connection_closes_it_with_the_reason() {
                 .promise
                 .await
                 .expect("still served");
+        }
+        let counted = |text: &str| {
+            text.contains("capgate_connections{class=\"second\"} 2\n")
+                && text.contains("capgate_connections{class=\"all\"} 0\n")
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !counted(&server.stats().metrics_text()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{}",
+                server.stats().metrics_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         handle.replace(all());
     });

@@ -231,6 +231,34 @@ impl ClientRegistry {
         Ok(ClassSlot(entry.value().clone()))
     }
 
+    /// Moves an open connection to `class` after a policy reload: one more connection of this
+    /// client there (not checked against a maximum: the connection exists already), and the
+    /// client's rate budget under the class's quotas (replaced if they changed). Take the new
+    /// slots before dropping the old ones.
+    pub fn rematch(
+        self: &Arc<Self>,
+        class: &str,
+        key: ClientKey,
+        per_second: NonZeroU32,
+        burst: NonZeroU32,
+    ) -> (ClassSlot, ConnectionSlot, Arc<CallRate>) {
+        let class_count = self.classes.entry(class.to_string()).or_default();
+        class_count.fetch_add(1, Ordering::Relaxed);
+        let class_slot = ClassSlot(class_count.value().clone());
+        drop(class_count);
+        let entry = self.entry(class, key, per_second, burst);
+        let mut idle = lock(&entry.idle_since);
+        entry.connections.fetch_add(1, Ordering::Relaxed);
+        *idle = None;
+        drop(idle);
+        let mut rate = lock(&entry.rate);
+        if rate.per_second != per_second || rate.burst != burst {
+            *rate = Arc::new(CallRate::new(per_second, burst));
+        }
+        let rate = rate.clone();
+        (class_slot, ConnectionSlot(entry.value().clone()), rate)
+    }
+
     /// The client's rate budget under (possibly new) quotas: replaced if they changed.
     pub fn rate(
         &self,
@@ -368,5 +396,31 @@ mod tests {
         let (_slot, again) = reg.connect("c", key, nz(1), nz(2), 10).unwrap();
         assert!(Arc::ptr_eq(&rate, &again));
         assert!(!again.try_call());
+    }
+
+    #[test]
+    fn a_rematched_connection_counts_in_its_new_class_and_shares_its_budget_there() {
+        let reg = Arc::new(ClientRegistry::default());
+        let key = ClientKey::Uid(9);
+        let old_class = reg.connect_class("old", 10).unwrap();
+        let (old_slot, _) = reg.connect("old", key.clone(), nz(1), nz(2), 10).unwrap();
+        let (new_class, new_slot, rate) = reg.rematch("new", key.clone(), nz(1), nz(2));
+        drop((old_class, old_slot));
+        assert_eq!(reg.connections("old", &key), 0);
+        assert_eq!(reg.connections("new", &key), 1);
+        assert_eq!(
+            reg.connect_class("new", 1).err(),
+            Some(1),
+            "counted in its new class"
+        );
+        // A sweep keeps the client (it is connected), and a second connection of it in the
+        // new class shares the same budget.
+        reg.next_sweep.store(0, Ordering::Relaxed);
+        reg.maybe_sweep();
+        let (_second, again) = reg.connect("new", key.clone(), nz(1), nz(2), 10).unwrap();
+        assert!(Arc::ptr_eq(&rate, &again));
+        assert_eq!(reg.connections("new", &key), 2);
+        drop((new_class, new_slot));
+        assert_eq!(reg.connections("new", &key), 1);
     }
 }

@@ -195,7 +195,7 @@ struct Admitted {
     control: crate::ConnectionControl,
     rpc: RpcSystem<Side>,
     /// Released when the connection ends.
-    _slots: (crate::ClassSlot, crate::ConnectionSlot, GaugeSlot),
+    slots: (crate::ClassSlot, crate::ConnectionSlot, GaugeSlot),
 }
 
 fn admit<R, W>(
@@ -310,7 +310,7 @@ where
         events,
         control,
         rpc,
-        _slots: (class_slot, slot, GaugeSlot(class_gauge)),
+        slots: (class_slot, slot, GaugeSlot(class_gauge)),
     })
 }
 
@@ -384,7 +384,13 @@ fn serve_admitted(
                             Some((_, k)) => {
                                 let k = k.clone();
                                 let q = k.quotas();
-                                let rate = shared.clients.rate(k.name(), &c.key, q.calls_per_second, q.burst);
+                                // The connection now counts, and shares its client's budget,
+                                // in the class it matches (the new slots are taken before the
+                                // old ones are given back).
+                                let (class_slot, slot, rate) = shared.clients.rematch(k.name(), c.key.clone(), q.calls_per_second, q.burst);
+                                let gauge = shared.metrics.connections(k.name());
+                                gauge.inc();
+                                c.slots = (class_slot, slot, GaugeSlot(gauge));
                                 tracing::info!(class = k.name(), "policy reloaded: connection re-matched");
                                 control.set_class(k.clone(), rate);
                                 control.count_denials_into(shared.denial_counters(k.name()));
