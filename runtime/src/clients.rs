@@ -259,22 +259,6 @@ impl ClientRegistry {
         (class_slot, ConnectionSlot(entry.value().clone()), rate)
     }
 
-    /// The client's rate budget under (possibly new) quotas: replaced if they changed.
-    pub fn rate(
-        &self,
-        class: &str,
-        key: &ClientKey,
-        per_second: NonZeroU32,
-        burst: NonZeroU32,
-    ) -> Arc<CallRate> {
-        let entry = self.entry(class, key.clone(), per_second, burst);
-        let mut rate = lock(&entry.rate);
-        if rate.per_second != per_second || rate.burst != burst {
-            *rate = Arc::new(CallRate::new(per_second, burst));
-        }
-        rate.clone()
-    }
-
     /// Connections of this client now.
     pub fn connections(&self, class: &str, key: &ClientKey) -> usize {
         self.clients
