@@ -16,18 +16,17 @@ use capgate::store_capnp::{namespace, store};
 use capgate::{
     Client, ClientClass, ClientHandle, Limits, ListenAddr, Matcher, Policy, Quotas, Server,
 };
-use capnp_rpc::{rpc_twoparty_capnp::Side, twoparty, RpcSystem};
-use futures::{AsyncReadExt, StreamExt};
+use capnp_rpc::{rpc_twoparty_capnp::Side, RpcSystem};
+use futures::StreamExt;
 use serde_bytes::ByteBuf;
 use tarpc::tokio_serde::formats::Bincode;
 use tarpc::tokio_util::codec::LengthDelimitedCodec;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::task::LocalSet;
-use tokio_util::compat::TokioAsyncReadCompatExt;
 
 // `ByteBuf` (serde_bytes) so bincode copies the payload as one block, not byte by byte.
 mod common;
-use common::{median, threads_cpu_ns, twoparty_connect};
+use common::{median, threads_cpu_ns, twoparty_connect, twoparty_network};
 
 #[tarpc::service]
 trait TarpcEcho {
@@ -94,23 +93,14 @@ fn start_twoparty(threads: usize, store: bool) -> SocketAddr {
                 LocalSet::new().block_on(&current_thread_rt(), async move {
                     while let Some(s) = rx.recv().await {
                         s.set_nonblocking(true).unwrap();
-                        s.set_nodelay(true).unwrap();
-                        let (r, w) = tokio::net::TcpStream::from_std(s).unwrap().compat().split();
-                        let network = twoparty::VatNetwork::new(
-                            futures::io::BufReader::new(r),
-                            futures::io::BufWriter::new(w),
-                            Side::Server,
-                            Default::default(),
-                        );
+                        let s = tokio::net::TcpStream::from_std(s).unwrap();
+                        let network = twoparty_network(s, Side::Server);
                         let bootstrap = if store {
                             store_impl.client().client
                         } else {
                             EchoService.client().client
                         };
-                        tokio::task::spawn_local(RpcSystem::new(
-                            Box::new(network),
-                            Some(bootstrap),
-                        ));
+                        tokio::task::spawn_local(RpcSystem::new(network, Some(bootstrap)));
                     }
                 });
             })

@@ -13,16 +13,14 @@ use std::time::{Duration, Instant};
 use capgate::bench_capnp::echo;
 use capgate::demo::EchoService;
 use capgate::{Catalog, Client, ClientClass, ListenAddr, Matcher, Policy, Quotas, Server};
-use capnp_rpc::{rpc_twoparty_capnp::Side, twoparty, RpcSystem};
+use capnp_rpc::{rpc_twoparty_capnp::Side, RpcSystem};
 use criterion::{BenchmarkId, Criterion, Throughput};
-use futures::AsyncReadExt;
 use std::num::NonZeroU32;
 use tokio::runtime::Runtime;
 use tokio::task::LocalSet;
-use tokio_util::compat::TokioAsyncReadCompatExt;
 
 mod common;
-use common::{median, threads_cpu_ns, twoparty_connect};
+use common::{median, threads_cpu_ns, twoparty_connect, twoparty_network};
 
 const PAYLOAD: &[u8] = &[42u8; 64];
 
@@ -40,16 +38,9 @@ fn start_twoparty_server() -> SocketAddr {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             loop {
                 let (stream, _) = listener.accept().await.unwrap();
-                stream.set_nodelay(true).unwrap();
-                let (r, w) = stream.compat().split();
-                let network = twoparty::VatNetwork::new(
-                    futures::io::BufReader::new(r),
-                    futures::io::BufWriter::new(w),
-                    Side::Server,
-                    Default::default(),
-                );
+                let network = twoparty_network(stream, Side::Server);
                 let client: echo::Client = capnp_rpc::new_client(EchoService);
-                tokio::task::spawn_local(RpcSystem::new(Box::new(network), Some(client.client)));
+                tokio::task::spawn_local(RpcSystem::new(network, Some(client.client)));
             }
         });
     });

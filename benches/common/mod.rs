@@ -6,19 +6,27 @@ use capnp_rpc::{rpc_twoparty_capnp::Side, twoparty, RpcSystem};
 use futures::AsyncReadExt;
 use tokio_util::compat::TokioAsyncReadCompatExt;
 
-/// Connects a raw capnp-rpc twoparty client (buffered streams, TCP_NODELAY) and returns the
-/// server's bootstrap capability. Call inside a LocalSet.
-pub(crate) async fn twoparty_connect(addr: SocketAddr) -> capnp::capability::Client {
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+/// Raw capnp-rpc's `twoparty` network over a TCP stream, buffered both ways, with TCP_NODELAY:
+/// the baseline's set-up on either side.
+pub(crate) fn twoparty_network(
+    stream: tokio::net::TcpStream,
+    side: Side,
+) -> Box<dyn capnp_rpc::VatNetwork<Side>> {
     stream.set_nodelay(true).unwrap();
     let (r, w) = stream.compat().split();
-    let network = twoparty::VatNetwork::new(
+    Box::new(twoparty::VatNetwork::new(
         futures::io::BufReader::new(r),
         futures::io::BufWriter::new(w),
-        Side::Client,
+        side,
         Default::default(),
-    );
-    let mut rpc = RpcSystem::new(Box::new(network), None);
+    ))
+}
+
+/// Connects a raw capnp-rpc twoparty client and returns the server's bootstrap capability.
+/// Call inside a LocalSet.
+pub(crate) async fn twoparty_connect(addr: SocketAddr) -> capnp::capability::Client {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut rpc = RpcSystem::new(twoparty_network(stream, Side::Client), None);
     let client = rpc.bootstrap(Side::Server);
     tokio::task::spawn_local(rpc);
     client
