@@ -207,16 +207,12 @@ impl ClientRegistry {
         // The map's entry stays locked from the check to the increment (a sweep cannot
         // forget it meanwhile).
         let entry = self.entry(class, key, per_second, burst);
-        let mut idle = lock(&entry.idle_since);
+        let idle = lock(&entry.idle_since);
         let n = entry.connections.load(Ordering::Relaxed);
         if n >= max_connections as usize {
             return Err(n);
         }
-        entry.connections.store(n + 1, Ordering::Relaxed);
-        *idle = None;
-        drop(idle);
-        let rate = lock(&entry.rate).clone();
-        Ok((ConnectionSlot(entry.value().clone()), rate))
+        Ok(join(&entry, idle, per_second, burst))
     }
 
     /// Registers one more connection of the class, unless it already has `max`. The error is
@@ -227,8 +223,7 @@ impl ClientRegistry {
         if n >= max as usize {
             return Err(n);
         }
-        entry.store(n + 1, Ordering::Relaxed);
-        Ok(ClassSlot(entry.value().clone()))
+        Ok(join_class(&entry))
     }
 
     /// Moves an open connection to `class` after a policy reload: one more connection of this
@@ -242,21 +237,11 @@ impl ClientRegistry {
         per_second: NonZeroU32,
         burst: NonZeroU32,
     ) -> (ClassSlot, ConnectionSlot, Arc<CallRate>) {
-        let class_count = self.classes.entry(class.to_string()).or_default();
-        class_count.fetch_add(1, Ordering::Relaxed);
-        let class_slot = ClassSlot(class_count.value().clone());
-        drop(class_count);
+        let class_slot = join_class(&self.classes.entry(class.to_string()).or_default());
         let entry = self.entry(class, key, per_second, burst);
-        let mut idle = lock(&entry.idle_since);
-        entry.connections.fetch_add(1, Ordering::Relaxed);
-        *idle = None;
-        drop(idle);
-        let mut rate = lock(&entry.rate);
-        if rate.per_second != per_second || rate.burst != burst {
-            *rate = Arc::new(CallRate::new(per_second, burst));
-        }
-        let rate = rate.clone();
-        (class_slot, ConnectionSlot(entry.value().clone()), rate)
+        let idle = lock(&entry.idle_since);
+        let (slot, rate) = join(&entry, idle, per_second, burst);
+        (class_slot, slot, rate)
     }
 
     /// Connections of this client now.
@@ -265,6 +250,31 @@ impl ClientRegistry {
             .get(&(class.to_string(), key.clone()))
             .map_or(0, |e| e.connections.load(Ordering::Relaxed))
     }
+}
+
+/// One more connection of a client whose entry is locked in the map (`idle` is its idle
+/// mark, locked too): the slot, and its rate budget under `per_second`/`burst` (replaced if
+/// the quotas changed since the budget was made, e.g. by a policy reload).
+fn join(
+    entry: &Arc<ClientEntry>,
+    mut idle: std::sync::MutexGuard<'_, Option<Instant>>,
+    per_second: NonZeroU32,
+    burst: NonZeroU32,
+) -> (ConnectionSlot, Arc<CallRate>) {
+    entry.connections.fetch_add(1, Ordering::Relaxed);
+    *idle = None;
+    drop(idle);
+    let mut rate = lock(&entry.rate);
+    if rate.per_second != per_second || rate.burst != burst {
+        *rate = Arc::new(CallRate::new(per_second, burst));
+    }
+    (ConnectionSlot(entry.clone()), rate.clone())
+}
+
+/// One more connection of a class whose count is locked in the map.
+fn join_class(count: &Arc<AtomicUsize>) -> ClassSlot {
+    count.fetch_add(1, Ordering::Relaxed);
+    ClassSlot(count.clone())
 }
 
 /// The lock holds no invariant a panic could break (a pointer swap), so poisoning is ignored.
@@ -406,5 +416,17 @@ mod tests {
         assert_eq!(reg.connections("new", &key), 2);
         drop((new_class, new_slot));
         assert_eq!(reg.connections("new", &key), 1);
+    }
+
+    #[test]
+    fn a_new_connection_gets_the_quotas_in_force_not_those_of_an_older_budget() {
+        let reg = Arc::new(ClientRegistry::default());
+        let key = ClientKey::Uid(3);
+        let (first, old) = reg.connect("c", key.clone(), nz(1), nz(2), 10).unwrap();
+        // The policy was reloaded with a larger burst; the client connects again.
+        let (_second, new) = reg.connect("c", key.clone(), nz(1), nz(5), 10).unwrap();
+        assert!(!Arc::ptr_eq(&old, &new));
+        assert_eq!((0..10).filter(|_| new.try_call()).count(), 5);
+        drop(first);
     }
 }
