@@ -172,7 +172,14 @@ fn sigterm_during_a_long_poll_fails_it_clearly_and_exits_zero() {
         let mut wait = req.send().pipeline.get_ns().wait_request();
         wait.get().set_key("never");
         let waiting = wait.send().promise;
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // A later call's answer on the same connection proves the long poll was delivered
+        // (a fixed sleep was not enough on a loaded machine: shutdown then found no call in
+        // flight and closed at once).
+        s.namespaces_request()
+            .send()
+            .promise
+            .await
+            .expect("served before shutdown");
         let started = Instant::now();
         let _ = Command::new("kill").args(["-TERM", &pid]).status();
         let e = waiting
