@@ -27,20 +27,31 @@ async fn put_get(s: &store::Client, key: &str) -> Vec<u8> {
     reply.get().unwrap().get_value().unwrap().to_vec()
 }
 
-/// CPU time used so far by every thread of this process (ns).
-fn process_cpu_ns() -> u64 {
+/// CPU time used so far by each thread of this process (ns), by thread id.
+fn threads_cpu_ns() -> std::collections::HashMap<String, u64> {
     std::fs::read_dir("/proc/self/task")
         .unwrap()
         .flatten()
-        .map(|t| {
-            std::fs::read_to_string(t.path().join("schedstat"))
-                .unwrap_or_default()
+        .filter_map(|t| {
+            let ns = std::fs::read_to_string(t.path().join("schedstat"))
+                .ok()?
                 .split_whitespace()
-                .next()
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0)
+                .next()?
+                .parse::<u64>()
+                .ok()?;
+            Some((t.file_name().to_string_lossy().into_owned(), ns))
         })
-        .sum()
+        .collect()
+}
+
+/// CPU time the threads of this process used since `before` (threads that ended meanwhile,
+/// e.g. another test's, are left out rather than counted negative).
+fn cpu_since(before: &std::collections::HashMap<String, u64>) -> Duration {
+    let ns = threads_cpu_ns()
+        .into_iter()
+        .map(|(tid, ns)| ns.saturating_sub(before.get(&tid).copied().unwrap_or(0)))
+        .sum();
+    Duration::from_nanos(ns)
 }
 
 fn busy(time: Duration) -> Limits {
@@ -68,9 +79,9 @@ fn busy_polling_connections_serve_calls_and_go_quiet_when_idle() {
         // have stopped. Polling on through the next 500 ms would cost about that much CPU
         // per polling thread (the client's and the server worker's).
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let cpu = process_cpu_ns();
+        let cpu = threads_cpu_ns();
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let idle_cpu = Duration::from_nanos(process_cpu_ns() - cpu);
+        let idle_cpu = cpu_since(&cpu);
         assert!(
             idle_cpu < Duration::from_millis(150),
             "the process used {idle_cpu:?} of CPU while idle for 500 ms"

@@ -39,6 +39,13 @@ impl ClientBuilder {
         self
     }
 
+    /// While calls await their answers, polls the socket for up to `time` after each write
+    /// (see [`Limits::answer_poll`]). Default 100 µs; zero turns it off.
+    pub fn answer_poll(mut self, time: std::time::Duration) -> Self {
+        self.limits.answer_poll = time;
+        self
+    }
+
     /// Connects with TLS (see [`crate::tls::client_config`]), verifying that the server's
     /// certificate is valid for `server_name` (a DNS name or an IP address).
     pub fn tls(

@@ -166,6 +166,9 @@ pub struct Guard {
     /// The class-wide counters this connection's denials are added to.
     shared_denials: Option<Arc<DenialCounters>>,
     observer: Option<Observer>,
+    /// Our own questions (calls and bootstraps we sent) not yet answered by a Return. Only
+    /// a hint for answer polling: a peer that never returns merely keeps it high.
+    awaiting: u32,
 }
 
 impl Guard {
@@ -186,6 +189,7 @@ impl Guard {
             returned_caps: HashMap::new(),
             shared_denials: None,
             observer: None,
+            awaiting: 0,
         }
     }
 
@@ -295,6 +299,10 @@ impl Guard {
                     }
                     Some(Answer::Cancelled) | None => Verdict::Deliver,
                 }
+            }
+            Ok(message::Return(_)) => {
+                self.awaiting = self.awaiting.saturating_sub(1);
+                Verdict::Deliver
             }
             // Everything else (and what does not parse) is capnp-rpc's to judge.
             _ => Verdict::Deliver,
@@ -503,9 +511,14 @@ impl Guard {
                 }
             }
             Ok(message::Call(Ok(c))) => {
+                self.awaiting = self.awaiting.saturating_add(1);
                 if let Ok(p) = c.get_params() {
                     self.export_descriptors(p.get_cap_table());
                 }
+            }
+            Ok(message::Bootstrap(_)) => {
+                self.awaiting = self.awaiting.saturating_add(1);
+                return Ok(());
             }
             Ok(message::Resolve(Ok(r))) => {
                 if let Ok(capnp_rpc::rpc_capnp::resolve::Cap(Ok(d))) = r.which() {
@@ -568,6 +581,11 @@ impl Guard {
     /// Incoming calls delivered and neither returned nor finished.
     pub fn in_flight_calls(&self) -> usize {
         self.running as usize
+    }
+
+    /// Questions we sent (calls, bootstraps) that the peer has not answered yet.
+    pub fn awaiting_answers(&self) -> u32 {
+        self.awaiting
     }
 
     /// Answers the peer has open (in flight, returned but not finished, cancelled, denied).

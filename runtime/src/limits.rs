@@ -63,6 +63,24 @@ pub struct Limits {
     /// write costs up to this much CPU time. The polling stops as soon as bytes arrive or
     /// something is queued to send, so it never delays other work on the thread.
     pub busy_poll: Duration,
+    /// Busy polling only while an answer is due: after a write, while calls this side sent
+    /// still await their answers, poll the socket for up to this long instead of sleeping.
+    /// Default 100 µs. Zero turns it off. ([`Limits::busy_poll`], when set, polls after
+    /// every write and takes precedence.)
+    ///
+    /// This is what a client waiting on its server does (and a server waiting on a
+    /// callback). It adapts: a poll that sees no answer within this time makes the next
+    /// ones wait out 1, 2, 4, ... up to 64 writes, and a poll that sees one resets that, so
+    /// answers that take longer than this (a slow method, a far server) cost about one
+    /// wasted poll per 64 calls, and quick answers are seen without the wake-up delay. A
+    /// server's answers to its clients never wait on it: see [`Limits::call_poll`].
+    pub answer_poll: Duration,
+    /// The server's side of the same: after answering calls, poll up to this long for the
+    /// peer's next call (a client making calls one after another sends it within
+    /// microseconds). Default 25 µs; zero turns it off. Adapts like `answer_poll`, and on
+    /// a thread only one connection polls at a time (that keeps the thread awake for all
+    /// of its connections), so a busy worker spends nearly nothing on it.
+    pub call_poll: Duration,
 }
 
 impl Default for Limits {
@@ -81,6 +99,8 @@ impl Default for Limits {
             tls_handshake_timeout: Duration::from_secs(10),
             max_connections: 10_000,
             busy_poll: Duration::ZERO,
+            answer_poll: Duration::from_micros(100),
+            call_poll: Duration::from_micros(25),
         }
     }
 }

@@ -51,6 +51,11 @@ pub(crate) struct LoadArgs {
     /// (lower latency for more CPU; see `capgate serve --busy-poll`).
     #[arg(long, value_parser = parse_duration)]
     busy_poll: Option<Duration>,
+    /// While calls await answers, poll the socket this long after each write (adaptive:
+    /// backs off while answers come later than that), e.g. "100us" (the default); "0s"
+    /// turns it off.
+    #[arg(long, value_parser = parse_duration)]
+    answer_poll: Option<Duration>,
     /// Never draw a progress bar (it is drawn only when stderr is a terminal).
     #[arg(long)]
     no_progress: bool,
@@ -65,6 +70,9 @@ pub(crate) fn run(args: LoadArgs) -> Result<(), String> {
     let mut client = Client::builder();
     if let Some(t) = args.busy_poll {
         client = client.busy_poll(t);
+    }
+    if let Some(t) = args.answer_poll {
+        client = client.answer_poll(t);
     }
     if let Some(ca) = &args.tls_ca {
         let identity = args.tls_cert.as_deref().zip(args.tls_key.as_deref());

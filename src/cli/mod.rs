@@ -72,6 +72,11 @@ pub(crate) struct LimitArgs {
     /// latency for more CPU (default: off).
     #[arg(long, value_parser = parse_duration)]
     busy_poll: Option<Duration>,
+    /// After answering a client's calls, poll its socket this long for its next call
+    /// (adaptive: backs off while calls come later than that), e.g. "25us" (the default);
+    /// "0s" turns it off.
+    #[arg(long, value_parser = parse_duration)]
+    call_poll: Option<Duration>,
 }
 
 impl LimitArgs {
@@ -100,6 +105,9 @@ impl LimitArgs {
         }
         if let Some(v) = self.busy_poll {
             l.busy_poll = v;
+        }
+        if let Some(v) = self.call_poll {
+            l.call_poll = v;
         }
         l
     }

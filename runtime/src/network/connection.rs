@@ -43,6 +43,12 @@ pub struct ConnectionStats {
     pub bytes_out: u64,
     /// Socket writes that carried those frames (coalescing makes this smaller).
     pub writes: u64,
+    /// Times this side polled the socket after a write instead of sleeping
+    /// ([`Limits::busy_poll`], [`Limits::answer_poll`]).
+    pub polls: u64,
+    /// Polls that saw bytes arrive (the rest ran out of time or were cut short by
+    /// something to send).
+    pub poll_hits: u64,
 }
 
 impl ConnShared {
@@ -79,6 +85,22 @@ impl ConnShared {
 
     pub(super) fn bytes_received(&self) -> u64 {
         self.stats.borrow().bytes_in
+    }
+
+    /// Our questions not answered yet (see [`Guard::awaiting_answers`]).
+    pub(super) fn awaiting_answers(&self) -> u32 {
+        self.guard.borrow().awaiting_answers()
+    }
+
+    /// Calls the peer has sent us so far.
+    pub(super) fn calls_received(&self) -> u64 {
+        self.guard.borrow().calls_received()
+    }
+
+    pub(super) fn note_poll(&self, hit: bool) {
+        let mut s = self.stats.borrow_mut();
+        s.polls += 1;
+        s.poll_hits += u64::from(hit);
     }
 
     pub(super) fn in_flight_calls(&self) -> usize {

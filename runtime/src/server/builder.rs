@@ -84,6 +84,13 @@ impl ServerBuilder {
         self
     }
 
+    /// After answering a client's calls, polls its socket for up to `time` for its next call
+    /// (see [`Limits::call_poll`]). Default 25 µs; zero turns it off.
+    pub fn call_poll(mut self, time: std::time::Duration) -> Self {
+        self.limits.call_poll = time;
+        self
+    }
+
     /// The policy: client classes, allowlists, quotas (from a file with [`Policy::load`] or
     /// built in code). Without one, every client may call every method, with the default
     /// quotas; `build` logs a warning saying so.

@@ -1,0 +1,145 @@
+//! Answer and call polling (`Limits::answer_poll`, `Limits::call_poll`, on by default):
+//! after a write, a connection polls briefly while an answer (or the peer's next call) is
+//! due, and backs off when what it waits for comes later than its budget. Both ends are
+//! capgate connections over a Unix socket pair, the server on its own thread.
+
+mod common;
+
+use std::time::Duration;
+
+use capgate::{Client, Limits};
+use common::*;
+
+/// An `Echo` that answers after `delay`.
+struct SlowEcho(Duration);
+
+impl capgate::bench_capnp::echo::Server for SlowEcho {
+    async fn echo(
+        self: capnp::capability::Rc<Self>,
+        params: capgate::bench_capnp::echo::EchoParams,
+        mut results: capgate::bench_capnp::echo::EchoResults,
+    ) -> Result<(), capnp::Error> {
+        tokio::time::sleep(self.0).await;
+        let payload = params.get()?.get_payload()?;
+        results.get().set_payload(payload);
+        Ok(())
+    }
+}
+
+/// Serves `SlowEcho(delay)` with `limits` on one end of a Unix socket pair, on its own
+/// thread; returns the other end, and the server connection's counters once the peer
+/// leaves.
+fn serve_echo_pair(
+    limits: Limits,
+    delay: Duration,
+) -> (
+    std::os::unix::net::UnixStream,
+    std::thread::JoinHandle<capgate::ConnectionStats>,
+) {
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    ours.set_nonblocking(true).unwrap();
+    theirs.set_nonblocking(true).unwrap();
+    let server = std::thread::spawn(move || {
+        local(async move {
+            let s = tokio::net::UnixStream::from_std(ours).unwrap();
+            let (r, w) = s.into_split();
+            let (network, control) = capgate::new_network(
+                r,
+                w,
+                capgate::Side::Server,
+                limits,
+                capgate::Guard::allow_all(),
+            );
+            let echo: capgate::bench_capnp::echo::Client = capnp_rpc::new_client(SlowEcho(delay));
+            let rpc = capnp_rpc::RpcSystem::new(Box::new(network), Some(echo.client));
+            let _ = rpc.await;
+            control.stats()
+        })
+    });
+    (theirs, server)
+}
+
+/// `calls` echo calls one after another, then the client's counters.
+async fn sequential_echoes(
+    builder: capgate::ClientBuilder,
+    socket: std::os::unix::net::UnixStream,
+    calls: usize,
+) -> capgate::ConnectionStats {
+    let s = tokio::net::UnixStream::from_std(socket).unwrap();
+    let (r, w) = s.into_split();
+    let c = builder.from_stream(r, w);
+    let echo: capgate::bench_capnp::echo::Client = c.bootstrap();
+    for i in 0..calls {
+        let mut req = echo.echo_request();
+        req.get().set_payload(&[i as u8; 8]);
+        let reply = req.send().promise.await.expect("echo answered");
+        assert_eq!(reply.get().unwrap().get_payload().unwrap(), &[i as u8; 8]);
+    }
+    let stats = c.stats();
+    drop(echo);
+    c.shutdown().await.ok();
+    stats
+}
+
+#[test]
+fn a_client_polls_for_answers_that_come_quickly() {
+    // A generous budget, so that even a loaded machine answers within it.
+    let (socket, server) = serve_echo_pair(Limits::default(), Duration::ZERO);
+    let calls = 200;
+    let stats = local(sequential_echoes(
+        Client::builder().answer_poll(Duration::from_millis(100)),
+        socket,
+        calls,
+    ));
+    let server = server.join().unwrap();
+    // One poll after each call was written (the first may find the bootstrap pending).
+    assert!(
+        stats.polls as usize >= calls - 1,
+        "the client polled {} times for {calls} calls",
+        stats.polls
+    );
+    assert!(
+        stats.poll_hits * 10 >= stats.polls * 9,
+        "only {} of {} polls saw the answer",
+        stats.poll_hits,
+        stats.polls
+    );
+    // The server answered and (by default) polled for the next call.
+    assert!(
+        server.polls > 0,
+        "the server never polled for the next call: {server:?}"
+    );
+}
+
+#[test]
+fn answer_polling_backs_off_when_answers_are_slower_than_its_budget() {
+    // Answers take 3 ms; the client polls for at most 100 µs (the default).
+    let (socket, server) = serve_echo_pair(Limits::default(), Duration::from_millis(3));
+    let calls = 200;
+    let stats = local(sequential_echoes(Client::builder(), socket, calls));
+    server.join().unwrap();
+    // Only the bootstrap, answered at once, can be seen while polling.
+    assert!(stats.poll_hits <= 1, "{stats:?}");
+    // Polls after 1, 2, 4, ... 64 skipped writes: 7 polls for the first 127 calls, then
+    // one per 65: 9 for 200 calls (two more allowed for the bootstrap's round trip).
+    assert!(
+        (7..=11).contains(&stats.polls),
+        "the client polled {} times for {calls} slow calls",
+        stats.polls
+    );
+}
+
+#[test]
+fn polling_can_be_turned_off() {
+    let mut limits = Limits::default();
+    limits.call_poll = Duration::ZERO;
+    let (socket, server) = serve_echo_pair(limits, Duration::ZERO);
+    let stats = local(sequential_echoes(
+        Client::builder().answer_poll(Duration::ZERO),
+        socket,
+        50,
+    ));
+    let server = server.join().unwrap();
+    assert_eq!((stats.polls, server.polls), (0, 0));
+    assert!(stats.frames_out >= 50 && server.frames_out >= 50);
+}
