@@ -17,7 +17,7 @@ use crate::{ConnectionStats, Error, Guard, Limits, Side};
 #[derive(Clone, Default)]
 #[must_use]
 pub struct ClientBuilder {
-    limits: Limits,
+    pub(crate) limits: Limits,
     tls: Option<(
         std::sync::Arc<rustls::ClientConfig>,
         rustls_pki_types::ServerName<'static>,

@@ -10,11 +10,15 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use capnp::capability::FromClientHook;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{Client, ClientBuilder, ConnectionStats, Error};
+use crate::poll::{PollBackoff, Polled, PollingMark};
+use crate::{Client, ClientBuilder, ConnectionStats, Error, Limits};
 
 type Job = Box<dyn FnOnce(&Client) + Send>;
 
@@ -37,6 +41,109 @@ type Job = Box<dyn FnOnce(&Client) + Send>;
 #[derive(Clone, Debug)]
 pub struct ClientHandle {
     jobs: mpsc::UnboundedSender<Job>,
+    results: Arc<ResultPoll>,
+}
+
+/// How callers wait for their results: like a connection waiting for an answer
+/// ([`Limits::answer_poll`]), a caller polls for its result for a short while before it
+/// sleeps, adaptively, one caller of a handle at a time.
+#[derive(Debug)]
+struct ResultPoll {
+    budget: Duration,
+    polling: AtomicBool,
+    backoff: Mutex<PollBackoff>,
+}
+
+impl ResultPoll {
+    /// Polls `rx` for up to the budget: `Some` with what came (or `Err` if the sender is
+    /// gone), `None` to wait for it normally.
+    async fn wait<T>(&self, rx: &mut oneshot::Receiver<T>) -> Option<Result<T, ()>> {
+        if self.budget.is_zero() || self.polling.swap(true, Ordering::Acquire) {
+            return None;
+        }
+        let _polling = Release(&self.polling);
+        if !self.backoff.lock().is_ok_and(|mut b| b.ready()) {
+            return None;
+        }
+        let deadline = Instant::now() + self.budget;
+        let polled = loop {
+            match rx.try_recv() {
+                Ok(v) => break Some(Ok(v)),
+                Err(oneshot::error::TryRecvError::Closed) => return Some(Err(())),
+                Err(oneshot::error::TryRecvError::Empty) => {}
+            }
+            if Instant::now() >= deadline {
+                break None;
+            }
+            std::thread::yield_now();
+            tokio::task::yield_now().await;
+        };
+        if let Ok(mut b) = self.backoff.lock() {
+            b.record(if polled.is_some() {
+                Polled::Hit
+            } else {
+                Polled::Miss
+            });
+        }
+        polled
+    }
+}
+
+/// Clears a flag when dropped.
+struct Release<'a>(&'a AtomicBool);
+
+impl Drop for Release<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// The connection thread's job loop: runs jobs as they come; after a burst, polls for the
+/// next job for up to `budget` before sleeping (a caller making calls one after another
+/// sends it soon after its result), adaptively.
+async fn run_jobs(client: &Client, rx: &mut mpsc::UnboundedReceiver<Job>, budget: Duration) {
+    let mut backoff = PollBackoff::default();
+    while let Some(job) = rx.recv().await {
+        job(client);
+        loop {
+            // Take whatever else is queued without another wake-up.
+            while let Ok(job) = rx.try_recv() {
+                job(client);
+            }
+            if budget.is_zero() || !backoff.ready() {
+                break;
+            }
+            match poll_job(rx, budget).await {
+                Some(job) => {
+                    backoff.record(Polled::Hit);
+                    job(client);
+                }
+                None => {
+                    backoff.record(Polled::Miss);
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Polls for a job for up to `budget`, keeping the thread awake meanwhile (the connection's
+/// own answer polling stands aside while this one runs: see [`PollingMark`]).
+async fn poll_job(rx: &mut mpsc::UnboundedReceiver<Job>, budget: Duration) -> Option<Job> {
+    let _mark = PollingMark::take();
+    let deadline = Instant::now() + budget;
+    loop {
+        match rx.try_recv() {
+            Ok(job) => return Some(job),
+            Err(mpsc::error::TryRecvError::Disconnected) => return None,
+            Err(mpsc::error::TryRecvError::Empty) => {}
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::yield_now();
+        tokio::task::yield_now().await;
+    }
 }
 
 impl ClientHandle {
@@ -47,7 +154,17 @@ impl ClientHandle {
 
     /// Runs the connection that `connect` makes (called on the new connection thread) and
     /// returns a handle to it once it is up.
+    /// Callers and the connection thread poll for results and jobs as [`Limits::default`]
+    /// says (`answer_poll`); [`ClientBuilder::connect_handle`] takes the builder's limits.
     pub async fn spawn<F, Fut>(connect: F) -> Result<Self, Error>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Client, Error>> + 'static,
+    {
+        Self::spawn_polling(connect, Limits::default().answer_poll).await
+    }
+
+    async fn spawn_polling<F, Fut>(connect: F, poll: Duration) -> Result<Self, Error>
     where
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Result<Client, Error>> + 'static,
@@ -78,13 +195,7 @@ impl ClientHandle {
                     if ready_tx.send(Ok(())).is_err() {
                         return;
                     }
-                    while let Some(job) = rx.recv().await {
-                        job(&client);
-                        // Take whatever else is queued without another wake-up.
-                        while let Ok(job) = rx.try_recv() {
-                            job(&client);
-                        }
-                    }
+                    run_jobs(&client, &mut rx, poll).await;
                     // Every handle is gone: close the connection, letting the tasks still
                     // running finish first.
                     let _ = client.shutdown().await;
@@ -92,7 +203,14 @@ impl ClientHandle {
             })
             .map_err(|e| Error::io("starting the client thread", e))?;
         match ready_rx.await {
-            Ok(Ok(())) => Ok(Self { jobs }),
+            Ok(Ok(())) => Ok(Self {
+                jobs,
+                results: Arc::new(ResultPoll {
+                    budget: poll,
+                    polling: AtomicBool::new(false),
+                    backoff: Mutex::new(PollBackoff::default()),
+                }),
+            }),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(Error::Config(
                 "the client thread ended before connecting".into(),
@@ -116,7 +234,12 @@ impl ClientHandle {
             });
         });
         self.jobs.send(job).map_err(|_| gone())?;
-        rx.await.map_err(|_| {
+        let mut rx = rx;
+        let result = match self.results.wait(&mut rx).await {
+            Some(r) => r,
+            None => rx.await.map_err(|_| ()),
+        };
+        result.map_err(|_| {
             Error::Rpc(capnp::Error::failed(
                 "capgate: the task on the connection thread ended without a result \
                  (it panicked, or the connection thread stopped)"
@@ -167,7 +290,8 @@ impl ClientBuilder {
     /// Connects over TCP (with TLS if configured) on a new connection thread and returns a
     /// `Send + Clone` [`ClientHandle`].
     pub async fn connect_handle(self, addr: SocketAddr) -> Result<ClientHandle, Error> {
-        ClientHandle::spawn(move || self.connect(addr)).await
+        let poll = self.limits.answer_poll;
+        ClientHandle::spawn_polling(move || self.connect(addr), poll).await
     }
 
     /// Connects to a Unix socket on a new connection thread; see [`ClientHandle`].
@@ -176,7 +300,8 @@ impl ClientBuilder {
         path: impl Into<PathBuf>,
     ) -> Result<ClientHandle, Error> {
         let path = path.into();
-        ClientHandle::spawn(move || self.connect_unix(path)).await
+        let poll = self.limits.answer_poll;
+        ClientHandle::spawn_polling(move || self.connect_unix(path), poll).await
     }
 }
 
@@ -189,5 +314,60 @@ mod tests {
     #[test]
     fn handle_is_send_sync_clone() {
         assert_send_sync_clone::<ClientHandle>();
+    }
+
+    fn result_poll(budget: Duration) -> ResultPoll {
+        ResultPoll {
+            budget,
+            polling: AtomicBool::new(false),
+            backoff: Mutex::new(PollBackoff::default()),
+        }
+    }
+
+    #[test]
+    fn callers_poll_for_results_and_back_off_when_they_come_late() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let poll = result_poll(Duration::from_millis(100));
+            // A result that is there (or comes within the budget) is taken while polling.
+            let (tx, mut rx) = oneshot::channel();
+            tx.send(1).unwrap();
+            assert_eq!(poll.wait(&mut rx).await, Some(Ok(1)));
+            let (tx, mut rx) = oneshot::channel();
+            let sender = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(5));
+                tx.send(2).unwrap();
+            });
+            assert_eq!(poll.wait(&mut rx).await, Some(Ok(2)));
+            sender.join().unwrap();
+            // One that comes later: the poll gives up after the budget...
+            let (_tx, mut rx) = oneshot::channel::<i32>();
+            let t = Instant::now();
+            assert_eq!(poll.wait(&mut rx).await, None);
+            assert!(t.elapsed() >= Duration::from_millis(100));
+            // ... and the next caller does not poll at all (then the one after does again).
+            let t = Instant::now();
+            assert_eq!(poll.wait(&mut rx).await, None);
+            assert!(t.elapsed() < Duration::from_millis(50), "{:?}", t.elapsed());
+            let t = Instant::now();
+            assert_eq!(poll.wait(&mut rx).await, None);
+            assert!(t.elapsed() >= Duration::from_millis(100));
+            // A sender that is gone ends the poll at once.
+            let (tx, mut rx) = oneshot::channel::<i32>();
+            drop(tx);
+            let poll = result_poll(Duration::from_secs(10));
+            assert_eq!(poll.wait(&mut rx).await, Some(Err(())));
+            // While one caller polls, others do not.
+            poll.polling.store(true, Ordering::Relaxed);
+            let (_tx, mut rx) = oneshot::channel::<i32>();
+            assert_eq!(poll.wait(&mut rx).await, None);
+            // Zero turns it off.
+            let (tx, mut rx) = oneshot::channel();
+            tx.send(3).unwrap();
+            assert_eq!(result_poll(Duration::ZERO).wait(&mut rx).await, None);
+        });
     }
 }

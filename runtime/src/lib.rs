@@ -16,6 +16,7 @@ mod limits;
 mod metrics;
 mod network;
 mod peer;
+mod poll;
 mod server;
 pub mod tls;
 

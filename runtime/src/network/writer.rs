@@ -11,6 +11,7 @@ use super::pool;
 use super::signal::Signal;
 use crate::framing::{encode_frame, encode_header, frame_len};
 use crate::limits::fmt_bytes;
+use crate::poll::{PollBackoff, Polled, PollingMark};
 
 /// Messages larger than this skip the coalescing buffer (their segments are written as is).
 const DIRECT_WRITE_BYTES: usize = 64 * 1024;
@@ -288,84 +289,6 @@ enum Written {
     TimedOut,
 }
 
-/// How a poll after a write ended.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Polled {
-    /// Bytes arrived.
-    Hit,
-    /// The time ran out first.
-    Miss,
-    /// Something was queued to send, or the outbox closed: neither tells whether polling
-    /// pays.
-    Interrupted,
-    /// Another connection of this thread is polling already, which keeps the thread awake
-    /// for every connection on it.
-    Skipped,
-}
-
-thread_local! {
-    /// Whether a connection of this thread is busy polling (one at a time is enough: while
-    /// one polls, the runtime checks every socket of the thread without sleeping).
-    static POLLING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Marks this thread as polling while alive (also when the poll is dropped half-way).
-struct PollingMark;
-
-impl PollingMark {
-    fn take() -> Option<Self> {
-        POLLING.with(|p| (!p.replace(true)).then_some(PollingMark))
-    }
-}
-
-impl Drop for PollingMark {
-    fn drop(&mut self) {
-        POLLING.with(|p| p.set(false));
-    }
-}
-
-/// The longest run of answer polls skipped after polls that saw nothing.
-const MAX_POLL_BACKOFF: u8 = 64;
-
-/// Answer polling's adaptation: after a poll that saw nothing, the next `skip` chances to
-/// poll are passed up, and each further such poll doubles the run (up to
-/// [`MAX_POLL_BACKOFF`]); a poll that sees bytes resets it. Answers slower than the budget
-/// thus cost about one wasted poll per `MAX_POLL_BACKOFF` writes.
-#[derive(Default)]
-struct PollBackoff {
-    skip: u8,
-    backoff: u8,
-}
-
-impl PollBackoff {
-    /// Whether to poll this time (counts a skipped chance).
-    fn ready(&mut self) -> bool {
-        if self.skip > 0 {
-            self.skip -= 1;
-            false
-        } else {
-            true
-        }
-    }
-
-    fn record(&mut self, polled: Polled) {
-        match polled {
-            Polled::Hit => {
-                self.backoff = 0;
-                self.skip = 0;
-            }
-            Polled::Miss => {
-                self.backoff = match self.backoff {
-                    0 => 1,
-                    n => n.saturating_mul(2).min(MAX_POLL_BACKOFF),
-                };
-                self.skip = self.backoff;
-            }
-            Polled::Interrupted | Polled::Skipped => {}
-        }
-    }
-}
-
 /// After a write: keeps the thread polling the socket instead of sleeping, until bytes
 /// arrive, something is queued to send, the outbox closes, or `budget` has passed. Each
 /// round yields to the runtime, which polls for I/O without blocking and runs whatever
@@ -532,33 +455,5 @@ mod tests {
         rt.block_on(super::write_all_vectored(&mut w, &parts))
             .unwrap();
         assert_eq!(w.0, b"abcdefghijklmnop");
-    }
-
-    #[test]
-    fn poll_backoff_doubles_up_to_its_bound_and_resets_on_a_hit() {
-        use super::{PollBackoff, Polled, MAX_POLL_BACKOFF};
-        // Every poll misses: the chances between polls grow 1, 2, 4, ... up to the bound.
-        let mut b = PollBackoff::default();
-        let polled_at: Vec<usize> = (0..400)
-            .filter(|_| {
-                let ready = b.ready();
-                if ready {
-                    b.record(Polled::Miss);
-                }
-                ready
-            })
-            .collect();
-        let skipped: Vec<usize> = polled_at.windows(2).map(|w| w[1] - w[0] - 1).collect();
-        let bound = usize::from(MAX_POLL_BACKOFF);
-        assert_eq!(skipped[..8], [1, 2, 4, 8, 16, 32, bound, bound]);
-        assert!(skipped.iter().all(|&n| n <= bound));
-        // A hit resets it; interruptions and skips change nothing.
-        b.record(Polled::Hit);
-        b.record(Polled::Interrupted);
-        b.record(Polled::Skipped);
-        assert!(b.ready() && b.ready());
-        b.record(Polled::Miss);
-        assert!(!b.ready());
-        assert!(b.ready());
     }
 }

@@ -1,0 +1,113 @@
+//! Adaptive polling: instead of sleeping at once, poll briefly for what is due (an answer,
+//! the peer's next call, a caller's next job), and stop trying for a while when it keeps
+//! coming later than the budget.
+
+/// How a poll ended.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Polled {
+    /// What was waited for arrived.
+    Hit,
+    /// The time ran out first.
+    Miss,
+    /// Something was queued to send, or the outbox closed: neither tells whether polling
+    /// pays.
+    Interrupted,
+    /// Someone else polls already (another connection of this thread, which keeps the
+    /// thread awake for all of them; another caller of the same handle).
+    Skipped,
+}
+
+/// The longest run of chances to poll passed up after polls that saw nothing.
+pub(crate) const MAX_POLL_BACKOFF: u8 = 64;
+
+/// The adaptation: after a poll that saw nothing, the next `skip` chances to poll are passed
+/// up, and each further such poll doubles the run (up to [`MAX_POLL_BACKOFF`]); a poll that
+/// sees what it waited for resets it. What comes later than the budget thus costs about one
+/// wasted poll per `MAX_POLL_BACKOFF` chances.
+#[derive(Default, Debug)]
+pub(crate) struct PollBackoff {
+    skip: u8,
+    backoff: u8,
+}
+
+impl PollBackoff {
+    /// Whether to poll this time (counts a skipped chance).
+    pub(crate) fn ready(&mut self) -> bool {
+        if self.skip > 0 {
+            self.skip -= 1;
+            false
+        } else {
+            true
+        }
+    }
+
+    pub(crate) fn record(&mut self, polled: Polled) {
+        match polled {
+            Polled::Hit => {
+                self.backoff = 0;
+                self.skip = 0;
+            }
+            Polled::Miss => {
+                self.backoff = match self.backoff {
+                    0 => 1,
+                    n => n.saturating_mul(2).min(MAX_POLL_BACKOFF),
+                };
+                self.skip = self.backoff;
+            }
+            Polled::Interrupted | Polled::Skipped => {}
+        }
+    }
+}
+
+thread_local! {
+    /// Whether a connection of this thread is busy polling (one at a time is enough: while
+    /// one polls, the runtime checks every socket of the thread without sleeping).
+    static POLLING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks this thread as polling while alive (also when the poll is dropped half-way).
+pub(crate) struct PollingMark;
+
+impl PollingMark {
+    /// The mark, unless this thread has it already.
+    pub(crate) fn take() -> Option<Self> {
+        POLLING.with(|p| (!p.replace(true)).then_some(PollingMark))
+    }
+}
+
+impl Drop for PollingMark {
+    fn drop(&mut self) {
+        POLLING.with(|p| p.set(false));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn poll_backoff_doubles_up_to_its_bound_and_resets_on_a_hit() {
+        use super::{PollBackoff, Polled, MAX_POLL_BACKOFF};
+        // Every poll misses: the chances between polls grow 1, 2, 4, ... up to the bound.
+        let mut b = PollBackoff::default();
+        let polled_at: Vec<usize> = (0..400)
+            .filter(|_| {
+                let ready = b.ready();
+                if ready {
+                    b.record(Polled::Miss);
+                }
+                ready
+            })
+            .collect();
+        let skipped: Vec<usize> = polled_at.windows(2).map(|w| w[1] - w[0] - 1).collect();
+        let bound = usize::from(MAX_POLL_BACKOFF);
+        assert_eq!(skipped[..8], [1, 2, 4, 8, 16, 32, bound, bound]);
+        assert!(skipped.iter().all(|&n| n <= bound));
+        // A hit resets it; interruptions and skips change nothing.
+        b.record(Polled::Hit);
+        b.record(Polled::Interrupted);
+        b.record(Polled::Skipped);
+        assert!(b.ready() && b.ready());
+        b.record(Polled::Miss);
+        assert!(!b.ready());
+        assert!(b.ready());
+    }
+}
