@@ -56,6 +56,8 @@ enum Sys {
     Handle,
     /// capgate with busy-polling on both sides (`Limits::busy_poll`).
     Busy,
+    /// capgate with adaptive polling off on both sides (`answer_poll`, `call_poll` = 0).
+    NoPoll,
 }
 
 impl Sys {
@@ -66,6 +68,7 @@ impl Sys {
             Sys::Tarpc => "tarpc",
             Sys::Handle => "capgate handle",
             Sys::Busy => "capgate busy-poll",
+            Sys::NoPoll => "capgate no-poll",
         }
     }
 }
@@ -159,6 +162,14 @@ const BUSY_POLL: Duration = Duration::from_micros(200);
 fn busy_limits() -> Limits {
     let mut l = capgate_limits();
     l.busy_poll = BUSY_POLL;
+    l
+}
+
+/// capgate as it was before adaptive polling: every wait for the peer sleeps at once.
+fn no_poll_limits() -> Limits {
+    let mut l = capgate_limits();
+    l.answer_poll = Duration::ZERO;
+    l.call_poll = Duration::ZERO;
     l
 }
 
@@ -271,11 +282,11 @@ async fn connect(sys: Sys, addr: SocketAddr) -> Conn {
         Sys::Twoparty => Conn::Twoparty(echo::Client {
             client: twoparty_connect(addr).await,
         }),
-        Sys::Capgate | Sys::Busy => {
-            let limits = if sys == Sys::Busy {
-                busy_limits()
-            } else {
-                capgate_limits()
+        Sys::Capgate | Sys::Busy | Sys::NoPoll => {
+            let limits = match sys {
+                Sys::Busy => busy_limits(),
+                Sys::NoPoll => no_poll_limits(),
+                _ => capgate_limits(),
             };
             let c = Client::builder()
                 .limits(limits)
@@ -456,6 +467,89 @@ fn latency_report(b: &Bench, tcp: SocketAddr, conns: &[(Sys, Conn)]) {
         p(busy) / p(capgate),
         cpu_ns[busy] as f64 / cpu_ns[capgate] as f64,
     );
+    let no_poll = names.iter().position(|n| *n == "capgate no-poll").unwrap();
+    println!(
+        "  no-poll (answer_poll and call_poll off, both sides): /raw TCP {:.2}  /twoparty {:.2}  capgate/no-poll {:.2}; capgate's CPU per call x{:.2} of no-poll's",
+        p(no_poll) / p(0),
+        p(no_poll) / p(twoparty),
+        p(capgate) / p(no_poll),
+        cpu_ns[capgate] as f64 / cpu_ns[no_poll] as f64,
+    );
+}
+
+/// What adaptive polling costs and gains when the client does something else between
+/// calls: sequential calls separated by a pause in which the client thread either sleeps
+/// (waits for something else) or computes (spins), capgate as configured by default vs with
+/// polling off. CPU per call is that of every thread of the process, the pauses included:
+/// read the difference.
+fn polling_report(b: &Bench, conns: &[(Sys, Conn)]) {
+    let find = |sys: Sys| &conns.iter().find(|(s, _)| *s == sys).unwrap().1;
+    let (capgate, no_poll) = (find(Sys::Capgate), find(Sys::NoPoll));
+    let (blocks, per) = if b.quick { (1, 20) } else { (10, 200) };
+    let payload = Rc::new(vec![42u8; 64]);
+    println!(
+        "\n== adaptive polling: sequential 64 B echo, the client sleeping or computing between calls ({} calls each, interleaved blocks; CPU: whole process per call)",
+        blocks * per
+    );
+    for (pause_us, spin) in [
+        (0u64, false),
+        (20, false),
+        (100, false),
+        (1000, false),
+        (20, true),
+        (100, true),
+        (1000, true),
+    ] {
+        let pause = Duration::from_micros(pause_us);
+        // [capgate, no-poll]: latencies, CPU ns
+        let mut samples = [Vec::new(), Vec::new()];
+        let mut cpu = [0u64; 2];
+        let mut paused = Duration::ZERO;
+        b.run(async {
+            for _ in 0..blocks {
+                for (i, c) in [capgate, no_poll].into_iter().enumerate() {
+                    let before = threads_cpu_ns("");
+                    for _ in 0..per {
+                        let t = Instant::now();
+                        if spin {
+                            while t.elapsed() < pause {
+                                std::hint::spin_loop();
+                            }
+                        } else if !pause.is_zero() {
+                            std::thread::sleep(pause);
+                        }
+                        paused += t.elapsed();
+                        let t = Instant::now();
+                        c.echo(&payload).await;
+                        samples[i].push(t.elapsed());
+                    }
+                    cpu[i] += threads_cpu_ns("") - before;
+                }
+            }
+        });
+        let calls = (blocks * per) as f64;
+        let cpu_us: Vec<f64> = cpu.iter().map(|&ns| ns as f64 / calls / 1e3).collect();
+        for v in &mut samples {
+            v.sort();
+        }
+        let (p0, p1) = (pct(&samples[0], 0.5), pct(&samples[1], 0.5));
+        let label = if pause.is_zero() {
+            "no pause".to_string()
+        } else {
+            format!(
+                "{} {pause_us:>4} us ({:.0})",
+                if spin { "compute" } else { "sleep  " },
+                paused.as_secs_f64() * 1e6 / (2.0 * calls)
+            )
+        };
+        println!(
+            "  {label:<24} p50 capgate {p0:6.1} us  no-poll {p1:6.1} us ({:.2}x)   CPU/call capgate {:6.1} us  no-poll {:6.1} us ({:+.1} us)",
+            p0 / p1,
+            cpu_us[0],
+            cpu_us[1],
+            cpu_us[0] - cpu_us[1],
+        );
+    }
 }
 
 /// Calls per second on one connection at 1/16/128 in flight, interleaved rounds.
@@ -503,7 +597,7 @@ fn server_threads(sys: Sys) -> &'static str {
     match sys {
         Sys::Twoparty => "twoparty-server",
         Sys::Tarpc => "tarpc-server",
-        Sys::Capgate | Sys::Handle | Sys::Busy => "capgate-worker",
+        Sys::Capgate | Sys::Handle | Sys::Busy | Sys::NoPoll => "capgate-worker",
     }
 }
 
@@ -854,6 +948,7 @@ fn main() {
         (Sys::Tarpc, start_tarpc(1)),
     ];
     let busy = start_capgate_with(1, false, None, busy_limits());
+    let no_poll = start_capgate_with(1, false, None, no_poll_limits());
     let mut conns: Vec<(Sys, Conn)> = b.run(async {
         let mut v = Vec::new();
         for (sys, addr) in single {
@@ -861,6 +956,7 @@ fn main() {
         }
         v.push((Sys::Handle, connect(Sys::Handle, single[1].1).await));
         v.push((Sys::Busy, connect(Sys::Busy, busy).await));
+        v.push((Sys::NoPoll, connect(Sys::NoPoll, no_poll).await));
         v
     });
     let payload = Rc::new(vec![0u8; 64]);
@@ -876,6 +972,11 @@ fn main() {
     if want("latency") {
         latency_report(&b, tcp, &conns);
     }
+    if want("polling") {
+        polling_report(&b, &conns);
+    }
+    // The reports below compare the systems as they are configured by default.
+    conns.retain(|(s, _)| *s != Sys::NoPoll);
     if want("throughput") {
         throughput_report(&b, &conns);
     }

@@ -22,8 +22,10 @@ pub(crate) const MAX_POLL_BACKOFF: u8 = 64;
 
 /// The adaptation: after a poll that saw nothing, the next `skip` chances to poll are passed
 /// up, and each further such poll doubles the run (up to [`MAX_POLL_BACKOFF`]); a poll that
-/// sees what it waited for resets it. What comes later than the budget thus costs about one
-/// wasted poll per `MAX_POLL_BACKOFF` chances.
+/// sees what it waited for halves it. What comes later than the budget thus costs about one
+/// wasted poll per `MAX_POLL_BACKOFF` chances, and what comes in time only now and then
+/// (polls that pay less often than they waste) drifts towards the same; what comes in time
+/// more often than not keeps being polled for.
 #[derive(Default, Debug)]
 pub(crate) struct PollBackoff {
     skip: u8,
@@ -44,7 +46,7 @@ impl PollBackoff {
     pub(crate) fn record(&mut self, polled: Polled) {
         match polled {
             Polled::Hit => {
-                self.backoff = 0;
+                self.backoff /= 2;
                 self.skip = 0;
             }
             Polled::Miss => {
@@ -84,7 +86,7 @@ impl Drop for PollingMark {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn poll_backoff_doubles_up_to_its_bound_and_resets_on_a_hit() {
+    fn poll_backoff_doubles_up_to_its_bound_and_halves_on_a_hit() {
         use super::{PollBackoff, Polled, MAX_POLL_BACKOFF};
         // Every poll misses: the chances between polls grow 1, 2, 4, ... up to the bound.
         let mut b = PollBackoff::default();
@@ -101,13 +103,32 @@ mod tests {
         let bound = usize::from(MAX_POLL_BACKOFF);
         assert_eq!(skipped[..8], [1, 2, 4, 8, 16, 32, bound, bound]);
         assert!(skipped.iter().all(|&n| n <= bound));
-        // A hit resets it; interruptions and skips change nothing.
+        // A hit halves it (and polls at the next chance); interruptions and skips change
+        // nothing.
         b.record(Polled::Hit);
         b.record(Polled::Interrupted);
         b.record(Polled::Skipped);
+        assert_eq!(b.backoff, MAX_POLL_BACKOFF / 2);
         assert!(b.ready() && b.ready());
+        for _ in 0..6 {
+            b.record(Polled::Hit);
+        }
+        assert_eq!(b.backoff, 0);
         b.record(Polled::Miss);
         assert!(!b.ready());
         assert!(b.ready());
+        // Hits and misses in turn: the backoff stays small, polls keep coming.
+        let mut polls = 0;
+        for i in 0..100 {
+            if b.ready() {
+                polls += 1;
+                b.record(if i % 2 == 0 {
+                    Polled::Hit
+                } else {
+                    Polled::Miss
+                });
+            }
+        }
+        assert!(polls >= 40, "{polls} polls in 100 chances");
     }
 }
