@@ -154,6 +154,7 @@ impl ClientHandle {
 
     /// Runs the connection that `connect` makes (called on the new connection thread) and
     /// returns a handle to it once it is up.
+    ///
     /// Callers and the connection thread poll for results and jobs as [`Limits::default`]
     /// says (`answer_poll`); [`ClientBuilder::connect_handle`] takes the builder's limits.
     pub async fn spawn<F, Fut>(connect: F) -> Result<Self, Error>

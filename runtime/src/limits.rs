@@ -70,7 +70,7 @@ pub struct Limits {
     ///
     /// This is what a client waiting on its server does (and a server waiting on a
     /// callback). It adapts: a poll that sees no answer within this time makes the next
-    /// ones wait out 1, 2, 4, ... up to 64 writes, and a poll that sees one resets that, so
+    /// ones wait out 1, 2, 4, ... up to 64 writes, and a poll that sees one halves that, so
     /// answers that take longer than this (a slow method, a far server) cost about one
     /// wasted poll per 64 calls, and quick answers are seen without the wake-up delay. A
     /// server's answers to its clients never wait on it: see [`Limits::call_poll`].
