@@ -10,6 +10,14 @@ use std::time::Duration;
 use capgate::{Client, Limits};
 use common::*;
 
+/// Default limits, polling whatever else runs on the machine (other tests, in parallel):
+/// see `polling_stands_aside_while_the_machine_is_busy` for the default.
+fn polling() -> Limits {
+    let mut l = Limits::default();
+    l.poll_when_busy = true;
+    l
+}
+
 /// An `Echo` that answers after `delay`.
 struct SlowEcho(Duration);
 
@@ -84,10 +92,12 @@ async fn sequential_echoes(
 #[test]
 fn a_client_polls_for_answers_that_come_quickly() {
     // A generous budget, so that even a loaded machine answers within it.
-    let (socket, server) = serve_echo_pair(Limits::default(), Duration::ZERO);
+    let (socket, server) = serve_echo_pair(polling(), Duration::ZERO);
     let calls = 200;
     let stats = local(sequential_echoes(
-        Client::builder().answer_poll(Duration::from_millis(100)),
+        Client::builder()
+            .limits(polling())
+            .answer_poll(Duration::from_millis(100)),
         socket,
         calls,
     ));
@@ -114,9 +124,13 @@ fn a_client_polls_for_answers_that_come_quickly() {
 #[test]
 fn answer_polling_backs_off_when_answers_are_slower_than_its_budget() {
     // Answers take 3 ms; the client polls for at most 100 µs (the default).
-    let (socket, server) = serve_echo_pair(Limits::default(), Duration::from_millis(3));
+    let (socket, server) = serve_echo_pair(polling(), Duration::from_millis(3));
     let calls = 200;
-    let stats = local(sequential_echoes(Client::builder(), socket, calls));
+    let stats = local(sequential_echoes(
+        Client::builder().limits(polling()),
+        socket,
+        calls,
+    ));
     server.join().unwrap();
     // Only the bootstrap, answered at once, can be seen while polling.
     assert!(stats.poll_hits <= 1, "{stats:?}");
@@ -131,15 +145,45 @@ fn answer_polling_backs_off_when_answers_are_slower_than_its_budget() {
 
 #[test]
 fn polling_can_be_turned_off() {
-    let mut limits = Limits::default();
+    let mut limits = polling();
     limits.call_poll = Duration::ZERO;
     let (socket, server) = serve_echo_pair(limits, Duration::ZERO);
     let stats = local(sequential_echoes(
-        Client::builder().answer_poll(Duration::ZERO),
+        Client::builder()
+            .limits(polling())
+            .answer_poll(Duration::ZERO),
         socket,
         50,
     ));
     let server = server.join().unwrap();
     assert_eq!((stats.polls, server.polls), (0, 0));
+    assert!(stats.frames_out >= 50 && server.frames_out >= 50);
+}
+
+#[test]
+fn polling_stands_aside_while_the_machine_is_busy() {
+    // More threads that always want a core than there are cores: polling would take time
+    // from them, so with the default limits nobody polls.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let spinners: Vec<_> = (0..=cores)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(10));
+    let (socket, server) = serve_echo_pair(Limits::default(), Duration::ZERO);
+    let stats = local(sequential_echoes(Client::builder(), socket, 50));
+    let server = server.join().unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for s in spinners {
+        s.join().unwrap();
+    }
+    assert_eq!((stats.polls, server.polls), (0, 0), "{stats:?} {server:?}");
     assert!(stats.frames_out >= 50 && server.frames_out >= 50);
 }

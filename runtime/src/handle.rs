@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use capnp::capability::FromClientHook;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::poll::{PollBackoff, Polled, PollingMark};
+use crate::poll::{cores_free, poll_round, PollBackoff, Polled, PollingMark};
 use crate::{Client, ClientBuilder, ConnectionStats, Error, Limits};
 
 type Job = Box<dyn FnOnce(&Client) + Send>;
@@ -50,6 +50,8 @@ pub struct ClientHandle {
 #[derive(Debug)]
 struct ResultPoll {
     budget: Duration,
+    /// [`Limits::poll_when_busy`].
+    when_busy: bool,
     polling: AtomicBool,
     backoff: Mutex<PollBackoff>,
 }
@@ -58,7 +60,10 @@ impl ResultPoll {
     /// Polls `rx` for up to the budget: `Some` with what came (or `Err` if the sender is
     /// gone), `None` to wait for it normally.
     async fn wait<T>(&self, rx: &mut oneshot::Receiver<T>) -> Option<Result<T, ()>> {
-        if self.budget.is_zero() || self.polling.swap(true, Ordering::Acquire) {
+        if self.budget.is_zero()
+            || !(self.when_busy || cores_free())
+            || self.polling.swap(true, Ordering::Acquire)
+        {
             return None;
         }
         let _polling = Release(&self.polling);
@@ -72,11 +77,10 @@ impl ResultPoll {
                 Err(oneshot::error::TryRecvError::Closed) => return Some(Err(())),
                 Err(oneshot::error::TryRecvError::Empty) => {}
             }
-            if Instant::now() >= deadline {
-                break None;
+            if Instant::now() >= deadline || !(poll_round().await || self.when_busy) {
+                // A last look: the round may have brought it.
+                break rx.try_recv().ok().map(Ok);
             }
-            std::thread::yield_now();
-            tokio::task::yield_now().await;
         };
         if let Ok(mut b) = self.backoff.lock() {
             b.record(if polled.is_some() {
@@ -86,6 +90,23 @@ impl ResultPoll {
             });
         }
         polled
+    }
+}
+
+/// How a handle polls: for up to `budget` ([`Limits::answer_poll`]), and whether also when
+/// the machine is busy ([`Limits::poll_when_busy`]).
+#[derive(Clone, Copy, Debug)]
+struct Polls {
+    budget: Duration,
+    when_busy: bool,
+}
+
+impl Polls {
+    fn of(limits: &Limits) -> Self {
+        Self {
+            budget: limits.answer_poll,
+            when_busy: limits.poll_when_busy,
+        }
     }
 }
 
@@ -101,7 +122,8 @@ impl Drop for Release<'_> {
 /// The connection thread's job loop: runs jobs as they come; after a burst, polls for the
 /// next job for up to `budget` before sleeping (a caller making calls one after another
 /// sends it soon after its result), adaptively.
-async fn run_jobs(client: &Client, rx: &mut mpsc::UnboundedReceiver<Job>, budget: Duration) {
+async fn run_jobs(client: &Client, rx: &mut mpsc::UnboundedReceiver<Job>, polls: Polls) {
+    let Polls { budget, when_busy } = polls;
     let mut backoff = PollBackoff::default();
     while let Some(job) = rx.recv().await {
         job(client);
@@ -110,10 +132,10 @@ async fn run_jobs(client: &Client, rx: &mut mpsc::UnboundedReceiver<Job>, budget
             while let Ok(job) = rx.try_recv() {
                 job(client);
             }
-            if budget.is_zero() || !backoff.ready() {
+            if budget.is_zero() || !(when_busy || cores_free()) || !backoff.ready() {
                 break;
             }
-            match poll_job(rx, budget).await {
+            match poll_job(rx, polls).await {
                 Some(job) => {
                     backoff.record(Polled::Hit);
                     job(client);
@@ -129,7 +151,8 @@ async fn run_jobs(client: &Client, rx: &mut mpsc::UnboundedReceiver<Job>, budget
 
 /// Polls for a job for up to `budget`, keeping the thread awake meanwhile (the connection's
 /// own answer polling stands aside while this one runs: see [`PollingMark`]).
-async fn poll_job(rx: &mut mpsc::UnboundedReceiver<Job>, budget: Duration) -> Option<Job> {
+async fn poll_job(rx: &mut mpsc::UnboundedReceiver<Job>, polls: Polls) -> Option<Job> {
+    let Polls { budget, when_busy } = polls;
     let _mark = PollingMark::take();
     let deadline = Instant::now() + budget;
     loop {
@@ -138,11 +161,9 @@ async fn poll_job(rx: &mut mpsc::UnboundedReceiver<Job>, budget: Duration) -> Op
             Err(mpsc::error::TryRecvError::Disconnected) => return None,
             Err(mpsc::error::TryRecvError::Empty) => {}
         }
-        if Instant::now() >= deadline {
-            return None;
+        if Instant::now() >= deadline || !(poll_round().await || when_busy) {
+            return rx.try_recv().ok();
         }
-        std::thread::yield_now();
-        tokio::task::yield_now().await;
     }
 }
 
@@ -162,10 +183,10 @@ impl ClientHandle {
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Result<Client, Error>> + 'static,
     {
-        Self::spawn_polling(connect, Limits::default().answer_poll).await
+        Self::spawn_polling(connect, Polls::of(&Limits::default())).await
     }
 
-    async fn spawn_polling<F, Fut>(connect: F, poll: Duration) -> Result<Self, Error>
+    async fn spawn_polling<F, Fut>(connect: F, poll: Polls) -> Result<Self, Error>
     where
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Result<Client, Error>> + 'static,
@@ -207,7 +228,8 @@ impl ClientHandle {
             Ok(Ok(())) => Ok(Self {
                 jobs,
                 results: Arc::new(ResultPoll {
-                    budget: poll,
+                    budget: poll.budget,
+                    when_busy: poll.when_busy,
                     polling: AtomicBool::new(false),
                     backoff: Mutex::new(PollBackoff::default()),
                 }),
@@ -291,7 +313,7 @@ impl ClientBuilder {
     /// Connects over TCP (with TLS if configured) on a new connection thread and returns a
     /// `Send + Clone` [`ClientHandle`].
     pub async fn connect_handle(self, addr: SocketAddr) -> Result<ClientHandle, Error> {
-        let poll = self.limits.answer_poll;
+        let poll = Polls::of(&self.limits);
         ClientHandle::spawn_polling(move || self.connect(addr), poll).await
     }
 
@@ -301,7 +323,7 @@ impl ClientBuilder {
         path: impl Into<PathBuf>,
     ) -> Result<ClientHandle, Error> {
         let path = path.into();
-        let poll = self.limits.answer_poll;
+        let poll = Polls::of(&self.limits);
         ClientHandle::spawn_polling(move || self.connect_unix(path), poll).await
     }
 }
@@ -320,6 +342,8 @@ mod tests {
     fn result_poll(budget: Duration) -> ResultPoll {
         ResultPoll {
             budget,
+            // Whatever else runs on the machine (other tests).
+            when_busy: true,
             polling: AtomicBool::new(false),
             backoff: Mutex::new(PollBackoff::default()),
         }

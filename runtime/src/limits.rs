@@ -81,6 +81,12 @@ pub struct Limits {
     /// a thread only one connection polls at a time (that keeps the thread awake for all
     /// of its connections), so a busy worker spends nearly nothing on it.
     pub call_poll: Duration,
+    /// Polling (all three kinds above) stands aside while the machine has more runnable
+    /// threads than this process has cores (Linux: the running count in `/proc/loadavg`,
+    /// read at most every 2 ms per thread): a polling thread would then take time from one
+    /// with work, in this process or another. Default false. Set it to poll regardless, e.g.
+    /// for threads pinned to cores of their own.
+    pub poll_when_busy: bool,
 }
 
 impl Default for Limits {
@@ -101,6 +107,7 @@ impl Default for Limits {
             busy_poll: Duration::ZERO,
             answer_poll: Duration::from_micros(100),
             call_poll: Duration::from_micros(25),
+            poll_when_busy: false,
         }
     }
 }

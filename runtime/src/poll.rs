@@ -61,6 +61,69 @@ impl PollBackoff {
     }
 }
 
+/// A round of polling (yielding the core, then to the runtime) that takes longer than this
+/// means another thread had the core meanwhile (or this thread had other work): the poll
+/// ends, as one that saw nothing.
+const CONTENDED: std::time::Duration = std::time::Duration::from_micros(30);
+
+/// One round of polling: gives the core to any other thread ready to run on it, then lets the
+/// runtime poll for I/O and run whatever is ready. Returns false when the round took so long
+/// ([`CONTENDED`]) that the cores are evidently wanted elsewhere: polling on would take time
+/// from real work, here or in another process.
+pub(crate) async fn poll_round() -> bool {
+    let t = std::time::Instant::now();
+    std::thread::yield_now();
+    tokio::task::yield_now().await;
+    t.elapsed() < CONTENDED
+}
+
+/// How long a reading of [`cores_free`] is trusted on a thread.
+const CORES_FRESH: std::time::Duration = std::time::Duration::from_millis(2);
+
+thread_local! {
+    /// The last reading of [`cores_free`] on this thread, and when it was taken.
+    static CORES: std::cell::Cell<Option<(std::time::Instant, bool)>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// Whether every runnable thread of the machine has a core of its own right now, so that
+/// polling spends only a core that would otherwise sit idle. With more runnable threads than
+/// cores, a polling thread takes time from one that has work (in this process or another):
+/// then nobody polls. Linux: the running count of `/proc/loadavg` against the cores this
+/// process may use; read at most every 2 ms per thread. Elsewhere, or if it cannot be read:
+/// true.
+pub(crate) fn cores_free() -> bool {
+    let now = std::time::Instant::now();
+    if let Some((at, free)) = CORES.get() {
+        if now.duration_since(at) < CORES_FRESH {
+            return free;
+        }
+    }
+    let free = match (runnable_threads(), std::thread::available_parallelism()) {
+        (Some(running), Ok(cores)) => running <= cores.get(),
+        _ => true,
+    };
+    CORES.set(Some((now, free)));
+    free
+}
+
+/// Threads runnable on the machine now (this one included): the fourth field of
+/// `/proc/loadavg`, `running/total`.
+fn runnable_threads() -> Option<usize> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    parse_running(&text)
+}
+
+fn parse_running(loadavg: &str) -> Option<usize> {
+    loadavg
+        .split_whitespace()
+        .nth(3)?
+        .split('/')
+        .next()?
+        .parse()
+        .ok()
+}
+
 thread_local! {
     /// Whether a connection of this thread is busy polling (one at a time is enough: while
     /// one polls, the runtime checks every socket of the thread without sleeping).
@@ -85,6 +148,17 @@ impl Drop for PollingMark {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_running_count_is_read_from_loadavg() {
+        assert_eq!(super::parse_running("0.52 0.58 0.59 3/467 8235\n"), Some(3));
+        assert_eq!(super::parse_running("0.52 0.58 0.59"), None);
+        assert_eq!(super::parse_running("a b c x/1 2"), None);
+        // On Linux the file is there and parses; the count includes this thread.
+        if std::path::Path::new("/proc/loadavg").exists() {
+            assert!(super::runnable_threads().is_some_and(|n| n >= 1));
+        }
+    }
+
     #[test]
     fn poll_backoff_doubles_up_to_its_bound_and_halves_on_a_hit() {
         use super::{PollBackoff, Polled, MAX_POLL_BACKOFF};

@@ -11,7 +11,7 @@ use super::pool;
 use super::signal::Signal;
 use crate::framing::{encode_frame, encode_header, frame_len};
 use crate::limits::fmt_bytes;
-use crate::poll::{PollBackoff, Polled, PollingMark};
+use crate::poll::{cores_free, poll_round, PollBackoff, Polled, PollingMark};
 
 /// Messages larger than this skip the coalescing buffer (their segments are written as is).
 const DIRECT_WRITE_BYTES: usize = 64 * 1024;
@@ -221,7 +221,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                     };
                     (!due.is_zero() && backoff.ready()).then_some(due)
                 };
-                if let Some(budget) = budget {
+                if let Some(budget) = budget.filter(|_| limits.poll_when_busy || cores_free()) {
                     let polled = busy_poll(shared, budget).await;
                     if polled != Polled::Skipped {
                         shared.note_poll(polled == Polled::Hit);
@@ -290,10 +290,10 @@ enum Written {
 }
 
 /// After a write: keeps the thread polling the socket instead of sleeping, until bytes
-/// arrive, something is queued to send, the outbox closes, or `budget` has passed. Each
-/// round yields to the runtime, which polls for I/O without blocking and runs whatever
-/// became ready: the reader sees the peer's answer as soon as it arrives, and other tasks
-/// are not held up.
+/// arrive, something is queued to send, the outbox closes, `budget` has passed, or another
+/// thread needed the core. Each round yields to the runtime, which polls for I/O without
+/// blocking and runs whatever became ready: the reader sees the peer's answer as soon as it
+/// arrives, and other tasks are not held up.
 async fn busy_poll(shared: &ConnShared, budget: std::time::Duration) -> Polled {
     let Some(_mark) = PollingMark::take() else {
         return Polled::Skipped;
@@ -310,9 +310,13 @@ async fn busy_poll(shared: &ConnShared, budget: std::time::Duration) -> Polled {
         if std::time::Instant::now() >= deadline {
             return Polled::Miss;
         }
-        // Give the core to any other thread that is ready to run, then let the runtime poll.
-        std::thread::yield_now();
-        tokio::task::yield_now().await;
+        if !poll_round().await && !shared.limits.poll_when_busy {
+            // Unless that round brought what was waited for, the cores are busy: stop.
+            if shared.bytes_received() != received {
+                return Polled::Hit;
+            }
+            return Polled::Miss;
+        }
     }
 }
 
