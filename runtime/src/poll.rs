@@ -61,20 +61,20 @@ impl PollBackoff {
     }
 }
 
-/// A round of polling (yielding the core, then to the runtime) that takes longer than this
-/// means another thread had the core meanwhile (or this thread had other work): the poll
-/// ends, as one that saw nothing.
+/// A `sched_yield` that takes longer than this gave the core to another thread meanwhile.
 const CONTENDED: std::time::Duration = std::time::Duration::from_micros(30);
 
 /// One round of polling: gives the core to any other thread ready to run on it, then lets the
-/// runtime poll for I/O and run whatever is ready. Returns false when the round took so long
-/// ([`CONTENDED`]) that the cores are evidently wanted elsewhere: polling on would take time
-/// from real work, here or in another process.
+/// runtime poll for I/O and run whatever is ready. Returns false when another thread did take
+/// the core for a while ([`CONTENDED`]): the cores are wanted elsewhere, and polling on would
+/// take time from real work. (Only the yield is timed: this thread's own tasks, run by the
+/// runtime, are work, not contention.)
 pub(crate) async fn poll_round() -> bool {
     let t = std::time::Instant::now();
     std::thread::yield_now();
+    let free = t.elapsed() < CONTENDED;
     tokio::task::yield_now().await;
-    t.elapsed() < CONTENDED
+    free
 }
 
 /// How long a reading of [`cores_free`] is trusted on a thread.
