@@ -10,8 +10,8 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use capnp::capability::FromClientHook;
@@ -52,8 +52,10 @@ struct ResultPoll {
     budget: Duration,
     /// [`Limits::poll_when_busy`].
     when_busy: bool,
+    /// Set while a caller polls; only that caller touches `backoff`.
     polling: AtomicBool,
-    backoff: Mutex<PollBackoff>,
+    /// A [`PollBackoff`], packed.
+    backoff: AtomicU16,
 }
 
 impl ResultPoll {
@@ -67,7 +69,10 @@ impl ResultPoll {
             return None;
         }
         let _polling = Release(&self.polling);
-        if !self.backoff.lock().is_ok_and(|mut b| b.ready()) {
+        let mut backoff = PollBackoff::from_bits(self.backoff.load(Ordering::Relaxed));
+        let ready = backoff.ready();
+        self.backoff.store(backoff.to_bits(), Ordering::Relaxed);
+        if !ready {
             return None;
         }
         let deadline = Instant::now() + self.budget;
@@ -82,13 +87,12 @@ impl ResultPoll {
                 break rx.try_recv().ok().map(Ok);
             }
         };
-        if let Ok(mut b) = self.backoff.lock() {
-            b.record(if polled.is_some() {
-                Polled::Hit
-            } else {
-                Polled::Miss
-            });
-        }
+        backoff.record(if polled.is_some() {
+            Polled::Hit
+        } else {
+            Polled::Miss
+        });
+        self.backoff.store(backoff.to_bits(), Ordering::Relaxed);
         polled
     }
 }
@@ -231,7 +235,7 @@ impl ClientHandle {
                     budget: poll.budget,
                     when_busy: poll.when_busy,
                     polling: AtomicBool::new(false),
-                    backoff: Mutex::new(PollBackoff::default()),
+                    backoff: AtomicU16::new(0),
                 }),
             }),
             Ok(Err(e)) => Err(e),
@@ -345,7 +349,7 @@ mod tests {
             // Whatever else runs on the machine (other tests).
             when_busy: true,
             polling: AtomicBool::new(false),
-            backoff: Mutex::new(PollBackoff::default()),
+            backoff: AtomicU16::new(0),
         }
     }
 

@@ -33,6 +33,16 @@ pub(crate) struct PollBackoff {
 }
 
 impl PollBackoff {
+    /// Packed, to keep in an atomic.
+    pub(crate) fn to_bits(&self) -> u16 {
+        u16::from_le_bytes([self.skip, self.backoff])
+    }
+
+    pub(crate) fn from_bits(bits: u16) -> Self {
+        let [skip, backoff] = bits.to_le_bytes();
+        Self { skip, backoff }
+    }
+
     /// Whether to poll this time (counts a skipped chance).
     pub(crate) fn ready(&mut self) -> bool {
         if self.skip > 0 {
@@ -208,5 +218,8 @@ mod tests {
             }
         }
         assert!(polls >= 40, "{polls} polls in 100 chances");
+        b.record(Polled::Miss);
+        let c = PollBackoff::from_bits(b.to_bits());
+        assert_eq!((c.skip, c.backoff), (b.skip, b.backoff));
     }
 }
