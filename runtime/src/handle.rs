@@ -12,12 +12,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use capnp::capability::FromClientHook;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::poll::{cores_free, poll_round, PollBackoff, Polled, PollingMark};
+use crate::poll::{cores_free, poll_for, PollBackoff, Polled, PollingMark};
 use crate::{Client, ClientBuilder, ConnectionStats, Error, Limits};
 
 type Job = Box<dyn FnOnce(&Client) + Send>;
@@ -75,18 +75,16 @@ impl ResultPoll {
         if !ready {
             return None;
         }
-        let deadline = Instant::now() + self.budget;
-        let polled = loop {
-            match rx.try_recv() {
-                Ok(v) => break Some(Ok(v)),
-                Err(oneshot::error::TryRecvError::Closed) => return Some(Err(())),
-                Err(oneshot::error::TryRecvError::Empty) => {}
-            }
-            if Instant::now() >= deadline || !(poll_round().await || self.when_busy) {
-                // A last look: the round may have brought it.
-                break rx.try_recv().ok().map(Ok);
-            }
-        };
+        let polled = poll_for(self.budget, self.when_busy, || match rx.try_recv() {
+            Ok(v) => Some(Ok(v)),
+            Err(oneshot::error::TryRecvError::Closed) => Some(Err(())),
+            Err(oneshot::error::TryRecvError::Empty) => None,
+        })
+        .await;
+        if let Some(Err(())) = polled {
+            // The sender is gone: that tells nothing about polling.
+            return polled;
+        }
         backoff.record(if polled.is_some() {
             Polled::Hit
         } else {
@@ -156,19 +154,14 @@ async fn run_jobs(client: &Client, rx: &mut mpsc::UnboundedReceiver<Job>, polls:
 /// Polls for a job for up to `budget`, keeping the thread awake meanwhile (the connection's
 /// own answer polling stands aside while this one runs: see [`PollingMark`]).
 async fn poll_job(rx: &mut mpsc::UnboundedReceiver<Job>, polls: Polls) -> Option<Job> {
-    let Polls { budget, when_busy } = polls;
     let _mark = PollingMark::take();
-    let deadline = Instant::now() + budget;
-    loop {
-        match rx.try_recv() {
-            Ok(job) => return Some(job),
-            Err(mpsc::error::TryRecvError::Disconnected) => return None,
-            Err(mpsc::error::TryRecvError::Empty) => {}
-        }
-        if Instant::now() >= deadline || !(poll_round().await || when_busy) {
-            return rx.try_recv().ok();
-        }
-    }
+    poll_for(polls.budget, polls.when_busy, || match rx.try_recv() {
+        Ok(job) => Some(Some(job)),
+        Err(mpsc::error::TryRecvError::Disconnected) => Some(None),
+        Err(mpsc::error::TryRecvError::Empty) => None,
+    })
+    .await
+    .flatten()
 }
 
 impl ClientHandle {
@@ -335,6 +328,7 @@ impl ClientBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
 
     fn assert_send_sync_clone<T: Send + Sync + Clone + 'static>() {}
 

@@ -87,6 +87,25 @@ pub(crate) async fn poll_round() -> bool {
     free
 }
 
+/// Polls `check` until it gives something, `budget` has passed, or (unless `when_busy`) a
+/// round shows another thread wanted the core; `None` if it gave nothing. `check` is tried
+/// once more after the last round, which may have brought what it looks for.
+pub(crate) async fn poll_for<T>(
+    budget: std::time::Duration,
+    when_busy: bool,
+    mut check: impl FnMut() -> Option<T>,
+) -> Option<T> {
+    let deadline = std::time::Instant::now() + budget;
+    loop {
+        if let Some(v) = check() {
+            return Some(v);
+        }
+        if std::time::Instant::now() >= deadline || !(poll_round().await || when_busy) {
+            return check();
+        }
+    }
+}
+
 /// How long a reading of [`cores_free`] is trusted on a thread.
 const CORES_FRESH: std::time::Duration = std::time::Duration::from_millis(5);
 

