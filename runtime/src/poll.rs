@@ -130,12 +130,20 @@ pub(crate) fn cores_free() -> bool {
             return free;
         }
     }
-    let free = match (runnable_threads(), std::thread::available_parallelism()) {
-        (Some(running), Ok(cores)) => running <= cores.get(),
+    let free = match (runnable_threads(), usable_cores()) {
+        (Some(running), Some(cores)) => running <= cores,
         _ => true,
     };
     CORES.set(Some((now, free)));
     free
+}
+
+/// The cores this process may use, read once: `available_parallelism` opens and reads
+/// cgroup files on every call (~10 µs and six syscalls), too much to repeat every 5 ms on
+/// every thread. A quota changed at run time is missed, which only mistunes polling.
+fn usable_cores() -> Option<usize> {
+    static USABLE: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *USABLE.get_or_init(|| std::thread::available_parallelism().ok().map(|n| n.get()))
 }
 
 /// Threads runnable on the machine now (this one included): the fourth field of
