@@ -53,7 +53,56 @@ pub enum FrameError {
 pub struct Frame {
     words: Vec<Word>,
     /// End offset (in words) of each segment; segment `i` starts where `i - 1` ends.
-    ends: Vec<u32>,
+    ends: Ends,
+}
+
+/// Segment end offsets. The first is kept inline: nearly every message has one segment, and
+/// its frame then costs no allocation for the table.
+#[derive(Debug, Default)]
+struct Ends {
+    len: u32,
+    first: u32,
+    rest: Vec<u32>,
+}
+
+impl Ends {
+    /// Room for `count` ends (bounded by `max_segments` by the caller).
+    fn with_capacity(count: usize) -> Self {
+        Self {
+            len: 0,
+            first: 0,
+            rest: Vec::with_capacity(count.saturating_sub(1)),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len as usize
+    }
+
+    fn push(&mut self, end: u32) {
+        if self.len == 0 {
+            self.first = end;
+        } else {
+            self.rest.push(end);
+        }
+        self.len += 1;
+    }
+
+    fn get(&self, i: usize) -> Option<u32> {
+        match i {
+            0 => (self.len > 0).then_some(self.first),
+            i => self.rest.get(i - 1).copied(),
+        }
+    }
+
+    fn last(&self) -> Option<u32> {
+        self.rest.last().copied().or(self.get(0))
+    }
+
+    /// Bytes allocated for the table.
+    fn heap_bytes(&self) -> usize {
+        self.rest.capacity() * 4
+    }
 }
 
 impl Frame {
@@ -144,11 +193,10 @@ fn take_recycled(total: usize) -> Vec<Word> {
 impl capnp::message::ReaderSegments for Frame {
     fn get_segment(&self, idx: u32) -> Option<&[u8]> {
         let idx = idx as usize;
-        let end = *self.ends.get(idx)? as usize;
-        let start = if idx == 0 {
-            0
-        } else {
-            self.ends[idx - 1] as usize
+        let end = self.ends.get(idx)? as usize;
+        let start = match idx {
+            0 => 0,
+            i => self.ends.get(i - 1)? as usize,
         };
         Some(Word::words_to_bytes(&self.words[start..end]))
     }
@@ -174,14 +222,14 @@ enum State {
     /// Reading the segment sizes (and the padding word half when the count is even).
     Table {
         count: u32,
-        ends: Vec<u32>,
+        ends: Ends,
         raw: [u8; 4],
         have: u8,
         total_words: u64,
     },
     /// Reading the segments.
     Body {
-        ends: Vec<u32>,
+        ends: Ends,
         words: Vec<Word>,
         filled: usize,
         total: usize,
@@ -236,8 +284,8 @@ impl FrameDecoder {
     pub fn committed_bytes(&self) -> usize {
         match &self.state {
             State::Count { .. } => 0,
-            State::Table { ends, .. } => ends.capacity() * 4,
-            State::Body { ends, words, .. } => ends.capacity() * 4 + words.capacity() * 8,
+            State::Table { ends, .. } => ends.heap_bytes(),
+            State::Body { ends, words, .. } => ends.heap_bytes() + words.capacity() * 8,
         }
     }
 
@@ -278,7 +326,7 @@ impl FrameDecoder {
                     // count <= max_segments: this allocation is bounded by configuration.
                     self.state = State::Table {
                         count: count as u32,
-                        ends: Vec::with_capacity(count as usize),
+                        ends: Ends::with_capacity(count as usize),
                         raw: [0; 4],
                         have: 0,
                         total_words: 0,
@@ -392,7 +440,7 @@ impl FrameDecoder {
         ) else {
             unreachable!("start_body outside the table state")
         };
-        let total = *ends.last().unwrap_or(&0) as usize * 8;
+        let total = ends.last().unwrap_or(0) as usize * 8;
         let words = if total >= RECYCLE_MIN_BYTES {
             let mut w = take_recycled(total);
             w.truncate(total / 8);
