@@ -29,6 +29,9 @@ use prometheus_client::metrics::gauge::Gauge;
 
 use crate::Metrics;
 
+mod table;
+use table::IdTable;
+
 /// Decides whether a call may go ahead under the client's shared rate limit.
 pub trait RateLimit: Send + Sync {
     /// Takes one call from the budget; false when the client is over its rate.
@@ -151,7 +154,7 @@ pub struct Guard {
     class: Arc<ClientClass>,
     catalog: &'static Catalog,
     rate: Arc<dyn RateLimit>,
-    answers: HashMap<u32, Answer>,
+    answers: IdTable<Answer>,
     running: u32,
     calls: u64,
     denials: DenialCounts,
@@ -179,7 +182,7 @@ impl Guard {
             class,
             catalog: Catalog::builtin(),
             rate,
-            answers: HashMap::new(),
+            answers: IdTable::default(),
             running: 0,
             calls: 0,
             denials: DenialCounts::default(),
@@ -283,9 +286,9 @@ impl Guard {
                         }
                     }
                 }
-                match self.answers.get(&q) {
+                match self.answers.get(q) {
                     Some(Answer::Denied(_)) => {
-                        self.answers.remove(&q);
+                        self.answers.remove(q);
                         Verdict::Reply(Vec::new())
                     }
                     Some(Answer::Running) => {
@@ -294,7 +297,7 @@ impl Guard {
                         Verdict::Deliver
                     }
                     Some(Answer::Returned) => {
-                        self.answers.remove(&q);
+                        self.answers.remove(q);
                         Verdict::Deliver
                     }
                     Some(Answer::Cancelled) | None => Verdict::Deliver,
@@ -310,7 +313,7 @@ impl Guard {
     }
 
     fn reuse(&self, q: u32) -> Option<Verdict> {
-        self.answers.get(&q).map(|a| {
+        self.answers.get(q).map(|a| {
             Verdict::Abort(format!(
                 "protocol violation: question id {q} reused while its previous use is still open ({})",
                 match a {
@@ -350,7 +353,7 @@ impl Guard {
         let class = self.class.name();
         // Rule 3: pipelined on a denied answer.
         if let Ok(Ok(message_target::PromisedAnswer(Ok(pa)))) = c.get_target().map(|t| t.which()) {
-            if let Some(Answer::Denied(d)) = self.answers.get(&pa.get_question_id()) {
+            if let Some(Answer::Denied(d)) = self.answers.get(pa.get_question_id()) {
                 let d = d.clone();
                 count(&mut self.denials, &self.shared_denials, Reason::Permission);
                 return self.deny(q, c, d);
@@ -489,17 +492,17 @@ impl Guard {
                 // capnp-rpc sets noFinishNeeded on results without capabilities: the peer
                 // will not send Finish, and the answer is gone once returned.
                 let done = ret.get_no_finish_needed();
-                match self.answers.get(&q) {
+                match self.answers.get(q) {
                     Some(Answer::Running) => {
                         self.ended();
                         if done {
-                            self.answers.remove(&q);
+                            self.answers.remove(q);
                         } else {
                             self.answers.insert(q, Answer::Returned);
                         }
                     }
                     Some(Answer::Cancelled) => {
-                        self.answers.remove(&q);
+                        self.answers.remove(q);
                     }
                     _ => {}
                 }
