@@ -554,19 +554,25 @@ fn polling_report(b: &Bench, conns: &[(Sys, Conn)]) {
 
 /// Calls per second on one connection at 1/16/128 in flight, interleaved rounds.
 fn throughput_report(b: &Bench, conns: &[(Sys, Conn)]) {
-    let (calls, rounds) = if b.quick { (300u64, 1) } else { (10_000, 7) };
+    let (calls, rounds) = if b.quick { (300u64, 1) } else { (10_000, 11) };
     let payload = Rc::new(vec![42u8; 64]);
     println!(
         "\n== throughput, one connection, 64 B echo ({rounds} interleaved rounds of {calls} calls; medians, calls/s)"
     );
     for inflight in [1usize, 16, 128] {
         let mut rates = vec![Vec::new(); conns.len()];
+        // CPU time of the whole process (client and server threads), per system.
+        let mut cpu_ns = vec![0u64; conns.len()];
         let mut vs_twoparty = Vec::new();
         for _ in 0..rounds {
             let r: Vec<f64> = conns
                 .iter()
-                .map(|(_, c)| {
-                    calls as f64 / b.run(run_calls(c, calls, inflight, &payload)).as_secs_f64()
+                .zip(cpu_ns.iter_mut())
+                .map(|((_, c), cpu)| {
+                    let before = threads_cpu_ns("");
+                    let t = b.run(run_calls(c, calls, inflight, &payload));
+                    *cpu += threads_cpu_ns("") - before;
+                    calls as f64 / t.as_secs_f64()
                 })
                 .collect();
             vs_twoparty.push(r[1] / r[0]);
@@ -588,6 +594,20 @@ fn throughput_report(b: &Bench, conns: &[(Sys, Conn)]) {
             m[1] / m[2],
             m[3] / m[1],
             m[4] / m[1],
+        );
+        let per_call: Vec<f64> = cpu_ns
+            .iter()
+            .map(|&ns| ns as f64 / 1e3 / (calls * rounds) as f64)
+            .collect();
+        println!(
+            "              CPU per call (all threads, us): {}  capgate/twoparty {:.2}",
+            conns
+                .iter()
+                .zip(&per_call)
+                .map(|((s, _), c)| format!("{} {c:.1}", s.name()))
+                .collect::<Vec<_>>()
+                .join("  "),
+            per_call[1] / per_call[0],
         );
     }
 }
