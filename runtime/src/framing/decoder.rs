@@ -60,8 +60,7 @@ pub struct Frame {
 /// its frame then costs no allocation for the table.
 #[derive(Debug, Default)]
 struct Ends {
-    len: u32,
-    first: u32,
+    first: Option<u32>,
     rest: Vec<u32>,
 }
 
@@ -69,34 +68,31 @@ impl Ends {
     /// Room for `count` ends (bounded by `max_segments` by the caller).
     fn with_capacity(count: usize) -> Self {
         Self {
-            len: 0,
-            first: 0,
+            first: None,
             rest: Vec::with_capacity(count.saturating_sub(1)),
         }
     }
 
     fn len(&self) -> usize {
-        self.len as usize
+        usize::from(self.first.is_some()) + self.rest.len()
     }
 
     fn push(&mut self, end: u32) {
-        if self.len == 0 {
-            self.first = end;
-        } else {
-            self.rest.push(end);
+        match self.first {
+            None => self.first = Some(end),
+            Some(_) => self.rest.push(end),
         }
-        self.len += 1;
     }
 
     fn get(&self, i: usize) -> Option<u32> {
         match i {
-            0 => (self.len > 0).then_some(self.first),
+            0 => self.first,
             i => self.rest.get(i - 1).copied(),
         }
     }
 
     fn last(&self) -> Option<u32> {
-        self.rest.last().copied().or(self.get(0))
+        self.rest.last().copied().or(self.first)
     }
 
     /// Bytes allocated for the table.

@@ -76,8 +76,10 @@ impl<V> IdTable<V> {
     /// Extends the vector to `len` slots (at least doubling it), moving the ids it now covers
     /// out of the map, so that every id has exactly one home.
     fn grow_to(&mut self, len: usize) {
-        let old = self.dense.len();
-        let new = len.max(old * 2).min(2 * (self.len + DENSE_SLACK)).max(len);
+        // `insert` grows only for `len <= 2 * (self.len + DENSE_SLACK)`.
+        let new = (self.dense.len() * 2)
+            .min(2 * (self.len + DENSE_SLACK))
+            .max(len);
         self.dense.resize_with(new, || None);
         if !self.sparse.is_empty() {
             let moved: Vec<u32> = self
