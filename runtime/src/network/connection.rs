@@ -317,7 +317,7 @@ fn deliver(
     shared: &Rc<ConnShared>,
     message: capnp::message::Reader<Frame>,
 ) -> Result<Option<Box<dyn capnp_rpc::IncomingMessage>>, capnp::Error> {
-    use capnp_rpc::rpc_capnp::{exception, message};
+    use capnp_rpc::rpc_capnp::message;
     let bytes = message.get_segments().wire_bytes();
     let incoming = |message| {
         shared.held_bytes.set(shared.held_bytes.get() + bytes);
@@ -332,18 +332,9 @@ fn deliver(
         // Not an rpc message at all: capnp-rpc reports it to the peer.
         return Ok(Some(incoming(message)));
     };
-    if let Ok(message::Abort(Ok(e))) = root.which() {
-        let reason = e
-            .get_reason()
-            .ok()
-            .and_then(|r| r.to_str().ok())
-            .unwrap_or("(no reason given)");
-        let text = format!("the peer aborted the connection: {reason}");
-        *shared.peer_abort.borrow_mut() = Some(match e.get_type() {
-            Ok(exception::Type::Overloaded) => capnp::Error::overloaded(text),
-            Ok(exception::Type::Disconnected) => capnp::Error::disconnected(text),
-            _ => capnp::Error::failed(text),
-        });
+    // Checked by the union tag alone: the guard parses the message itself.
+    if root.has_abort() {
+        note_peer_abort(shared, root);
     }
     let verdict = {
         let mut guard = shared.guard.borrow_mut();
@@ -363,6 +354,25 @@ fn deliver(
         }
         Verdict::Abort(reason) => Err(capnp::Error::failed(format!("capgate: {reason}"))),
     }
+}
+
+/// Keeps the reason the peer gave in its `Abort`.
+fn note_peer_abort(shared: &ConnShared, root: capnp_rpc::rpc_capnp::message::Reader<'_>) {
+    use capnp_rpc::rpc_capnp::{exception, message};
+    let Ok(message::Abort(Ok(e))) = root.which() else {
+        return;
+    };
+    let reason = e
+        .get_reason()
+        .ok()
+        .and_then(|r| r.to_str().ok())
+        .unwrap_or("(no reason given)");
+    let text = format!("the peer aborted the connection: {reason}");
+    *shared.peer_abort.borrow_mut() = Some(match e.get_type() {
+        Ok(exception::Type::Overloaded) => capnp::Error::overloaded(text),
+        Ok(exception::Type::Disconnected) => capnp::Error::disconnected(text),
+        _ => capnp::Error::failed(text),
+    });
 }
 
 /// capgate's `VatNetwork` for one connection (either side).
