@@ -17,7 +17,7 @@ use std::time::Duration;
 use capnp::capability::FromClientHook;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::poll::{cores_free, poll_for, PollBackoff, Polled, PollingMark};
+use crate::poll::{may_poll, poll_for, PollBackoff, Polled, PollingMark};
 use crate::{Client, ClientBuilder, ConnectionStats, Error, Limits};
 
 type Job = Box<dyn FnOnce(&Client) + Send>;
@@ -49,9 +49,7 @@ pub struct ClientHandle {
 /// sleeps, adaptively, one caller of a handle at a time.
 #[derive(Debug)]
 struct ResultPoll {
-    budget: Duration,
-    /// [`Limits::poll_when_busy`].
-    when_busy: bool,
+    polls: Polls,
     /// Set while a caller polls; only that caller touches `backoff`.
     polling: AtomicBool,
     /// A [`PollBackoff`], packed.
@@ -62,10 +60,8 @@ impl ResultPoll {
     /// Polls `rx` for up to the budget: `Some` with what came (or `Err` if the sender is
     /// gone), `None` to wait for it normally.
     async fn wait<T>(&self, rx: &mut oneshot::Receiver<T>) -> Option<Result<T, ()>> {
-        if self.budget.is_zero()
-            || !(self.when_busy || cores_free())
-            || self.polling.swap(true, Ordering::Acquire)
-        {
+        let Polls { budget, when_busy } = self.polls;
+        if budget.is_zero() || !may_poll(when_busy) || self.polling.swap(true, Ordering::Acquire) {
             return None;
         }
         let _polling = Release(&self.polling);
@@ -75,7 +71,7 @@ impl ResultPoll {
         if !ready {
             return None;
         }
-        let polled = poll_for(self.budget, self.when_busy, || match rx.try_recv() {
+        let polled = poll_for(budget, when_busy, || match rx.try_recv() {
             Ok(v) => Some(Ok(v)),
             Err(oneshot::error::TryRecvError::Closed) => Some(Err(())),
             Err(oneshot::error::TryRecvError::Empty) => None,
@@ -134,7 +130,7 @@ async fn run_jobs(client: &Client, rx: &mut mpsc::UnboundedReceiver<Job>, polls:
             while let Ok(job) = rx.try_recv() {
                 job(client);
             }
-            if budget.is_zero() || !(when_busy || cores_free()) || !backoff.ready() {
+            if budget.is_zero() || !may_poll(when_busy) || !backoff.ready() {
                 break;
             }
             match poll_job(rx, polls).await {
@@ -225,8 +221,7 @@ impl ClientHandle {
             Ok(Ok(())) => Ok(Self {
                 jobs,
                 results: Arc::new(ResultPoll {
-                    budget: poll.budget,
-                    when_busy: poll.when_busy,
+                    polls: poll,
                     polling: AtomicBool::new(false),
                     backoff: AtomicU16::new(0),
                 }),
@@ -339,9 +334,11 @@ mod tests {
 
     fn result_poll(budget: Duration) -> ResultPoll {
         ResultPoll {
-            budget,
-            // Whatever else runs on the machine (other tests).
-            when_busy: true,
+            polls: Polls {
+                budget,
+                // Whatever else runs on the machine (other tests).
+                when_busy: true,
+            },
             polling: AtomicBool::new(false),
             backoff: AtomicU16::new(0),
         }

@@ -83,7 +83,7 @@ pub struct Limits {
     pub call_poll: Duration,
     /// Polling (all three kinds above) stands aside while the machine has more runnable
     /// threads than this process has cores (Linux: the running count in `/proc/loadavg`,
-    /// read at most every 2 ms per thread): a polling thread would then take time from one
+    /// read at most every 5 ms per thread): a polling thread would then take time from one
     /// with work, in this process or another. Default false. Set it to poll regardless, e.g.
     /// for threads pinned to cores of their own.
     pub poll_when_busy: bool,

@@ -117,6 +117,12 @@ thread_local! {
     static LOADAVG: Option<std::fs::File> = std::fs::File::open("/proc/loadavg").ok();
 }
 
+/// Whether to poll now: always with `when_busy` ([`crate::Limits::poll_when_busy`]), else
+/// only while [`cores_free`].
+pub(crate) fn may_poll(when_busy: bool) -> bool {
+    when_busy || cores_free()
+}
+
 /// Whether every runnable thread of the machine has a core of its own right now, so that
 /// polling spends only a core that would otherwise sit idle. With more runnable threads than
 /// cores, a polling thread takes time from one that has work (in this process or another):

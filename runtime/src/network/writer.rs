@@ -11,7 +11,7 @@ use super::pool;
 use super::signal::Signal;
 use crate::framing::{encode_frame, encode_header, frame_len};
 use crate::limits::fmt_bytes;
-use crate::poll::{cores_free, poll_round, PollBackoff, Polled, PollingMark};
+use crate::poll::{may_poll, poll_round, PollBackoff, Polled, PollingMark};
 
 /// Messages larger than this skip the coalescing buffer (their segments are written as is).
 const DIRECT_WRITE_BYTES: usize = 64 * 1024;
@@ -221,7 +221,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                     };
                     (!due.is_zero() && backoff.ready()).then_some(due)
                 };
-                if let Some(budget) = budget.filter(|_| limits.poll_when_busy || cores_free()) {
+                if let Some(budget) = budget.filter(|_| may_poll(limits.poll_when_busy)) {
                     let polled = busy_poll(shared, budget).await;
                     if polled != Polled::Skipped {
                         shared.note_poll(polled == Polled::Hit);
