@@ -188,13 +188,17 @@ fn take_recycled(total: usize) -> Vec<Word> {
 
 impl capnp::message::ReaderSegments for Frame {
     fn get_segment(&self, idx: u32) -> Option<&[u8]> {
-        let idx = idx as usize;
-        let end = self.ends.get(idx)? as usize;
-        let start = match idx {
-            0 => 0,
-            i => self.ends.get(i - 1)? as usize,
+        // capnp calls this for every pointer it follows: segment 0, nearly always, first.
+        let (start, end) = match idx {
+            0 => (0, self.ends.first?),
+            i => {
+                let i = i as usize;
+                (self.ends.get(i - 1)?, self.ends.get(i)?)
+            }
         };
-        Some(Word::words_to_bytes(&self.words[start..end]))
+        Some(Word::words_to_bytes(
+            &self.words[start as usize..end as usize],
+        ))
     }
 
     fn len(&self) -> usize {
@@ -299,6 +303,11 @@ impl FrameDecoder {
     /// Consumes bytes from `input`. Returns how many were consumed and, if a frame completed,
     /// the frame. Call again with the rest of the input: one call yields at most one frame.
     pub fn feed(&mut self, input: &[u8]) -> Result<(usize, Option<Frame>), FrameError> {
+        if let State::Count { have: 0, .. } = self.state {
+            if let Some((used, frame)) = self.whole_single_segment(input) {
+                return Ok((used, Some(frame)));
+            }
+        }
         let mut used = 0;
         loop {
             match &mut self.state {
@@ -373,6 +382,18 @@ impl FrameDecoder {
                     if rest.is_empty() {
                         return Ok((used, None));
                     }
+                    if *filled == 0 && words.capacity() == 0 && rest.len() >= *total {
+                        // The whole body has arrived (nearly every small frame): copy it into
+                        // a buffer of its exact size, without zero-filling it first.
+                        *words = Vec::with_capacity(*total / 8);
+                        words.extend(
+                            rest[..*total].chunks_exact(8).map(|w| {
+                                capnp::word(w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7])
+                            }),
+                        );
+                        used += *total;
+                        return Ok((used, Some(self.take_frame())));
+                    }
                     let want = (*total - *filled).min(rest.len());
                     grow(words, *filled, want, *total);
                     let dst = &mut Word::words_to_bytes_mut(words)[*filled..*filled + want];
@@ -386,6 +407,35 @@ impl FrameDecoder {
                 }
             }
         }
+    }
+
+    /// Fast path for the common case, a one-segment frame wholly in `input`: the frame,
+    /// decoded in one step, and the bytes it took. Anything else (several segments, a frame
+    /// cut short, a frame over the limits) is left to the general path, which also gives the
+    /// errors.
+    fn whole_single_segment(&self, input: &[u8]) -> Option<(usize, Frame)> {
+        let header = input.get(..8)?;
+        if header[..4] != [0; 4] || self.limits.max_segments == 0 {
+            return None;
+        }
+        let words = u32::from_le_bytes(header[4..].try_into().ok()?);
+        if words == 0 || frame_len_u64(1, u64::from(words)) > self.limits.max_message_bytes as u64 {
+            return None;
+        }
+        let body = input.get(8..8 + words as usize * 8)?;
+        let mut buf = Vec::with_capacity(words as usize);
+        buf.extend(
+            body.chunks_exact(8)
+                .map(|w| capnp::word(w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7])),
+        );
+        let frame = Frame {
+            words: buf,
+            ends: Ends {
+                first: Some(words),
+                rest: Vec::new(),
+            },
+        };
+        Some((8 + body.len(), frame))
     }
 
     /// While a frame body is being received and at least `min_bytes` of it are missing,

@@ -99,6 +99,50 @@ fn claim_of_exactly_the_limit_commits_nothing_until_bytes_arrive() {
     assert!(matches!(err, Some(FrameError::TooLarge { .. })));
 }
 
+/// A one-segment frame that arrives whole takes the decoder's fast path; the limits hold
+/// there exactly as on the byte-by-byte path.
+#[test]
+fn whole_frames_in_one_read_are_held_to_the_limits() {
+    let small = FrameLimits {
+        max_message_bytes: 8 + 8 * 4,
+        max_segments: 1,
+    };
+    let whole = |words: u32| {
+        let mut v = header(0, &[words]);
+        v.extend((0..words * 8).map(|i| i as u8));
+        v
+    };
+    // Exactly the limit, followed by the next frame's first bytes: one frame, its bytes only.
+    let mut dec = FrameDecoder::new(small);
+    let mut wire = whole(4);
+    wire.extend_from_slice(&[0, 0]);
+    let (n, frame) = dec.feed(&wire).unwrap();
+    assert_eq!(n, 8 + 32);
+    assert_eq!(segments_of(&frame.unwrap()), vec![wire[8..40].to_vec()]);
+    assert!(!dec.in_frame());
+    // One word over: refused, though every byte of it is there.
+    let mut dec = FrameDecoder::new(small);
+    let err = dec.feed(&whole(5)).unwrap_err();
+    assert!(matches!(
+        err,
+        FrameError::TooLarge {
+            claimed: 48,
+            limit: 40
+        }
+    ));
+    // No segments allowed at all, and an empty one-segment frame: refused.
+    let mut dec = FrameDecoder::new(FrameLimits {
+        max_segments: 0,
+        ..small
+    });
+    assert!(matches!(
+        dec.feed(&whole(1)).unwrap_err(),
+        FrameError::TooManySegments { count: 1, limit: 0 }
+    ));
+    let mut dec = FrameDecoder::new(small);
+    assert_eq!(dec.feed(&whole(0)).unwrap_err(), FrameError::Empty);
+}
+
 #[test]
 fn empty_frame_is_refused() {
     let mut dec = FrameDecoder::new(LIMITS);
@@ -139,11 +183,11 @@ fn arb_segments() -> impl Strategy<Value = Vec<Vec<u8>>> {
 
 proptest! {
     /// Any framing of any segments decodes back to the same segments, however the byte
-    /// stream is split into reads.
+    /// stream is split into reads (whole-frame reads take the decoder's one-copy path).
     #[test]
     fn encode_decode_round_trip(
         frames in prop::collection::vec(arb_segments(), 1..4),
-        chunk in 1usize..64,
+        chunk in prop_oneof![1usize..64, Just(usize::MAX)],
     ) {
         let mut wire = Vec::new();
         for segs in &frames {
