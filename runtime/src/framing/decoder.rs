@@ -385,12 +385,7 @@ impl FrameDecoder {
                     if *filled == 0 && words.capacity() == 0 && rest.len() >= *total {
                         // The whole body has arrived (nearly every small frame): copy it into
                         // a buffer of its exact size, without zero-filling it first.
-                        *words = Vec::with_capacity(*total / 8);
-                        words.extend(
-                            rest[..*total].chunks_exact(8).map(|w| {
-                                capnp::word(w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7])
-                            }),
-                        );
+                        *words = words_of(&rest[..*total]);
                         used += *total;
                         return Ok((used, Some(self.take_frame())));
                     }
@@ -423,13 +418,8 @@ impl FrameDecoder {
             return None;
         }
         let body = input.get(8..8 + words as usize * 8)?;
-        let mut buf = Vec::with_capacity(words as usize);
-        buf.extend(
-            body.chunks_exact(8)
-                .map(|w| capnp::word(w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7])),
-        );
         let frame = Frame {
-            words: buf,
+            words: words_of(body),
             ends: Ends {
                 first: Some(words),
                 rest: Vec::new(),
@@ -514,6 +504,18 @@ impl FrameDecoder {
         };
         Frame { words, ends }
     }
+}
+
+/// `bytes` (a whole number of words) as words, in a buffer of exactly that size: copied once,
+/// not zero-filled first.
+fn words_of(bytes: &[u8]) -> Vec<Word> {
+    let mut words = Vec::with_capacity(bytes.len() / 8);
+    words.extend(
+        bytes
+            .chunks_exact(8)
+            .map(|w| capnp::word(w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7])),
+    );
+    words
 }
 
 /// Copies up to `4 - have` bytes from `input` into `raw`; returns how many were copied.

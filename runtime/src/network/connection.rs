@@ -183,7 +183,7 @@ impl capnp_rpc::IncomingMessage for Incoming {
 /// about 400 B of params. Larger params get a second segment sized to fit. Kept well under
 /// glibc's large-bin threshold (1008 B): `HeapAllocator` zero-allocates with `calloc`, which
 /// skips the thread cache, and a large-bin request first merges every freed fast-bin chunk.
-/// With 128 words (1 KiB) that cost the client 2% of its instructions per call (callgrind).
+/// With 128 words (1 KiB) that cost the client 2-3% of its instructions per call (callgrind).
 const FIRST_SEGMENT_WORDS: u32 = 64;
 
 /// An outgoing message being built by capnp-rpc.
