@@ -18,6 +18,8 @@ const QUOTA_KEYS: &[&str] = &[
     "max_inflight_bytes",
     "max_open_answers",
     "max_exports",
+    "max_caps_per_message",
+    "max_client_outgoing_bytes",
     "calls_per_second",
     "burst",
     "max_connections",
@@ -381,6 +383,14 @@ fn apply_quota(d: &mut Diags<'_>, q: &mut Quotas, key: &str, v: &Value<'_>) {
         "max_inflight_calls" => q.max_inflight_calls = count(d).unwrap_or(q.max_inflight_calls),
         "max_open_answers" => q.max_open_answers = count(d).unwrap_or(q.max_open_answers),
         "max_exports" => q.max_exports = count(d).unwrap_or(q.max_exports),
+        "max_caps_per_message" => {
+            q.max_caps_per_message = count(d).unwrap_or(q.max_caps_per_message)
+        }
+        "max_client_outgoing_bytes" => {
+            if let Some(n) = bytes(d) {
+                q.max_client_outgoing_bytes = n;
+            }
+        }
         "max_connections" => q.max_connections = count(d).unwrap_or(q.max_connections),
         "max_class_connections" => {
             q.max_class_connections = count(d).unwrap_or(q.max_class_connections)

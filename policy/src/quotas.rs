@@ -18,6 +18,16 @@ pub struct Quotas {
     pub max_open_answers: u32,
     /// Capabilities the peer holds from us, per connection. Default 10,000.
     pub max_exports: u32,
+    /// Capabilities one incoming message (a Call's params, a Return's results) may carry in
+    /// its cap table; more aborts the connection. Default 1024. Stops one frame from fanning
+    /// out into a reply per capability (a denied call releases each one) or into thousands
+    /// of import-table entries.
+    pub max_caps_per_message: u32,
+    /// Bytes queued for one client across all its connections (each also capped by the
+    /// server's `max_outgoing_bytes`). Default 64 MiB. Beyond it the client's connection
+    /// holding the most unread bytes is cut off: a client cannot multiply the per-connection
+    /// budget by opening connections that do not read.
+    pub max_client_outgoing_bytes: usize,
     /// Sustained call rate per client (GCRA). Default 2000.
     pub calls_per_second: NonZeroU32,
     /// Calls a client may make at once above the rate. Default 200.
@@ -38,6 +48,8 @@ impl Default for Quotas {
             max_inflight_bytes: 16 << 20,
             max_open_answers: 1024,
             max_exports: 10_000,
+            max_caps_per_message: 1024,
+            max_client_outgoing_bytes: 64 << 20,
             calls_per_second: NonZeroU32::new(2000).unwrap_or(NonZeroU32::MIN),
             burst: NonZeroU32::new(200).unwrap_or(NonZeroU32::MIN),
             max_connections: 64,

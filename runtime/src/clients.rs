@@ -14,6 +14,7 @@ use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 
 use crate::guard::RateLimit;
+use crate::outgoing::ClientOutgoing;
 use crate::{PeerAddr, PeerInfo};
 
 /// Who a client is within its class: two source addresses are two clients.
@@ -90,6 +91,8 @@ where
 struct ClientEntry {
     rate: Mutex<Arc<CallRate>>,
     connections: AtomicUsize,
+    /// Bytes queued for this client across its connections.
+    outgoing: Arc<ClientOutgoing>,
     /// Since when it has had no connection (`None` while it has one).
     idle_since: Mutex<Option<Instant>>,
 }
@@ -150,6 +153,13 @@ impl Drop for ClassSlot {
 /// A connection's slot in its client's count; gives it back when dropped.
 pub struct ConnectionSlot(Arc<ClientEntry>);
 
+impl ConnectionSlot {
+    /// What the client's connections have queued together.
+    pub(crate) fn outgoing(&self) -> Arc<ClientOutgoing> {
+        self.0.outgoing.clone()
+    }
+}
+
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         let mut idle = lock(&self.0.idle_since);
@@ -173,6 +183,7 @@ impl ClientRegistry {
                 Arc::new(ClientEntry {
                     rate: Mutex::new(Arc::new(CallRate::new(per_second, burst))),
                     connections: AtomicUsize::new(0),
+                    outgoing: Arc::default(),
                     // Idle until a connection succeeds: a refused first attempt leaves
                     // nothing behind for long.
                     idle_since: Mutex::new(Some(Instant::now())),

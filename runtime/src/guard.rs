@@ -22,13 +22,13 @@ use std::sync::Arc;
 
 use capgate_policy::ClientClass;
 use capgate_schema::{Catalog, MethodRef};
-use capnp::message::{Builder, HeapAllocator};
 use capnp_rpc::rpc_capnp::{call, cap_descriptor, exception, message, message_target};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 
 use crate::Metrics;
 
+mod reply;
 mod table;
 use table::IdTable;
 
@@ -52,8 +52,9 @@ impl RateLimit for Unlimited {
 pub enum Verdict {
     /// Hand it to capnp-rpc.
     Deliver,
-    /// Do not deliver it; send these messages back instead (possibly none).
-    Reply(Vec<Builder<HeapAllocator>>),
+    /// Do not deliver it; send these frames back instead: encoded back to back in a buffer
+    /// of exactly their size (empty when the message is only consumed).
+    Reply(Box<[u8]>),
     /// Close the connection; the reason goes to the peer in an `Abort`.
     Abort(String),
 }
@@ -62,7 +63,7 @@ impl std::fmt::Debug for Verdict {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Verdict::Deliver => write!(f, "Deliver"),
-            Verdict::Reply(r) => write!(f, "Reply({} messages)", r.len()),
+            Verdict::Reply(r) => write!(f, "Reply({} bytes)", r.len()),
             Verdict::Abort(reason) => write!(f, "Abort({reason:?})"),
         }
     }
@@ -266,8 +267,24 @@ impl Guard {
             Ok(message::Call(Ok(c))) => self.call(c),
             Ok(message::Bootstrap(Ok(b))) => {
                 let q = b.get_question_id();
-                if let Some(v) = self.reuse(q) {
+                if let Some(v) = self.reuse(q).or_else(|| self.answers_overflow()) {
                     return v;
+                }
+                // A bootstrap opens an answer like a call (rule 6), so it counts the same.
+                let quotas = self.class.quotas();
+                if self.answers.len() >= quotas.max_open_answers as usize {
+                    count(&mut self.denials, &self.shared_denials, Reason::OpenAnswers);
+                    let d = Denial {
+                        kind: exception::Type::Overloaded,
+                        reason: format!(
+                            "overloaded: Bootstrap refused: max_open_answers = {} reached ({} \
+                             answers open: calls and bootstraps not yet finished) for client \"{}\"",
+                            quotas.max_open_answers,
+                            self.answers.len(),
+                            self.class.name()
+                        ),
+                    };
+                    return self.deny(q, None, Rc::new(d));
                 }
                 self.answers.insert(q, Answer::Running);
                 self.started();
@@ -289,7 +306,7 @@ impl Guard {
                 match self.answers.get(q) {
                     Some(Answer::Denied(_)) => {
                         self.answers.remove(q);
-                        Verdict::Reply(Vec::new())
+                        Verdict::Reply(Box::default())
                     }
                     Some(Answer::Running) => {
                         self.ended();
@@ -303,8 +320,13 @@ impl Guard {
                     Some(Answer::Cancelled) | None => Verdict::Deliver,
                 }
             }
-            Ok(message::Return(_)) => {
+            Ok(message::Return(Ok(ret))) => {
                 self.awaiting = self.awaiting.saturating_sub(1);
+                if let Ok(capnp_rpc::rpc_capnp::return_::Results(Ok(p))) = ret.which() {
+                    if let Some(v) = self.too_many_caps("Return", p.get_cap_table()) {
+                        return v;
+                    }
+                }
                 Verdict::Deliver
             }
             // Everything else (and what does not parse) is capnp-rpc's to judge.
@@ -326,23 +348,50 @@ impl Guard {
         })
     }
 
-    fn call(&mut self, c: call::Reader<'_>) -> Verdict {
-        let q = c.get_question_id();
-        if let Some(v) = self.reuse(q) {
-            return v;
-        }
-        // Denials are answers too; a peer that never finishes them would grow this table.
+    /// Denials are answers too; a peer that never finishes them would grow the table.
+    fn answers_overflow(&self) -> Option<Verdict> {
         let hard_cap = (self.class.quotas().max_open_answers as usize)
             .saturating_mul(2)
             .saturating_add(16);
-        if self.answers.len() >= hard_cap {
-            return Verdict::Abort(format!(
+        (self.answers.len() >= hard_cap).then(|| {
+            Verdict::Abort(format!(
                 "max_open_answers = {} exceeded: the peer keeps {} answers open without \
                  sending Finish (client \"{}\")",
                 self.class.quotas().max_open_answers,
                 self.answers.len(),
                 self.class.name()
-            ));
+            ))
+        })
+    }
+
+    /// A cap table longer than `max_caps_per_message` aborts: denying would fan one frame out
+    /// into a Release per capability, delivering would fill capnp-rpc's import table.
+    fn too_many_caps(
+        &self,
+        what: &str,
+        table: capnp::Result<capnp::struct_list::Reader<'_, cap_descriptor::Owned>>,
+    ) -> Option<Verdict> {
+        let n = table.map_or(0, |t| t.len());
+        let max = self.class.quotas().max_caps_per_message;
+        (n > max).then(|| {
+            Verdict::Abort(format!(
+                "max_caps_per_message = {max} exceeded: a {what} carries {n} capabilities in \
+                 its cap table (client \"{}\"); raise max_caps_per_message in the policy if \
+                 that many are meant",
+                self.class.name()
+            ))
+        })
+    }
+
+    fn call(&mut self, c: call::Reader<'_>) -> Verdict {
+        let q = c.get_question_id();
+        if let Some(v) = self.reuse(q).or_else(|| self.answers_overflow()) {
+            return v;
+        }
+        if let Ok(p) = c.get_params() {
+            if let Some(v) = self.too_many_caps("Call", p.get_cap_table()) {
+                return v;
+            }
         }
         self.calls += 1;
         let m = MethodRef {
@@ -356,7 +405,7 @@ impl Guard {
             if let Some(Answer::Denied(d)) = self.answers.get(pa.get_question_id()) {
                 let d = d.clone();
                 count(&mut self.denials, &self.shared_denials, Reason::Permission);
-                return self.deny(q, c, d);
+                return self.deny(q, Some(c), d);
             }
         }
         // Rule 5.
@@ -376,7 +425,7 @@ impl Guard {
                     name()
                 ),
             };
-            return self.deny(q, c, Rc::new(d));
+            return self.deny(q, Some(c), Rc::new(d));
         }
         if !self.class.allows(m) {
             count(&mut self.denials, &self.shared_denials, Reason::Permission);
@@ -387,7 +436,7 @@ impl Guard {
                     name()
                 ),
             };
-            return self.deny(q, c, Rc::new(d));
+            return self.deny(q, Some(c), Rc::new(d));
         }
         let quotas = self.class.quotas();
         let over = if self.answers.len() >= quotas.max_open_answers as usize {
@@ -436,7 +485,7 @@ impl Guard {
             };
             // An Overloaded answer is not inherited by pipelined calls as a permission denial
             // would be, but they cannot run either: the same denial applies.
-            return self.deny(q, c, Rc::new(d));
+            return self.deny(q, Some(c), Rc::new(d));
         }
         self.answers.insert(q, Answer::Running);
         self.started();
@@ -450,36 +499,27 @@ impl Guard {
         Verdict::Deliver
     }
 
-    /// Rule 1: the Return with the exception, then a Release per capability in the params.
-    fn deny(&mut self, q: u32, c: call::Reader<'_>, d: Rc<Denial>) -> Verdict {
+    /// Rule 1: the Return with the exception, then a Release per capability in the params
+    /// (one per distinct id, with the count of its references).
+    fn deny(&mut self, q: u32, c: Option<call::Reader<'_>>, d: Rc<Denial>) -> Verdict {
         let _span = tracing::debug_span!("denied", question = q, reason = %d.reason).entered();
         tracing::debug!("call denied");
-        let mut out = Vec::with_capacity(1);
-        let mut m = Builder::new_default();
-        {
-            let mut ret = m.init_root::<message::Builder>().init_return();
-            ret.set_answer_id(q);
-            ret.set_release_param_caps(false);
-            let mut e = ret.init_exception();
-            e.set_type(d.kind);
-            e.set_reason(d.reason.as_str());
-        }
-        out.push(m);
-        if let Ok(Ok(caps)) = c.get_params().map(|p| p.get_cap_table()) {
-            for cap in caps.iter() {
-                if let Ok(cap_descriptor::SenderHosted(id) | cap_descriptor::SenderPromise(id)) =
-                    cap.which()
-                {
-                    let mut m = Builder::new_default();
-                    let mut r = m.init_root::<message::Builder>().init_release();
-                    r.set_id(id);
-                    r.set_reference_count(1);
-                    out.push(m);
-                }
-            }
+        let mut out = Vec::new();
+        reply::push_return_exception(&mut out, q, d.kind, &d.reason);
+        if let Some(Ok(Ok(caps))) = c.map(|c| c.get_params().map(|p| p.get_cap_table())) {
+            let mut ids: Vec<u32> = caps
+                .iter()
+                .filter_map(|cap| match cap.which() {
+                    Ok(cap_descriptor::SenderHosted(id) | cap_descriptor::SenderPromise(id)) => {
+                        Some(id)
+                    }
+                    _ => None,
+                })
+                .collect();
+            reply::push_releases(&mut out, &mut ids);
         }
         self.answers.insert(q, Answer::Denied(d));
-        Verdict::Reply(out)
+        Verdict::Reply(out.into_boxed_slice())
     }
 
     /// Accounts for an outgoing message. An error means the connection must be aborted

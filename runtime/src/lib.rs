@@ -15,6 +15,7 @@ mod latency;
 mod limits;
 mod metrics;
 mod network;
+mod outgoing;
 mod peer;
 mod poll;
 mod server;

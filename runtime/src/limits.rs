@@ -32,6 +32,11 @@ pub struct Limits {
     /// written). Default 16 MiB. A peer that stops reading is cut off instead of growing
     /// server memory without bound.
     pub max_outgoing_bytes: usize,
+    /// Most bytes queued for all peers of the server together (each connection also within
+    /// `max_outgoing_bytes`, each client within its class's `max_client_outgoing_bytes`).
+    /// Default 512 MiB. Beyond it the connection holding the most unread bytes is cut off:
+    /// many peers that stop reading cannot together pin more than this.
+    pub max_total_outgoing_bytes: usize,
     /// Time one socket write may stall before the peer is considered gone. Default 30 s.
     pub write_timeout: Duration,
     /// Nesting limit passed to the Cap'n Proto reader for incoming messages. Default 64.
@@ -97,6 +102,7 @@ impl Default for Limits {
             frame_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(300),
             max_outgoing_bytes: 16 << 20,
+            max_total_outgoing_bytes: 512 << 20,
             write_timeout: Duration::from_secs(30),
             nesting_limit: 64,
             traversal_factor: 8,

@@ -103,15 +103,28 @@ fn send(g: &mut Guard, b: &Builder<HeapAllocator>) {
     g.outgoing(b.get_root_as_reader().unwrap()).unwrap();
 }
 
-/// (answer id, exception type, reason) of a denial's Return, and the Released ids.
+/// The frames of a reply, decoded.
+fn frames(mut bytes: &[u8]) -> Vec<capnp::message::Reader<capnp::serialize::OwnedSegments>> {
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        out.push(
+            capnp::serialize::read_message(&mut bytes, capnp::message::ReaderOptions::new())
+                .unwrap(),
+        );
+    }
+    out
+}
+
+/// (answer id, exception type, reason) of a denial's Return, and the Released ids, each as
+/// often as its reference count.
 fn denial(v: Verdict) -> (u32, exception::Type, String, Vec<u32>) {
-    let Verdict::Reply(msgs) = v else {
+    let Verdict::Reply(bytes) = v else {
         panic!("expected a denial, got {v:?}")
     };
     let mut releases = Vec::new();
     let mut ret = None;
-    for m in &msgs {
-        let r = m.get_root_as_reader::<message::Reader>().unwrap();
+    for m in &frames(&bytes) {
+        let r = m.get_root::<message::Reader>().unwrap();
         match r.which().unwrap() {
             message::Return(Ok(rt)) => {
                 assert!(
@@ -131,8 +144,13 @@ fn denial(v: Verdict) -> (u32, exception::Type, String, Vec<u32>) {
                 ));
             }
             message::Release(Ok(rel)) => {
-                assert_eq!(rel.get_reference_count(), 1);
-                releases.push(rel.get_id());
+                assert!(
+                    !releases.contains(&rel.get_id()),
+                    "one Release per id, with the count of its references"
+                );
+                for _ in 0..rel.get_reference_count() {
+                    releases.push(rel.get_id());
+                }
             }
             _ => panic!("unexpected reply"),
         }
@@ -184,8 +202,8 @@ fn denied_call_gets_return_and_releases_for_every_sender_cap() {
     );
     assert_eq!(
         releases,
-        [7, 8, 7],
-        "one Release per sender descriptor, duplicates counted"
+        [7, 7, 8],
+        "a reference released per sender descriptor, duplicates counted"
     );
     assert_eq!(g.in_flight_calls(), 0);
     assert_eq!(g.denials().permission, 1);
@@ -414,7 +432,7 @@ proptest! {
                         }
                         Verdict::Reply(r) => {
                             prop_assert!(!allowed || on_denied);
-                            prop_assert_eq!(r.len(), 1 + caps as usize);
+                            prop_assert_eq!(frames(&r).len(), 1 + caps as usize);
                             open.insert(q, true);
                         }
                         Verdict::Abort(_) => prop_assert!(false, "unexpected abort"),
@@ -536,4 +554,131 @@ fn held_bytes_over_max_inflight_bytes_answer_overloaded() {
         ),
         Verdict::Deliver
     ));
+}
+
+fn bootstrap_msg(q: u32) -> Builder<HeapAllocator> {
+    let mut b = Builder::new_default();
+    b.init_root::<message::Builder>()
+        .init_bootstrap()
+        .set_question_id(q);
+    b
+}
+
+#[test]
+fn bootstraps_count_against_max_open_answers_and_are_refused_at_the_limit() {
+    let mut q = Quotas::default();
+    q.max_open_answers = 3;
+    let mut g = Guard::new(reader_class(q), Arc::new(Unlimited));
+    for i in 0..3 {
+        assert!(matches!(feed(&mut g, &bootstrap_msg(i)), Verdict::Deliver));
+    }
+    let (id, kind, reason, releases) = denial(feed(&mut g, &bootstrap_msg(3)));
+    assert_eq!((id, kind), (3, exception::Type::Overloaded));
+    assert_eq!(
+        reason,
+        "overloaded: Bootstrap refused: max_open_answers = 3 reached (3 answers open: calls \
+         and bootstraps not yet finished) for client \"reader\""
+    );
+    assert!(releases.is_empty());
+    assert_eq!(g.denials().open_answers, 1);
+    // A call pipelined on the refused bootstrap is refused the same way.
+    let (_, kind, again, _) = denial(feed(
+        &mut g,
+        &call_msg(4, Target::Answer(3), method("Reader", "get"), &[], false),
+    ));
+    assert_eq!((kind, again), (exception::Type::Overloaded, reason));
+    // Refusals are answers too: a peer that never finishes them is cut off.
+    let mut aborted = None;
+    for i in 5..100 {
+        if let Verdict::Abort(r) = feed(&mut g, &bootstrap_msg(i)) {
+            aborted = Some(r);
+            break;
+        }
+    }
+    let r = aborted.expect("the answer table is bounded");
+    assert!(r.starts_with("max_open_answers = 3 exceeded"), "{r}");
+    assert!(g.open_answers() <= 2 * 3 + 16);
+}
+
+#[test]
+fn a_cap_table_over_max_caps_per_message_aborts_before_any_reply() {
+    let mut q = Quotas::default();
+    q.max_caps_per_message = 4;
+    let mut g = Guard::new(reader_class(q), Arc::new(Unlimited));
+    let caps: Vec<Cap> = (0..5).map(Cap::SenderHosted).collect();
+    // Denied (sendResultsTo.yourself) and allowed calls alike.
+    for (m, yourself) in [
+        (method("Reader", "get"), true),
+        (method("Reader", "get"), false),
+    ] {
+        match feed(&mut g, &call_msg(1, Target::Import(0), m, &caps, yourself)) {
+            Verdict::Abort(r) => assert_eq!(
+                r,
+                "max_caps_per_message = 4 exceeded: a Call carries 5 capabilities in its cap \
+                 table (client \"reader\"); raise max_caps_per_message in the policy if that \
+                 many are meant"
+            ),
+            v => panic!("expected an abort, got {v:?}"),
+        }
+    }
+    // At the limit it is an ordinary call.
+    let v = feed(
+        &mut g,
+        &call_msg(
+            1,
+            Target::Import(0),
+            method("Reader", "get"),
+            &caps[..4],
+            false,
+        ),
+    );
+    assert!(matches!(v, Verdict::Deliver));
+}
+
+#[test]
+fn a_denied_call_with_many_references_to_one_capability_costs_one_release() {
+    let mut g = guard();
+    let caps = vec![Cap::SenderHosted(9); 1000];
+    let call = call_msg(
+        2,
+        Target::Import(0),
+        method("Namespace", "put"),
+        &caps,
+        false,
+    );
+    let Verdict::Reply(bytes) = feed(&mut g, &call) else {
+        panic!("expected a denial")
+    };
+    let sent = capnp::serialize::compute_serialized_size_in_words(&call) * 8;
+    // The Return and one Release{9, 1000}, in a buffer of exactly their size.
+    assert_eq!(frames(&bytes).len(), 2);
+    assert!(
+        bytes.len() < 400 && bytes.len() < sent / 10,
+        "{} bytes",
+        bytes.len()
+    );
+}
+
+#[test]
+fn a_denial_reply_is_at_most_a_small_multiple_of_the_call() {
+    // Distinct capabilities: each costs a Release (40 bytes) for its 16-byte descriptor.
+    let mut g = guard();
+    let caps: Vec<Cap> = (0..1000).map(Cap::SenderPromise).collect();
+    let call = call_msg(
+        2,
+        Target::Import(0),
+        method("Namespace", "put"),
+        &caps,
+        false,
+    );
+    let Verdict::Reply(bytes) = feed(&mut g, &call) else {
+        panic!("expected a denial")
+    };
+    let sent = capnp::serialize::compute_serialized_size_in_words(&call) * 8;
+    assert_eq!(frames(&bytes).len(), 1001);
+    assert!(
+        bytes.len() <= 3 * sent,
+        "{} bytes for {sent} sent",
+        bytes.len()
+    );
 }

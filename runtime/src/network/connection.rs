@@ -6,9 +6,10 @@ use capnp::message::{Builder, HeapAllocator, ReaderOptions};
 use capnp_rpc::rpc_twoparty_capnp::Side;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::outbox::{Message, Outbox, FIRST_SEGMENT_WORDS};
 use super::reader::{Lease, ReadState};
 use super::signal::Signal;
-use super::writer::{self, Outbox};
+use super::writer;
 use crate::framing::{Frame, FrameDecoder};
 use crate::guard::{Guard, Verdict};
 use crate::Limits;
@@ -179,13 +180,6 @@ impl capnp_rpc::IncomingMessage for Incoming {
     }
 }
 
-/// The largest first segment of an outgoing message, in words (512 B): room for a call with
-/// about 400 B of params. Larger params get a second segment sized to fit. Kept well under
-/// glibc's large-bin threshold (1008 B): `HeapAllocator` zero-allocates with `calloc`, which
-/// skips the thread cache, and a large-bin request first merges every freed fast-bin chunk.
-/// With 128 words (1 KiB) that cost the client 2-3% of its instructions per call (callgrind).
-const FIRST_SEGMENT_WORDS: u32 = 64;
-
 /// An outgoing message being built by capnp-rpc.
 struct Outgoing {
     message: Builder<HeapAllocator>,
@@ -210,7 +204,7 @@ impl capnp_rpc::OutgoingMessage for Outgoing {
             }
         }
         let message = Rc::new(message);
-        if let Err(e) = shared.outbox.push(message.clone()) {
+        if let Err(e) = shared.outbox.push(Message::Built(message.clone())) {
             tracing::info!(reason = %e, "connection cut off");
             shared.abort(e);
         }
@@ -336,9 +330,10 @@ fn deliver(
         // Not an rpc message at all: capnp-rpc reports it to the peer.
         return Ok(Some(incoming(message)));
     };
-    // Checked by the union tag alone: the guard parses the message itself.
+    // Checked by the union tag alone: the guard parses the message itself. Not delivered:
+    // capnp-rpc would echo the peer's reason, whatever its size, in its own Abort.
     if root.has_abort() {
-        note_peer_abort(shared, root);
+        return Err(note_peer_abort(shared, root));
     }
     let verdict = {
         let mut guard = shared.guard.borrow_mut();
@@ -347,9 +342,9 @@ fn deliver(
     };
     match verdict {
         Verdict::Deliver => Ok(Some(incoming(message))),
-        Verdict::Reply(replies) => {
-            for r in replies {
-                if let Err(e) = shared.outbox.push(Rc::new(r)) {
+        Verdict::Reply(frames) => {
+            if !frames.is_empty() {
+                if let Err(e) = shared.outbox.push(Message::Encoded(frames)) {
                     shared.abort(e.clone());
                     return Err(e);
                 }
@@ -360,23 +355,54 @@ fn deliver(
     }
 }
 
-/// Keeps the reason the peer gave in its `Abort`.
-fn note_peer_abort(shared: &ConnShared, root: capnp_rpc::rpc_capnp::message::Reader<'_>) {
+/// Keeps (and logs) the reason the peer gave in its `Abort`, cut to `PEER_REASON_CHARS`
+/// and escaped; the connection closes with it.
+fn note_peer_abort(
+    shared: &ConnShared,
+    root: capnp_rpc::rpc_capnp::message::Reader<'_>,
+) -> capnp::Error {
     use capnp_rpc::rpc_capnp::{exception, message};
-    let Ok(message::Abort(Ok(e))) = root.which() else {
-        return;
+    let (kind, reason) = match root.which() {
+        Ok(message::Abort(Ok(e))) => (
+            e.get_type().ok(),
+            e.get_reason().map(|r| excerpt(r.as_bytes())).ok(),
+        ),
+        _ => (None, None),
     };
-    let reason = e
-        .get_reason()
-        .ok()
-        .and_then(|r| r.to_str().ok())
-        .unwrap_or("(no reason given)");
+    let reason = reason.unwrap_or_else(|| "(no reason given)".into());
+    tracing::info!(%reason, "the peer aborted the connection");
     let text = format!("the peer aborted the connection: {reason}");
-    *shared.peer_abort.borrow_mut() = Some(match e.get_type() {
-        Ok(exception::Type::Overloaded) => capnp::Error::overloaded(text),
-        Ok(exception::Type::Disconnected) => capnp::Error::disconnected(text),
+    let error = match kind {
+        Some(exception::Type::Overloaded) => capnp::Error::overloaded(text),
+        Some(exception::Type::Disconnected) => capnp::Error::disconnected(text),
         _ => capnp::Error::failed(text),
-    });
+    };
+    *shared.peer_abort.borrow_mut() = Some(error.clone());
+    error
+}
+
+/// Characters of a peer's abort reason kept for logs and errors.
+const PEER_REASON_CHARS: usize = 512;
+
+/// A peer's text fit for a log line: at most `PEER_REASON_CHARS` characters, control
+/// characters escaped, invalid UTF-8 replaced, and the full length said when cut.
+fn excerpt(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(4 * PEER_REASON_CHARS)]);
+    let mut out: String = text
+        .chars()
+        .take(PEER_REASON_CHARS)
+        .flat_map(|c| {
+            let escaped = c.is_control().then(|| c.escape_default());
+            escaped
+                .into_iter()
+                .flatten()
+                .chain((!c.is_control()).then_some(c))
+        })
+        .collect();
+    if text.chars().count() > PEER_REASON_CHARS || bytes.len() > 4 * PEER_REASON_CHARS {
+        out.push_str(&format!("... ({} bytes in all)", bytes.len()));
+    }
+    out
 }
 
 /// capgate's `VatNetwork` for one connection (either side).
@@ -491,7 +517,13 @@ impl ConnectionControl {
         self.shared.peer_abort.borrow().clone()
     }
 
-    /// Bytes queued for the peer and not yet written.
+    /// Charges what this connection queues to a client's and the server's outgoing
+    /// budgets too (see `outgoing.rs`).
+    pub(crate) fn share_outgoing(&self, account: std::sync::Arc<crate::outgoing::OutgoingAccount>) {
+        self.shared.outbox.share(account);
+    }
+
+    /// Bytes queued for the peer and not yet written (as charged: what they hold in memory).
     pub fn queued_bytes(&self) -> usize {
         self.shared.outbox.queued_bytes()
     }

@@ -2,6 +2,7 @@
 //! middle, a coalescing, byte-bounded writer on the way out.
 
 mod connection;
+mod outbox;
 mod pool;
 mod reader;
 mod signal;

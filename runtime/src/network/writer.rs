@@ -1,4 +1,3 @@
-use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::rc::Rc;
@@ -7,10 +6,9 @@ use capnp::message::{Builder, HeapAllocator};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use super::connection::ConnShared;
+use super::outbox::{Message, Outbox, State};
 use super::pool;
-use super::signal::Signal;
-use crate::framing::{encode_frame, encode_header, frame_len};
-use crate::limits::fmt_bytes;
+use crate::framing::encode_header;
 use crate::poll::{may_poll, poll_round, PollBackoff, Polled, PollingMark};
 
 /// Messages larger than this skip the coalescing buffer (their segments are written as is).
@@ -24,110 +22,6 @@ const GATHER_BYTES: usize = 64 * 1024;
 const GATHER_PATIENCE: u32 = 8;
 /// ...and is tried again only every this many writes.
 const GATHER_PROBE_EVERY: u32 = 8;
-
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum State {
-    Open,
-    /// Shutdown requested: flush what is queued, then close.
-    Closing,
-    /// Cut off or the socket failed: drop everything.
-    Failed,
-}
-
-pub(super) type Message = Rc<Builder<HeapAllocator>>;
-
-/// The outgoing queue of one connection, bounded in bytes.
-pub(super) struct Outbox {
-    queue: RefCell<VecDeque<(Message, usize)>>,
-    queued_bytes: Cell<usize>,
-    max_bytes: usize,
-    state: Cell<State>,
-    wake: Signal,
-    /// Signalled when the outbox fails: abandons a write in progress.
-    cut: Signal,
-    done: Cell<bool>,
-    done_notify: tokio::sync::Notify,
-}
-
-impl Outbox {
-    pub(super) fn new(max_bytes: usize) -> Self {
-        Self {
-            queue: RefCell::new(VecDeque::new()),
-            queued_bytes: Cell::new(0),
-            max_bytes,
-            state: Cell::new(State::Open),
-            wake: Signal::default(),
-            cut: Signal::default(),
-            done: Cell::new(false),
-            done_notify: tokio::sync::Notify::new(),
-        }
-    }
-
-    /// Queues a message. Returns an error (and fails the outbox) when the byte budget would
-    /// be exceeded: the peer is not reading what we send.
-    pub(super) fn push(&self, msg: Message) -> Result<(), capnp::Error> {
-        if self.state.get() != State::Open {
-            return Ok(());
-        }
-        let bytes = frame_len(&msg.get_segments_for_output());
-        let queued = self.queued_bytes.get();
-        if queued > 0 && queued + bytes > self.max_bytes {
-            self.fail();
-            return Err(capnp::Error::failed(format!(
-                "capgate: peer is not reading: {} queued for it would exceed \
-                 max_outgoing_bytes = {}; the connection is cut off",
-                fmt_bytes((queued + bytes) as u64),
-                fmt_bytes(self.max_bytes as u64)
-            )));
-        }
-        self.queued_bytes.set(queued + bytes);
-        let mut q = self.queue.borrow_mut();
-        q.push_back((msg, bytes));
-        if q.len() == 1 {
-            self.wake.notify();
-        }
-        Ok(())
-    }
-
-    /// Bytes queued or being written.
-    pub(super) fn queued_bytes(&self) -> usize {
-        self.queued_bytes.get()
-    }
-
-    /// Flush what is queued, then close the write side.
-    pub(super) fn close(&self) {
-        if self.state.get() == State::Open {
-            self.state.set(State::Closing);
-        }
-        self.wake.notify();
-    }
-
-    /// Drop everything queued, abandon a write in progress, and close.
-    pub(super) fn fail(&self) {
-        self.state.set(State::Failed);
-        self.queue.borrow_mut().clear();
-        self.queued_bytes.set(0);
-        self.wake.notify();
-        self.cut.notify();
-    }
-
-    /// Resolves once the writer has finished (any number of waiters).
-    pub(super) async fn finished(&self) {
-        loop {
-            let mut notified = std::pin::pin!(self.done_notify.notified());
-            notified.as_mut().enable();
-            if self.done.get() {
-                return;
-            }
-            notified.await;
-        }
-    }
-
-    fn set_done(&self) {
-        self.done.set(true);
-        self.done_notify.notify_waiters();
-    }
-}
 
 /// Writes queued messages, coalescing everything queued into one write, until the outbox is
 /// closed (then flushes and shuts the stream down) or fails.
@@ -159,6 +53,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             State::Failed => return Ok(()),
             State::Open | State::Closing => {}
         }
+        if let Some(reason) = outbox.cut_off_reason() {
+            return Err(cut_off(outbox, reason));
+        }
         // Gather: while the queue keeps growing, let the tasks that produce messages run
         // before writing, so that one write carries many frames. Under light load yielding
         // finds nothing new and only adds latency, so it is skipped until a periodic probe
@@ -174,25 +71,27 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         if queued {
             batches = batches.wrapping_add(1);
         }
-        let mut batch_bytes = 0usize;
+        let mut batch_charge = 0usize;
         let mut batch_frames = 0u64;
-        let mut large: Option<Message> = None;
+        let mut large: Option<Rc<Builder<HeapAllocator>>> = None;
         {
             let mut q = outbox.queue.borrow_mut();
             if buf.capacity() == 0 && !q.is_empty() {
                 buf = pool::take_write();
             }
-            while let Some((msg, bytes)) = q.pop_front() {
-                batch_bytes += bytes;
+            while let Some((msg, charge)) = q.pop_front() {
+                batch_charge += charge;
                 batch_frames += 1;
-                if bytes >= DIRECT_WRITE_BYTES {
-                    large = Some(msg);
-                    break;
+                if let Message::Built(m) = &msg {
+                    if charge >= DIRECT_WRITE_BYTES {
+                        large = Some(m.clone());
+                        break;
+                    }
                 }
-                encode_frame(&mut buf, &msg.get_segments_for_output());
+                msg.encode(&mut buf);
             }
         }
-        if batch_bytes == 0 {
+        if batch_charge == 0 {
             if outbox.state.get() == State::Closing {
                 // Boxed: its timer would otherwise enlarge every connection's writer.
                 let shutdown = Box::pin(tokio::time::timeout(
@@ -246,13 +145,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             let mut write = std::pin::pin!(write);
             let mut timer = None;
             std::future::poll_fn(|cx| {
-                poll_with_deadline(
-                    write.as_mut(),
-                    cx,
-                    &mut timer,
-                    limits.write_timeout,
-                    &outbox.cut,
-                )
+                poll_with_deadline(write.as_mut(), cx, &mut timer, limits.write_timeout, outbox)
             })
             .await
         };
@@ -265,7 +158,12 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 outbox.fail();
                 return Ok(());
             }
-            Written::Cut => return Ok(()),
+            Written::Cut => {
+                return match outbox.cut_off_reason() {
+                    Some(reason) => Err(cut_off(outbox, reason)),
+                    None => Ok(()),
+                }
+            }
             Written::TimedOut => {
                 outbox.fail();
                 return Err(capnp::Error::failed(format!(
@@ -275,11 +173,24 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 )));
             }
         }
+        let wire_bytes = buf.len() + large.as_ref().map_or(0, |m| frame_len(m));
         buf.clear();
-        let q = outbox.queued_bytes.get();
-        outbox.queued_bytes.set(q.saturating_sub(batch_bytes));
-        shared.note_sent(batch_frames, batch_bytes);
+        outbox.sent(batch_charge);
+        shared.note_sent(batch_frames, wire_bytes);
     }
+}
+
+/// Bytes on the wire of a message built by capnp-rpc.
+fn frame_len(m: &Builder<HeapAllocator>) -> usize {
+    crate::framing::frame_len(&m.get_segments_for_output())
+}
+
+/// Another connection's push exceeded a shared outgoing budget and picked this one, the
+/// largest holder: drop what is queued and close with the reason.
+fn cut_off(outbox: &Outbox, reason: String) -> capnp::Error {
+    tracing::info!(%reason, "connection cut off");
+    outbox.fail();
+    capnp::Error::failed(reason)
 }
 
 enum Written {
@@ -331,13 +242,15 @@ fn poll_with_deadline(
     cx: &mut std::task::Context<'_>,
     timer: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     timeout: std::time::Duration,
-    cut: &Signal,
+    outbox: &Outbox,
 ) -> std::task::Poll<Written> {
     use std::task::Poll;
     if let Poll::Ready(r) = write.poll(cx) {
         return Poll::Ready(Written::Done(r));
     }
-    if cut.poll_wait(cx).is_ready() {
+    // Blocked: the peer is not reading. Another thread may pick this connection to cut off.
+    outbox.register_cut_waker(cx.waker());
+    if outbox.cut.poll_wait(cx).is_ready() || outbox.cut_off_reason().is_some() {
         return Poll::Ready(Written::Cut);
     }
     let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
@@ -353,7 +266,7 @@ fn poll_with_deadline(
 fn write_large<'a, W: AsyncWrite + Unpin>(
     stream: &'a mut W,
     buf: &'a [u8],
-    msg: &'a Message,
+    msg: &'a Builder<HeapAllocator>,
 ) -> std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + 'a>> {
     Box::pin(async move {
         let segments = msg.get_segments_for_output();

@@ -199,6 +199,9 @@ impl ServerBuilder {
             listeners,
             metrics_listener,
             shared: Arc::new(ServerShared {
+                outgoing: crate::outgoing::OutgoingBudget::new(
+                    self.limits.max_total_outgoing_bytes,
+                ),
                 limits: self.limits,
                 factory,
                 next_connection_id: AtomicU64::new(0),

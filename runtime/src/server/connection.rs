@@ -302,6 +302,11 @@ where
     class_gauge.inc();
     let (network, control) = new_network(reader, writer, Side::Server, limits, guard);
     control.observe(shared.metrics.clone());
+    control.share_outgoing(shared.outgoing.account(
+        slot.outgoing(),
+        q.max_client_outgoing_bytes,
+        format!("{} of class \"{}\"", peer.addr, class.name()),
+    ));
     let rpc = RpcSystem::new(Box::new(network), Some(bootstrap));
     tracing::debug!("connection open");
     Admission::Admitted(Admitted {

@@ -40,6 +40,8 @@ pub(crate) struct ServerShared {
     pub(crate) denials: dashmap::DashMap<String, Arc<DenialCounters>>,
     pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
     pub(crate) metrics: Arc<Metrics>,
+    /// Bytes queued for all peers (`Limits::max_total_outgoing_bytes`).
+    pub(crate) outgoing: Arc<crate::outgoing::OutgoingBudget>,
     /// The connection limits of each class's quotas, shared by its connections.
     class_limits: std::sync::Mutex<Vec<Arc<Limits>>>,
 }
@@ -60,6 +62,12 @@ impl ServerStats {
     /// connected, and those whose rate budget is still refilling. Forgotten after that.
     pub fn known_clients(&self) -> usize {
         self.shared.clients.known_clients()
+    }
+
+    /// Bytes queued for all peers now, as charged against `max_total_outgoing_bytes`
+    /// (reserved in 16 KiB chunks per writing connection).
+    pub fn queued_outgoing_bytes(&self) -> usize {
+        self.shared.outgoing.total()
     }
 
     /// All metrics in the Prometheus text format.
