@@ -19,23 +19,6 @@ fn idle_connection(addr: std::net::SocketAddr, source: &str) -> std::net::TcpStr
     s
 }
 
-/// A blocking TCP connection from a chosen loopback source address.
-fn connect_from(addr: std::net::SocketAddr, source: &str) -> std::net::TcpStream {
-    // std cannot bind before connecting; tokio can, then hand the socket over.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let sock = tokio::net::TcpSocket::new_v4().unwrap();
-        sock.bind(format!("{source}:0").parse().unwrap()).unwrap();
-        let s = sock.connect(addr).await.unwrap();
-        let s = s.into_std().unwrap();
-        s.set_nonblocking(false).unwrap();
-        s
-    })
-}
-
 fn refusal(addr: std::net::SocketAddr, source: &str) -> String {
     let mut s = connect_from(addr, source);
     observe(&mut s, Duration::from_secs(5))

@@ -209,3 +209,28 @@ fn syntax_errors_are_located() {
     let e = errors("[[client]]\nname = \"a\nmatch = \"any\"\n");
     assert!(e[0].starts_with("p.toml:2:"), "{e:?}");
 }
+
+#[test]
+fn amplification_quotas_are_read_with_their_units() {
+    let p = Policy::parse(
+        "p.toml",
+        "[defaults]\nmax_caps_per_message = 16\nmax_client_outgoing_bytes = \"8 MiB\"\n\n[[client]]\nname = \"a\"\nmatch = \"any\"\nallow = []\nmax_caps_per_message = 4\n",
+        Catalog::builtin(),
+    )
+    .unwrap();
+    let q = p.class("a").unwrap().quotas();
+    assert_eq!(
+        (q.max_caps_per_message, q.max_client_outgoing_bytes),
+        (4, 8 << 20)
+    );
+    let e = errors("[defaults]\nmax_client_outgoing_bytes = \"5 parsecs\"\nmax_caps_per_message = \"many\"\n[[client]]\nname = \"a\"\nmatch = \"any\"\nallow = []\n");
+    assert_eq!(e.len(), 2, "{e:?}");
+    assert!(
+        e[0].starts_with("p.toml:2:29: `max_client_outgoing_bytes`"),
+        "{e:?}"
+    );
+    assert!(
+        e[1].starts_with("p.toml:3:24: `max_caps_per_message` must be a whole number"),
+        "{e:?}"
+    );
+}

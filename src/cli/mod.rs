@@ -62,6 +62,10 @@ pub(crate) struct LimitArgs {
     /// Most bytes queued for a peer that does not read, e.g. "16 MiB".
     #[arg(long, value_parser = parse_bytes)]
     max_outgoing_bytes: Option<usize>,
+    /// Most bytes queued for all peers together; beyond it the connection holding the most
+    /// is cut off, e.g. "512 MiB".
+    #[arg(long, value_parser = parse_bytes)]
+    max_total_outgoing_bytes: Option<usize>,
     /// Time one write to a peer may stall, e.g. "30s".
     #[arg(long, value_parser = parse_duration)]
     write_timeout: Option<Duration>,
@@ -96,6 +100,9 @@ impl LimitArgs {
         }
         if let Some(v) = self.max_outgoing_bytes {
             l.max_outgoing_bytes = v;
+        }
+        if let Some(v) = self.max_total_outgoing_bytes {
+            l.max_total_outgoing_bytes = v;
         }
         if let Some(v) = self.write_timeout {
             l.write_timeout = v;

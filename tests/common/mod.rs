@@ -388,3 +388,20 @@ pub fn reported_addr(child: &mut std::process::Child) -> SocketAddr {
         .parse()
         .unwrap()
 }
+
+/// A blocking TCP connection from a chosen loopback source address.
+pub fn connect_from(addr: std::net::SocketAddr, source: &str) -> std::net::TcpStream {
+    // std cannot bind before connecting; tokio can, then hand the socket over.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{source}:0").parse().unwrap()).unwrap();
+        let s = sock.connect(addr).await.unwrap();
+        let s = s.into_std().unwrap();
+        s.set_nonblocking(false).unwrap();
+        s
+    })
+}

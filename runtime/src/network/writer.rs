@@ -13,6 +13,9 @@ use crate::poll::{may_poll, poll_round, PollBackoff, Polled, PollingMark};
 
 /// Messages larger than this skip the coalescing buffer (their segments are written as is).
 const DIRECT_WRITE_BYTES: usize = 64 * 1024;
+/// One write coalesces at most about this much: the buffer is a copy of what it carries, so
+/// copying a whole long queue would double what the queue holds.
+const MAX_BATCH_BYTES: usize = 256 * 1024;
 /// The writer gathers (yields to producers) at most this many times per write...
 const GATHER_MAX_YIELDS: usize = 16;
 /// ...and stops once this many frames or bytes are queued.
@@ -79,7 +82,10 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             if buf.capacity() == 0 && !q.is_empty() {
                 buf = pool::take_write();
             }
-            while let Some((msg, charge)) = q.pop_front() {
+            while buf.len() < MAX_BATCH_BYTES {
+                let Some((msg, charge)) = q.pop_front() else {
+                    break;
+                };
                 batch_charge += charge;
                 batch_frames += 1;
                 if let Message::Built(m) = &msg {

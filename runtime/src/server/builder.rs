@@ -199,6 +199,7 @@ impl ServerBuilder {
             listeners,
             metrics_listener,
             shared: Arc::new(ServerShared {
+                log_throttle: Default::default(),
                 outgoing: crate::outgoing::OutgoingBudget::new(
                     self.limits.max_total_outgoing_bytes,
                 ),

@@ -71,13 +71,17 @@ async fn serve_tls(
     let tls = match tokio::time::timeout(timeout, acceptor.accept(s)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            tracing::info!(peer = %peer.addr, cause = %e, "TLS handshake failed");
+            if let Some(left_out) = shared.throttled("tls_handshake") {
+                tracing::info!(peer = %peer.addr, cause = %e, left_out, "TLS handshake failed");
+            }
             shared.metrics.handshake_failures.inc();
             return;
         }
         Err(_) => {
             shared.metrics.handshake_failures.inc();
-            tracing::info!(peer = %peer.addr, ?timeout, "TLS handshake not completed in time (tls_handshake_timeout)");
+            if let Some(left_out) = shared.throttled("tls_handshake_timeout") {
+                tracing::info!(peer = %peer.addr, ?timeout, left_out, "TLS handshake not completed in time (tls_handshake_timeout)");
+            }
             return;
         }
     };
@@ -124,7 +128,6 @@ where
     W: AsyncWrite + Unpin,
 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    tracing::info!(%reason, "connection refused");
     let mut m = capnp::message::Builder::new_default();
     {
         let mut e = m
@@ -357,6 +360,9 @@ where
     R: AsyncRead + Unpin + 'static,
     W: AsyncWrite + Unpin + 'static,
 {
+    if let Some(left_out) = shared.throttled("refused") {
+        tracing::info!(%reason, left_out, "connection refused (left_out: refusals not logged in the second before)");
+    }
     let limits = shared.limits.clone();
     Admission::Refused(Box::pin(async move {
         refuse(reader, writer, reason, &limits).await;
@@ -441,7 +447,11 @@ fn close<'a>(
         let stats = control.stats();
         match &result {
             Ok(()) => tracing::debug!(?stats, "connection closed"),
-            Err(e) => tracing::info!(cause = %e, ?stats, "connection closed with an error"),
+            Err(e) => {
+                if let Some(left_out) = shared.throttled("closed_with_error") {
+                    tracing::info!(cause = %e, ?stats, left_out, "connection closed with an error");
+                }
+            }
         }
         control.linger().await;
     })

@@ -4,6 +4,7 @@
 mod builder;
 mod connection;
 mod events;
+mod log_throttle;
 mod worker;
 
 pub use builder::{BootstrapFactory, ServerBuilder};
@@ -40,6 +41,8 @@ pub(crate) struct ServerShared {
     pub(crate) denials: dashmap::DashMap<String, Arc<DenialCounters>>,
     pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
     pub(crate) metrics: Arc<Metrics>,
+    /// Peer-driven log lines, summarised.
+    pub(crate) log_throttle: log_throttle::LogThrottle,
     /// Bytes queued for all peers (`Limits::max_total_outgoing_bytes`).
     pub(crate) outgoing: Arc<crate::outgoing::OutgoingBudget>,
     /// The connection limits of each class's quotas, shared by its connections.
@@ -90,6 +93,11 @@ impl ServerStats {
 const MAX_SHARED_LIMITS: usize = 64;
 
 impl ServerShared {
+    /// Whether to log a peer-driven event of `kind` now (see `log_throttle.rs`).
+    pub(crate) fn throttled(&self, kind: &'static str) -> Option<u64> {
+        self.log_throttle.admit(kind, std::time::Instant::now())
+    }
+
     /// The server's limits with a class's quotas applied, shared by the connections that have
     /// the same quotas.
     pub(crate) fn limits_for(&self, q: &capgate_policy::Quotas) -> Arc<Limits> {
