@@ -4,4 +4,6 @@ mod echo;
 mod store;
 
 pub use echo::EchoService;
-pub use store::{LiveObjects, Store, StoreLimits};
+pub use store::{
+    LiveObjects, Store, StoreLimits, StoreUsage, ENTRY_OVERHEAD_BYTES, NAMESPACE_OVERHEAD_BYTES,
+};

@@ -1,4 +1,4 @@
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::pin::pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -19,6 +19,11 @@ pub struct StoreLimits {
     pub max_entries: usize,
     /// Most namespaces (nested ones included). Default 10,000.
     pub max_namespaces: usize,
+    /// Most bytes the store holds, all namespaces together: every key costs its length, its
+    /// value's length and [`ENTRY_OVERHEAD_BYTES`]; every namespace its name's length and
+    /// [`NAMESPACE_OVERHEAD_BYTES`]. Default 256 MiB: the counts alone allow 100,000 values
+    /// of 1 MiB, which is 100 GB of memory for any client that asks.
+    pub max_bytes: usize,
     /// Longest namespace name, in bytes. Default 256.
     pub max_name_bytes: usize,
     /// Most watchers on one namespace. Default 1,024.
@@ -34,6 +39,7 @@ impl Default for StoreLimits {
             max_value_bytes: 1 << 20,
             max_entries: 100_000,
             max_namespaces: 10_000,
+            max_bytes: 256 << 20,
             max_name_bytes: 256,
             max_watchers_per_namespace: 1024,
             max_pending_changes: 256,
@@ -55,6 +61,25 @@ pub struct LiveObjects {
     /// Client `Watcher` capabilities the server holds.
     pub watchers: usize,
 }
+
+/// What the store holds, as charged against its limits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreUsage {
+    /// Namespaces (nested ones included).
+    pub namespaces: usize,
+    /// Keys, all namespaces together.
+    pub entries: usize,
+    /// Bytes charged against [`StoreLimits::max_bytes`].
+    pub bytes: usize,
+}
+
+/// Bookkeeping charged for each key on top of its key and value bytes (its map entry, the
+/// value's allocation), so that many empty keys are not free.
+pub const ENTRY_OVERHEAD_BYTES: usize = 128;
+
+/// Bookkeeping charged for each namespace on top of its name (its record, its entry in the
+/// parent's index, its change notifier), so that many short-named namespaces are not free.
+pub const NAMESPACE_OVERHEAD_BYTES: usize = 256;
 
 /// The demo key/value store: in memory, shared by every connection and worker thread.
 /// Cheap to clone. [`Store::client`] makes a `Store` capability (on the calling thread).
@@ -80,10 +105,23 @@ struct Live {
     watchers: AtomicUsize,
 }
 
+/// The parent of top-level namespaces (the `Store` itself; it has no record).
+const ROOT: NsId = 0;
+
+/// A namespace, by number. Ids are never reused.
+type NsId = u64;
+
+/// Namespaces are linked to their parent by id, never keyed by their path: a namespace costs
+/// its name and a record whatever its depth.
 #[derive(Default)]
 struct Data {
-    namespaces: BTreeMap<Vec<String>, NsData>,
-    entries: usize,
+    /// Every namespace's record.
+    namespaces: HashMap<NsId, NsData>,
+    /// The namespaces under each parent, by (parent, name): the only copy of a name.
+    children: BTreeMap<(NsId, String), NsId>,
+    /// The last id given out.
+    last_id: NsId,
+    usage: StoreUsage,
 }
 
 #[derive(Default)]
@@ -99,7 +137,49 @@ struct Change {
     deleted: bool,
 }
 
-type Path = Arc<[String]>;
+/// Bytes charged for a namespace named `name`.
+fn namespace_charge(name: &str) -> usize {
+    name.len() + NAMESPACE_OVERHEAD_BYTES
+}
+
+/// Bytes charged for a key and its value.
+fn entry_charge(key: &str, value_bytes: usize) -> usize {
+    key.len() + value_bytes + ENTRY_OVERHEAD_BYTES
+}
+
+/// The error for a capability whose namespace is gone.
+fn gone() -> capnp::Error {
+    capnp::Error::failed("namespace no longer exists".into())
+}
+
+impl Data {
+    fn ns(&self, id: NsId) -> Result<&NsData, capnp::Error> {
+        self.namespaces.get(&id).ok_or_else(gone)
+    }
+
+    fn ns_mut(&mut self, id: NsId) -> Result<&mut NsData, capnp::Error> {
+        self.namespaces.get_mut(&id).ok_or_else(gone)
+    }
+
+    /// Fails if taking `more` bytes (after giving back `less`) would exceed `max_bytes`.
+    fn check_bytes(
+        &self,
+        limits: &StoreLimits,
+        less: usize,
+        more: usize,
+    ) -> Result<(), capnp::Error> {
+        let used = self.usage.bytes - less;
+        if used.saturating_add(more) > limits.max_bytes {
+            return Err(capnp::Error::overloaded(format!(
+                "the store holds {used} bytes and this needs {more} more, over its max_bytes \
+                 limit of {} bytes (keys, values and namespace names); delete keys or raise \
+                 StoreLimits::max_bytes",
+                limits.max_bytes
+            )));
+        }
+        Ok(())
+    }
+}
 
 impl Store {
     /// An empty store with default limits.
@@ -135,9 +215,14 @@ impl Store {
         }
     }
 
+    /// What the store holds now, as charged against its limits.
+    pub fn usage(&self) -> StoreUsage {
+        self.data().usage
+    }
+
     fn data(&self) -> MutexGuard<'_, Data> {
-        // A panic while holding the lock leaves the map consistent (every update is a single
-        // insert/remove), so a poisoned lock is safe to keep using.
+        // A panic while holding the lock leaves the maps consistent (no update is split by a
+        // call that can panic), so a poisoned lock is safe to keep using.
         self.inner.data.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -145,26 +230,39 @@ impl Store {
         &self.inner.limits
     }
 
-    /// Opens (creating if needed) the namespace at `path`.
-    fn open(&self, path: Vec<String>) -> Result<Path, capnp::Error> {
+    /// Opens (creating if needed) the namespace `name` under `parent`.
+    fn open(&self, parent: NsId, name: String) -> Result<NsId, capnp::Error> {
+        let limits = self.limits();
         let mut data = self.data();
-        if !data.namespaces.contains_key(&path) {
-            if data.namespaces.len() >= self.limits().max_namespaces {
-                return Err(capnp::Error::overloaded(format!(
-                    "the store holds {} namespaces, its max_namespaces limit",
-                    self.limits().max_namespaces
-                )));
-            }
-            data.namespaces.insert(path.clone(), NsData::default());
+        if parent != ROOT {
+            data.ns(parent)?;
         }
-        Ok(path.into())
+        let key = (parent, name);
+        if let Some(&id) = data.children.get(&key) {
+            return Ok(id);
+        }
+        if data.usage.namespaces >= limits.max_namespaces {
+            return Err(capnp::Error::overloaded(format!(
+                "the store holds {} namespaces, its max_namespaces limit",
+                limits.max_namespaces
+            )));
+        }
+        let charge = namespace_charge(&key.1);
+        data.check_bytes(limits, 0, charge)?;
+        data.last_id += 1;
+        let id = data.last_id;
+        data.children.insert(key, id);
+        data.namespaces.insert(id, NsData::default());
+        data.usage.namespaces += 1;
+        data.usage.bytes += charge;
+        Ok(id)
     }
 
-    fn namespace_client(&self, path: Path) -> namespace::Client {
+    fn namespace_client(&self, id: NsId) -> namespace::Client {
         self.inner.live.namespaces.fetch_add(1, Ordering::Relaxed);
         capnp_rpc::new_client(NamespaceCap {
             store: self.clone(),
-            path,
+            id,
         })
     }
 
@@ -223,8 +321,8 @@ impl store::Server for StoreCap {
     ) -> Result<(), capnp::Error> {
         let name = text(params.get()?.get_name()?)?;
         self.0.check_name(&name)?;
-        let path = self.0.open(vec![name])?;
-        results.get().set_ns(self.0.namespace_client(path));
+        let id = self.0.open(ROOT, name)?;
+        results.get().set_ns(self.0.namespace_client(id));
         Ok(())
     }
 
@@ -236,10 +334,9 @@ impl store::Server for StoreCap {
         let names: Vec<String> = self
             .0
             .data()
-            .namespaces
-            .keys()
-            .filter(|p| p.len() == 1)
-            .map(|p| p[0].clone())
+            .children
+            .range((ROOT, String::new())..(ROOT + 1, String::new()))
+            .map(|((_, name), _)| name.clone())
             .collect();
         let mut list = results.get().init_names(names.len() as u32);
         for (i, n) in names.iter().enumerate() {
@@ -252,16 +349,13 @@ impl store::Server for StoreCap {
 /// Shared by `Namespace` and its attenuated `Reader` view.
 async fn get(
     store: &Store,
-    path: &Path,
+    id: NsId,
     params: reader::GetParams,
     mut results: reader::GetResults,
 ) -> Result<(), capnp::Error> {
     let key = text(params.get()?.get_key()?)?;
     let data = store.data();
-    let value = data
-        .namespaces
-        .get(&path[..])
-        .and_then(|ns| ns.keys.get(&key));
+    let value = data.ns(id)?.keys.get(&key);
     let mut r = results.get();
     r.set_found(value.is_some());
     if let Some(v) = value {
@@ -272,23 +366,19 @@ async fn get(
 
 async fn list(
     store: &Store,
-    path: &Path,
+    id: NsId,
     params: reader::ListParams,
     mut results: reader::ListResults,
 ) -> Result<(), capnp::Error> {
     let prefix = text(params.get()?.get_prefix()?)?;
-    let keys: Vec<String> = {
-        let data = store.data();
-        match data.namespaces.get(&path[..]) {
-            Some(ns) => ns
-                .keys
-                .range(prefix.clone()..)
-                .take_while(|(k, _)| k.starts_with(&prefix))
-                .map(|(k, _)| k.clone())
-                .collect(),
-            None => Vec::new(),
-        }
-    };
+    let keys: Vec<String> = store
+        .data()
+        .ns(id)?
+        .keys
+        .range(prefix.clone()..)
+        .take_while(|(k, _)| k.starts_with(&prefix))
+        .map(|(k, _)| k.clone())
+        .collect();
     let mut list = results.get().init_keys(keys.len() as u32);
     for (i, k) in keys.iter().enumerate() {
         list.set(i as u32, k.as_str());
@@ -298,7 +388,7 @@ async fn list(
 
 struct NamespaceCap {
     store: Store,
-    path: Path,
+    id: NsId,
 }
 
 impl Drop for NamespaceCap {
@@ -317,7 +407,7 @@ impl reader::Server for NamespaceCap {
         params: reader::GetParams,
         results: reader::GetResults,
     ) -> Result<(), capnp::Error> {
-        get(&self.store, &self.path, params, results).await
+        get(&self.store, self.id, params, results).await
     }
 
     async fn list(
@@ -325,7 +415,7 @@ impl reader::Server for NamespaceCap {
         params: reader::ListParams,
         results: reader::ListResults,
     ) -> Result<(), capnp::Error> {
-        list(&self.store, &self.path, params, results).await
+        list(&self.store, self.id, params, results).await
     }
 }
 
@@ -347,21 +437,24 @@ impl namespace::Server for NamespaceCap {
                 limits.max_value_bytes
             )));
         }
+        let charge = entry_charge(&key, value.len());
         let mut data = self.store.data();
-        let Data {
-            namespaces,
-            entries,
-        } = &mut *data;
-        let ns = namespaces.entry(self.path.to_vec()).or_default();
-        if !ns.keys.contains_key(&key) {
-            if *entries >= limits.max_entries {
-                return Err(capnp::Error::overloaded(format!(
-                    "the store holds {} keys, its max_entries limit",
-                    limits.max_entries
-                )));
-            }
-            *entries += 1;
+        let old = data
+            .ns(self.id)?
+            .keys
+            .get(&key)
+            .map(|v| entry_charge(&key, v.len()));
+        if old.is_none() && data.usage.entries >= limits.max_entries {
+            return Err(capnp::Error::overloaded(format!(
+                "the store holds {} keys, its max_entries limit",
+                limits.max_entries
+            )));
         }
+        data.check_bytes(limits, old.unwrap_or(0), charge)?;
+        let usage = &mut data.usage;
+        usage.bytes = usage.bytes - old.unwrap_or(0) + charge;
+        usage.entries += usize::from(old.is_none());
+        let ns = data.ns_mut(self.id)?;
         ns.keys.insert(key.clone(), value.to_vec());
         Store::notify(ns, || Change {
             key: key.clone(),
@@ -378,26 +471,18 @@ impl namespace::Server for NamespaceCap {
     ) -> Result<(), capnp::Error> {
         let key = text(params.get()?.get_key()?)?;
         let mut data = self.store.data();
-        let Data {
-            namespaces,
-            entries,
-        } = &mut *data;
-        let existed = match namespaces.get_mut(&self.path[..]) {
-            Some(ns) => {
-                let existed = ns.keys.remove(&key).is_some();
-                if existed {
-                    *entries -= 1;
-                    Store::notify(ns, || Change {
-                        key: key.clone(),
-                        value: Vec::new(),
-                        deleted: true,
-                    });
-                }
-                existed
-            }
-            None => false,
-        };
-        results.get().set_existed(existed);
+        let ns = data.ns_mut(self.id)?;
+        let removed = ns.keys.remove(&key);
+        if let Some(v) = &removed {
+            Store::notify(ns, || Change {
+                key: key.clone(),
+                value: Vec::new(),
+                deleted: true,
+            });
+            data.usage.entries -= 1;
+            data.usage.bytes -= entry_charge(&key, v.len());
+        }
+        results.get().set_existed(removed.is_some());
         Ok(())
     }
 
@@ -408,10 +493,8 @@ impl namespace::Server for NamespaceCap {
     ) -> Result<(), capnp::Error> {
         let name = text(params.get()?.get_name()?)?;
         self.store.check_name(&name)?;
-        let mut path = self.path.to_vec();
-        path.push(name);
-        let path = self.store.open(path)?;
-        results.get().set_ns(self.store.namespace_client(path));
+        let id = self.store.open(self.id, name)?;
+        results.get().set_ns(self.store.namespace_client(id));
         Ok(())
     }
 
@@ -420,6 +503,7 @@ impl namespace::Server for NamespaceCap {
         _: namespace::ReadOnlyParams,
         mut results: namespace::ReadOnlyResults,
     ) -> Result<(), capnp::Error> {
+        self.store.data().ns(self.id)?;
         self.store
             .inner
             .live
@@ -427,7 +511,7 @@ impl namespace::Server for NamespaceCap {
             .fetch_add(1, Ordering::Relaxed);
         results.get().set_reader(capnp_rpc::new_client(ReaderCap {
             store: self.store.clone(),
-            path: self.path.clone(),
+            id: self.id,
         }));
         Ok(())
     }
@@ -447,7 +531,7 @@ impl namespace::Server for NamespaceCap {
         let (tx, rx) = mpsc::channel(limits.max_pending_changes);
         {
             let mut data = self.store.data();
-            let ns = data.namespaces.entry(self.path.to_vec()).or_default();
+            let ns = data.ns_mut(self.id)?;
             if ns.watchers.len() >= limits.max_watchers_per_namespace {
                 return Err(capnp::Error::overloaded(format!(
                     "this namespace has {} watchers, its max_watchers_per_namespace limit",
@@ -467,7 +551,7 @@ impl namespace::Server for NamespaceCap {
             .get()
             .set_subscription(capnp_rpc::new_client(SubscriptionCap {
                 store: self.store.clone(),
-                path: self.path.clone(),
+                ns: self.id,
                 id,
             }));
         Ok(())
@@ -482,9 +566,7 @@ impl namespace::Server for NamespaceCap {
         loop {
             let changed = {
                 let data = self.store.data();
-                let Some(ns) = data.namespaces.get(&self.path[..]) else {
-                    return Err(capnp::Error::failed("namespace no longer exists".into()));
-                };
+                let ns = data.ns(self.id)?;
                 if let Some(v) = ns.keys.get(&key) {
                     results.get().set_value(v);
                     return Ok(());
@@ -493,13 +575,14 @@ impl namespace::Server for NamespaceCap {
             };
             let mut notified = pin!(changed.notified());
             notified.as_mut().enable();
-            // Re-check: a put may have landed between the lookup and enable().
+            // Re-check: a put (or the namespace's removal) may have landed between the
+            // lookup and enable().
             if self
                 .store
                 .data()
                 .namespaces
-                .get(&self.path[..])
-                .is_some_and(|ns| ns.keys.contains_key(&key))
+                .get(&self.id)
+                .is_none_or(|ns| ns.keys.contains_key(&key))
             {
                 continue;
             }
@@ -531,7 +614,7 @@ async fn deliver(store: Store, watcher: watcher::Client, mut rx: mpsc::Receiver<
 
 struct ReaderCap {
     store: Store,
-    path: Path,
+    id: NsId,
 }
 
 impl Drop for ReaderCap {
@@ -550,7 +633,7 @@ impl reader::Server for ReaderCap {
         params: reader::GetParams,
         results: reader::GetResults,
     ) -> Result<(), capnp::Error> {
-        get(&self.store, &self.path, params, results).await
+        get(&self.store, self.id, params, results).await
     }
 
     async fn list(
@@ -558,20 +641,22 @@ impl reader::Server for ReaderCap {
         params: reader::ListParams,
         results: reader::ListResults,
     ) -> Result<(), capnp::Error> {
-        list(&self.store, &self.path, params, results).await
+        list(&self.store, self.id, params, results).await
     }
 }
 
 struct SubscriptionCap {
     store: Store,
-    path: Path,
+    /// The watched namespace.
+    ns: NsId,
+    /// The watcher's id there.
     id: u64,
 }
 
 impl SubscriptionCap {
     fn end(&self) {
         let mut data = self.store.data();
-        if let Some(ns) = data.namespaces.get_mut(&self.path[..]) {
+        if let Some(ns) = data.namespaces.get_mut(&self.ns) {
             ns.watchers.retain(|(id, _)| *id != self.id);
         }
     }
@@ -596,5 +681,43 @@ impl subscription::Server for SubscriptionCap {
     ) -> Result<(), capnp::Error> {
         self.end();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn holding(bytes: usize) -> Data {
+        Data {
+            usage: StoreUsage {
+                bytes,
+                ..StoreUsage::default()
+            },
+            ..Data::default()
+        }
+    }
+
+    #[test]
+    fn the_byte_bound_is_inclusive_and_counts_what_is_given_back() {
+        let limits = StoreLimits {
+            max_bytes: 1000,
+            ..StoreLimits::default()
+        };
+        assert!(holding(900).check_bytes(&limits, 0, 100).is_ok());
+        let e = holding(900).check_bytes(&limits, 0, 101).unwrap_err();
+        assert_eq!(e.kind, capnp::ErrorKind::Overloaded);
+        assert!(
+            e.extra.contains("holds 900 bytes and this needs 101 more"),
+            "{e}"
+        );
+        assert!(holding(900).check_bytes(&limits, 50, 150).is_ok());
+        assert!(holding(0).check_bytes(&limits, 0, usize::MAX).is_err());
+    }
+
+    #[test]
+    fn charges_are_the_bytes_plus_fixed_bookkeeping() {
+        assert_eq!(namespace_charge("abc"), 3 + NAMESPACE_OVERHEAD_BYTES);
+        assert_eq!(entry_charge("k", 10), 11 + ENTRY_OVERHEAD_BYTES);
     }
 }

@@ -52,7 +52,21 @@ impl TestServer {
         policy: Option<capgate::Policy>,
         customize: impl FnOnce(capgate::ServerBuilder) -> capgate::ServerBuilder,
     ) -> Self {
-        let store = Store::new();
+        Self::start_inner(limits, unix, policy, Store::new(), customize)
+    }
+
+    /// Starts a server on 127.0.0.1:0 serving `store` (made with the limits under test).
+    pub fn start_store(limits: Limits, policy: Option<capgate::Policy>, store: Store) -> Self {
+        Self::start_inner(limits, None, policy, store, |b| b)
+    }
+
+    fn start_inner(
+        limits: Limits,
+        unix: Option<PathBuf>,
+        policy: Option<capgate::Policy>,
+        store: Store,
+        customize: impl FnOnce(capgate::ServerBuilder) -> capgate::ServerBuilder,
+    ) -> Self {
         let factory_store = store.clone();
         let mut builder = Server::builder()
             .listen("127.0.0.1:0".parse().unwrap())
