@@ -6,7 +6,7 @@
 //! let data = capgate::demo::Store::new();
 //! let server = capgate::Server::builder()
 //!     .listen("127.0.0.1:4000".parse().unwrap())
-//!     .bootstrap_factory(move |_peer| data.client())
+//!     .bootstrap_factory(move |peer| data.client_for_peer(peer))
 //!     .build()?;
 //! server.serve().await
 //! # }

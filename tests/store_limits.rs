@@ -1,14 +1,16 @@
 //! The demo Store's own limits, end to end over TCP: memory linear in namespace depth, the
-//! store-wide byte bound.
+//! store-wide byte bound, each client's share.
 
 mod common;
 
+use std::net::SocketAddr;
 use std::num::NonZeroU32;
 
 use capgate::demo::{
     Store, StoreLimits, StoreUsage, ENTRY_OVERHEAD_BYTES, NAMESPACE_OVERHEAD_BYTES,
 };
 use capgate::store_capnp::{namespace, store};
+use capgate::{Client, PeerAddr, PeerInfo};
 use common::*;
 
 async fn namespace(s: &store::Client, name: &str) -> Result<namespace::Client, capnp::Error> {
@@ -153,6 +155,97 @@ fn a_put_over_max_bytes_is_overloaded_and_deleting_gives_the_bytes_back() {
         assert!(delete(&ns, "a").await.unwrap());
         assert_eq!(store.usage().bytes, ns_bytes);
         put(&ns, "b", &[2; 1000]).await.unwrap();
+    });
+    server.stop().unwrap();
+}
+
+/// A client connecting from `source` (any 127.0.0.0/8 address is this host's loopback), and
+/// the owner the server charges it as.
+async fn connect_from(source: &str, server: SocketAddr) -> (Client, store::Client, String) {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    let stream = sock.connect(server).await.unwrap();
+    let addr = PeerAddr::Tcp(stream.local_addr().unwrap());
+    let (r, w) = stream.into_split();
+    let client = Client::builder().from_stream(r, w);
+    let s = client.bootstrap();
+    (client, s, Store::owner_of(&PeerInfo::new(0, addr)))
+}
+
+#[test]
+fn one_client_filling_its_share_leaves_the_others_room() {
+    let mut limits = StoreLimits::default();
+    limits.max_namespaces = 5;
+    limits.max_namespaces_per_client = 3;
+    limits.max_entries_per_client = 2;
+    limits.max_bytes_per_client = 4000;
+    let store = Store::with_limits(limits);
+    let server = serve(&store);
+    local(async {
+        let (_ca, a, a_name) = connect_from("127.0.0.1", server.tcp).await;
+        let (_cb, b, b_name) = connect_from("127.0.0.2", server.tcp).await;
+        assert_ne!(a_name, b_name);
+
+        // A fills its share of namespaces; opening existing ones costs nothing.
+        let a1 = namespace(&a, "a1").await.unwrap();
+        let a2 = namespace(&a, "a2").await.unwrap();
+        sub(&a2, "x").await.unwrap();
+        overloaded(
+            namespace(&a, "a3").await,
+            &format!(
+                "client {a_name} holds 3 namespaces, its max_namespaces_per_client limit; \
+                 raise StoreLimits::max_namespaces_per_client"
+            ),
+        );
+        overloaded(sub(&a1, "y").await, "max_namespaces_per_client");
+        namespace(&a, "a1").await.unwrap();
+        sub(&a2, "x").await.unwrap();
+        assert_eq!(store.client_usage(&a_name).namespaces, 3);
+
+        // B still has room, up to the store-wide limit.
+        let b1 = namespace(&b, "b1").await.unwrap();
+        sub(&b1, "z").await.unwrap();
+        overloaded(
+            namespace(&b, "b2").await,
+            "the store holds 5 namespaces, its max_namespaces limit",
+        );
+        assert_eq!(store.client_usage(&b_name).namespaces, 2);
+
+        // Keys are charged to the client that writes them, wherever they are.
+        let a_in_b1 = namespace(&a, "b1").await.unwrap();
+        put(&a_in_b1, "k1", b"a").await.unwrap();
+        put(&a_in_b1, "k2", b"a").await.unwrap();
+        overloaded(
+            put(&a_in_b1, "k3", b"a").await,
+            &format!("client {a_name} holds 2 keys, its max_entries_per_client limit"),
+        );
+        put(&b1, "k3", b"b").await.unwrap();
+        // Replacing B's key would make it A's: over A's share, and B keeps it.
+        overloaded(put(&a_in_b1, "k3", b"a").await, "max_entries_per_client");
+        assert_eq!(store.client_usage(&a_name).entries, 2);
+        assert_eq!(store.client_usage(&b_name).entries, 1);
+        // B replacing A's key takes it over: A's share gets it back.
+        put(&b1, "k2", b"b").await.unwrap();
+        assert_eq!(store.client_usage(&a_name).entries, 1);
+        assert_eq!(store.client_usage(&b_name).entries, 2);
+
+        assert!(delete(&b1, "k3").await.unwrap());
+
+        // Bytes: A's share is full long before the store is.
+        let held = (2 + 2 + 1) + 3 * NAMESPACE_OVERHEAD_BYTES + (2 + 1) + ENTRY_OVERHEAD_BYTES;
+        assert_eq!(store.client_usage(&a_name).bytes, held);
+        overloaded(
+            put(&a1, "big", &[0u8; 3500]).await,
+            &format!(
+                "client {a_name} holds {held} bytes and this needs {} more, over its \
+                 max_bytes_per_client limit of 4000 bytes",
+                3 + 3500 + ENTRY_OVERHEAD_BYTES
+            ),
+        );
+        put(&b1, "big", &[0u8; 3000]).await.unwrap();
+        assert!(delete(&b1, "big").await.unwrap());
+        assert!(delete(&a_in_b1, "k1").await.unwrap());
+        assert_eq!(store.client_usage(&a_name).entries, 0);
     });
     server.stop().unwrap();
 }

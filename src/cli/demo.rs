@@ -36,7 +36,7 @@ async fn demo(one_way: Duration) -> Result<(), String> {
         .policy(capgate::Policy::from_classes(vec![
             capgate::ClientClass::new("demo", capgate::Matcher::Any).allow_all(),
         ]))
-        .bootstrap_factory(move |_peer| factory_store.client())
+        .bootstrap_factory(move |peer| factory_store.client_for_peer(peer))
         .build()
         .map_err(err)?;
     let addr = match server.local_addrs().first() {

@@ -89,8 +89,9 @@ pub(crate) fn run(args: ServeArgs) -> Result<(), String> {
     let mut builder = Server::builder().limits(limits);
     builder = match args.service {
         Service::Store => {
+            // Each client (source IP, Unix uid or certificate) has its share of the store.
             let store = Store::new();
-            builder.bootstrap_factory(move |_peer| store.client())
+            builder.bootstrap_factory(move |peer| store.client_for_peer(peer))
         }
         Service::Echo => builder.bootstrap_factory(|_peer| capgate::demo::EchoService.client()),
     };

@@ -1,13 +1,19 @@
 use std::collections::{BTreeMap, HashMap};
+use std::fmt;
 use std::pin::pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use capgate_runtime::{ClientKey, PeerInfo};
 use capgate_schema::store_capnp::{namespace, reader, store, subscription, watcher};
 use capnp::capability::Rc;
 use tokio::sync::{mpsc, Notify};
 
 /// Limits of the in-memory store: it serves untrusted clients too.
+///
+/// The store-wide limits bound what all clients together may make the server hold; the
+/// per-client ones (for `Store` capabilities made by [`Store::client_for`]) keep one client
+/// from taking all of it, so that filling its share leaves the others room.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct StoreLimits {
@@ -24,6 +30,16 @@ pub struct StoreLimits {
     /// [`NAMESPACE_OVERHEAD_BYTES`]. Default 256 MiB: the counts alone allow 100,000 values
     /// of 1 MiB, which is 100 GB of memory for any client that asks.
     pub max_bytes: usize,
+    /// Most keys one client's writes may hold (a key is charged to the client that last wrote
+    /// it). Default 10,000: a tenth of `max_entries`, so one client cannot take them all.
+    pub max_entries_per_client: usize,
+    /// Most namespaces one client may have created. Default 1,000: a tenth of
+    /// `max_namespaces`; without it one client created all 10,000 in 5 s and every other
+    /// client got `Overloaded` for new namespaces from then on.
+    pub max_namespaces_per_client: usize,
+    /// Most bytes (counted as for `max_bytes`) charged to one client: its keys and the
+    /// namespaces it created. Default 16 MiB: a sixteenth of `max_bytes`.
+    pub max_bytes_per_client: usize,
     /// Longest namespace name, in bytes. Default 256.
     pub max_name_bytes: usize,
     /// Most watchers on one namespace. Default 1,024.
@@ -40,6 +56,9 @@ impl Default for StoreLimits {
             max_entries: 100_000,
             max_namespaces: 10_000,
             max_bytes: 256 << 20,
+            max_entries_per_client: 10_000,
+            max_namespaces_per_client: 1_000,
+            max_bytes_per_client: 16 << 20,
             max_name_bytes: 256,
             max_watchers_per_namespace: 1024,
             max_pending_changes: 256,
@@ -62,27 +81,54 @@ pub struct LiveObjects {
     pub watchers: usize,
 }
 
-/// What the store holds, as charged against its limits.
+/// What the store holds (or one client is charged for), as counted against its limits.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StoreUsage {
     /// Namespaces (nested ones included).
     pub namespaces: usize,
     /// Keys, all namespaces together.
     pub entries: usize,
-    /// Bytes charged against [`StoreLimits::max_bytes`].
+    /// Bytes counted against [`StoreLimits::max_bytes`].
     pub bytes: usize,
 }
 
+impl StoreUsage {
+    fn plus(self, o: Self) -> Self {
+        Self {
+            namespaces: self.namespaces + o.namespaces,
+            entries: self.entries + o.entries,
+            bytes: self.bytes.saturating_add(o.bytes),
+        }
+    }
+
+    /// `self` less `o`, which it includes.
+    fn minus(self, o: Self) -> Self {
+        debug_assert!(
+            self.namespaces >= o.namespaces && self.entries >= o.entries && self.bytes >= o.bytes,
+            "{self:?} does not include {o:?}"
+        );
+        Self {
+            namespaces: self.namespaces.saturating_sub(o.namespaces),
+            entries: self.entries.saturating_sub(o.entries),
+            bytes: self.bytes.saturating_sub(o.bytes),
+        }
+    }
+}
+
 /// Bookkeeping charged for each key on top of its key and value bytes (its map entry, the
-/// value's allocation), so that many empty keys are not free.
-pub const ENTRY_OVERHEAD_BYTES: usize = 128;
+/// two allocations), so that many empty keys are not free. Measured (x86-64, glibc): about
+/// 170 bytes.
+pub const ENTRY_OVERHEAD_BYTES: usize = 176;
 
 /// Bookkeeping charged for each namespace on top of its name (its record, its entry in the
-/// parent's index, its change notifier), so that many short-named namespaces are not free.
+/// index, its change notifier), so that many short-named namespaces are not free. Measured
+/// (x86-64, glibc): about 250 bytes.
 pub const NAMESPACE_OVERHEAD_BYTES: usize = 256;
 
 /// The demo key/value store: in memory, shared by every connection and worker thread.
-/// Cheap to clone. [`Store::client`] makes a `Store` capability (on the calling thread).
+/// Cheap to clone. [`Store::client_for`] makes a `Store` capability for one client, whose
+/// share of the store is bounded (on the calling thread); [`Store::client`] one for callers
+/// that need no shares.
 #[derive(Clone, Default)]
 pub struct Store {
     inner: Arc<Inner>,
@@ -111,6 +157,10 @@ const ROOT: NsId = 0;
 /// A namespace, by number. Ids are never reused.
 type NsId = u64;
 
+/// Who namespaces and keys are charged to: a client, or `None` for the shared owner of
+/// [`Store::client`], which has no share (only the store-wide limits).
+type Owner = Option<Arc<str>>;
+
 /// Namespaces are linked to their parent by id, never keyed by their path: a namespace costs
 /// its name and a record whatever its depth.
 #[derive(Default)]
@@ -121,14 +171,23 @@ struct Data {
     children: BTreeMap<(NsId, String), NsId>,
     /// The last id given out.
     last_id: NsId,
+    /// Everything, charged against the store-wide limits.
     usage: StoreUsage,
+    /// What each client is charged for; a client charged nothing has no entry.
+    clients: HashMap<Arc<str>, StoreUsage>,
 }
 
 #[derive(Default)]
 struct NsData {
-    keys: BTreeMap<String, Vec<u8>>,
+    keys: BTreeMap<String, Entry>,
     watchers: Vec<(u64, mpsc::Sender<Change>)>,
     changed: Arc<Notify>,
+}
+
+struct Entry {
+    value: Vec<u8>,
+    /// Who wrote it last (and is charged for it).
+    owner: Owner,
 }
 
 struct Change {
@@ -137,19 +196,68 @@ struct Change {
     deleted: bool,
 }
 
-/// Bytes charged for a namespace named `name`.
-fn namespace_charge(name: &str) -> usize {
-    name.len() + NAMESPACE_OVERHEAD_BYTES
+/// What a namespace named `name` is charged.
+fn namespace_charge(name: &str) -> StoreUsage {
+    StoreUsage {
+        namespaces: 1,
+        entries: 0,
+        bytes: name.len() + NAMESPACE_OVERHEAD_BYTES,
+    }
 }
 
-/// Bytes charged for a key and its value.
-fn entry_charge(key: &str, value_bytes: usize) -> usize {
-    key.len() + value_bytes + ENTRY_OVERHEAD_BYTES
+/// What a key and its value are charged.
+fn entry_charge(key: &str, value_bytes: usize) -> StoreUsage {
+    StoreUsage {
+        namespaces: 0,
+        entries: 1,
+        bytes: key.len() + value_bytes + ENTRY_OVERHEAD_BYTES,
+    }
 }
 
 /// The error for a capability whose namespace is gone.
 fn gone() -> capnp::Error {
     capnp::Error::failed("namespace no longer exists".into())
+}
+
+/// The store, or one client, when a limit refuses a call.
+enum Holder<'a> {
+    Store,
+    Client(&'a str),
+}
+
+impl fmt::Display for Holder<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Holder::Store => f.write_str("the store"),
+            Holder::Client(name) => write!(f, "client {name}"),
+        }
+    }
+}
+
+/// Fails if going from `used` to `after` grows past `max` (shrinking is never refused).
+fn within(
+    holder: &Holder<'_>,
+    what: &str,
+    limit: &str,
+    max: usize,
+    used: usize,
+    after: usize,
+) -> Result<(), capnp::Error> {
+    if after <= max || after <= used {
+        return Ok(());
+    }
+    Err(capnp::Error::overloaded(match what {
+        "bytes" => format!(
+            "{holder} holds {used} bytes and this needs {} more, over its {limit} limit of {max} \
+             bytes (keys, values and namespace names); delete keys or raise StoreLimits::{limit}",
+            after - used
+        ),
+        "keys" => format!(
+            "{holder} holds {used} keys, its {limit} limit; delete keys or raise \
+             StoreLimits::{limit}"
+        ),
+        _ => format!("{holder} holds {used} {what}, its {limit} limit; raise StoreLimits::{limit}"),
+    }))
 }
 
 impl Data {
@@ -161,23 +269,71 @@ impl Data {
         self.namespaces.get_mut(&id).ok_or_else(gone)
     }
 
-    /// Fails if taking `more` bytes (after giving back `less`) would exceed `max_bytes`.
-    fn check_bytes(
+    /// What `owner` is charged for.
+    fn owed(&self, owner: &Owner) -> StoreUsage {
+        owner
+            .as_deref()
+            .and_then(|o| self.clients.get(o))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Fails unless `owner` may take `take` once `back` is given back (to the store, and by
+    /// `owner` as far as it was `owner`'s), within the store-wide limits and its share.
+    fn check(
         &self,
         limits: &StoreLimits,
-        less: usize,
-        more: usize,
+        owner: &Owner,
+        back: StoreUsage,
+        back_is_owners: bool,
+        take: StoreUsage,
     ) -> Result<(), capnp::Error> {
-        let used = self.usage.bytes - less;
-        if used.saturating_add(more) > limits.max_bytes {
-            return Err(capnp::Error::overloaded(format!(
-                "the store holds {used} bytes and this needs {more} more, over its max_bytes \
-                 limit of {} bytes (keys, values and namespace names); delete keys or raise \
-                 StoreLimits::max_bytes",
-                limits.max_bytes
-            )));
-        }
+        let (used, after) = (self.usage, self.usage.minus(back).plus(take));
+        let h = Holder::Store;
+        #[rustfmt::skip]
+        {
+            within(&h, "namespaces", "max_namespaces", limits.max_namespaces, used.namespaces, after.namespaces)?;
+            within(&h, "keys", "max_entries", limits.max_entries, used.entries, after.entries)?;
+            within(&h, "bytes", "max_bytes", limits.max_bytes, used.bytes, after.bytes)?;
+        };
+        let Some(name) = owner.as_deref() else {
+            return Ok(());
+        };
+        let used = self.owed(owner);
+        let back = if back_is_owners {
+            back
+        } else {
+            StoreUsage::default()
+        };
+        let after = used.minus(back).plus(take);
+        let h = Holder::Client(name);
+        #[rustfmt::skip]
+        {
+            within(&h, "namespaces", "max_namespaces_per_client", limits.max_namespaces_per_client, used.namespaces, after.namespaces)?;
+            within(&h, "keys", "max_entries_per_client", limits.max_entries_per_client, used.entries, after.entries)?;
+            within(&h, "bytes", "max_bytes_per_client", limits.max_bytes_per_client, used.bytes, after.bytes)?;
+        };
         Ok(())
+    }
+
+    fn charge(&mut self, owner: &Owner, amount: StoreUsage) {
+        self.usage = self.usage.plus(amount);
+        if let Some(name) = owner {
+            let owed = self.clients.entry(name.clone()).or_default();
+            *owed = owed.plus(amount);
+        }
+    }
+
+    fn refund(&mut self, owner: &Owner, amount: StoreUsage) {
+        self.usage = self.usage.minus(amount);
+        if let Some(name) = owner.as_deref() {
+            if let Some(owed) = self.clients.get_mut(name) {
+                *owed = owed.minus(amount);
+                if *owed == StoreUsage::default() {
+                    self.clients.remove(name);
+                }
+            }
+        }
     }
 }
 
@@ -197,10 +353,39 @@ impl Store {
         }
     }
 
-    /// A new `Store` capability on this store.
+    /// A new `Store` capability for `owner`: the namespaces it creates and the keys it
+    /// writes are charged to `owner`'s share (`max_*_per_client`), given back when deleted.
+    /// Every capability made for the same owner draws on the same share.
+    pub fn client_for(&self, owner: impl Into<String>) -> store::Client {
+        self.make_client(Some(Arc::from(owner.into())))
+    }
+
+    /// A new `Store` capability for the client on the other end of a connection, identified
+    /// as the server's rate limits identify it ([`ClientKey::of`]: certificate key, source
+    /// IP address, Unix uid or stream label), e.g. `Ip(127.0.0.1)`. For bootstrap factories:
+    /// `.bootstrap_factory(move |peer| store.client_for_peer(peer))`.
+    pub fn client_for_peer(&self, peer: &PeerInfo) -> store::Client {
+        self.client_for(Self::owner_of(peer))
+    }
+
+    /// The owner [`Store::client_for_peer`] charges for `peer`.
+    pub fn owner_of(peer: &PeerInfo) -> String {
+        format!("{:?}", ClientKey::of(peer))
+    }
+
+    /// A new `Store` capability with no share of its own: everything it creates is charged
+    /// to one shared owner, held only to the store-wide limits. For a single trusted
+    /// client; serve untrusted ones with [`Store::client_for`].
     pub fn client(&self) -> store::Client {
+        self.make_client(None)
+    }
+
+    fn make_client(&self, owner: Owner) -> store::Client {
         self.inner.live.stores.fetch_add(1, Ordering::Relaxed);
-        capnp_rpc::new_client(StoreCap(self.clone()))
+        capnp_rpc::new_client(StoreCap {
+            store: self.clone(),
+            owner,
+        })
     }
 
     /// Capabilities currently alive.
@@ -215,9 +400,14 @@ impl Store {
         }
     }
 
-    /// What the store holds now, as charged against its limits.
+    /// What the store holds now, as counted against its store-wide limits.
     pub fn usage(&self) -> StoreUsage {
         self.data().usage
+    }
+
+    /// What `owner` (as given to [`Store::client_for`]) is charged for now.
+    pub fn client_usage(&self, owner: &str) -> StoreUsage {
+        self.data().clients.get(owner).copied().unwrap_or_default()
     }
 
     fn data(&self) -> MutexGuard<'_, Data> {
@@ -230,9 +420,8 @@ impl Store {
         &self.inner.limits
     }
 
-    /// Opens (creating if needed) the namespace `name` under `parent`.
-    fn open(&self, parent: NsId, name: String) -> Result<NsId, capnp::Error> {
-        let limits = self.limits();
+    /// Opens the namespace `name` under `parent`, creating it for `owner` if needed.
+    fn open(&self, parent: NsId, name: String, owner: &Owner) -> Result<NsId, capnp::Error> {
         let mut data = self.data();
         if parent != ROOT {
             data.ns(parent)?;
@@ -241,28 +430,22 @@ impl Store {
         if let Some(&id) = data.children.get(&key) {
             return Ok(id);
         }
-        if data.usage.namespaces >= limits.max_namespaces {
-            return Err(capnp::Error::overloaded(format!(
-                "the store holds {} namespaces, its max_namespaces limit",
-                limits.max_namespaces
-            )));
-        }
         let charge = namespace_charge(&key.1);
-        data.check_bytes(limits, 0, charge)?;
+        data.check(self.limits(), owner, StoreUsage::default(), false, charge)?;
+        data.charge(owner, charge);
         data.last_id += 1;
         let id = data.last_id;
         data.children.insert(key, id);
         data.namespaces.insert(id, NsData::default());
-        data.usage.namespaces += 1;
-        data.usage.bytes += charge;
         Ok(id)
     }
 
-    fn namespace_client(&self, id: NsId) -> namespace::Client {
+    fn namespace_client(&self, id: NsId, owner: Owner) -> namespace::Client {
         self.inner.live.namespaces.fetch_add(1, Ordering::Relaxed);
         capnp_rpc::new_client(NamespaceCap {
             store: self.clone(),
             id,
+            owner,
         })
     }
 
@@ -305,11 +488,15 @@ fn text(r: capnp::text::Reader<'_>) -> Result<String, capnp::Error> {
         .map_err(|e| capnp::Error::failed(format!("text is not valid UTF-8: {e}")))
 }
 
-struct StoreCap(Store);
+struct StoreCap {
+    store: Store,
+    /// Who is charged for what this capability creates.
+    owner: Owner,
+}
 
 impl Drop for StoreCap {
     fn drop(&mut self) {
-        self.0.inner.live.stores.fetch_sub(1, Ordering::Relaxed);
+        self.store.inner.live.stores.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -320,9 +507,11 @@ impl store::Server for StoreCap {
         mut results: store::NamespaceResults,
     ) -> Result<(), capnp::Error> {
         let name = text(params.get()?.get_name()?)?;
-        self.0.check_name(&name)?;
-        let id = self.0.open(ROOT, name)?;
-        results.get().set_ns(self.0.namespace_client(id));
+        self.store.check_name(&name)?;
+        let id = self.store.open(ROOT, name, &self.owner)?;
+        results
+            .get()
+            .set_ns(self.store.namespace_client(id, self.owner.clone()));
         Ok(())
     }
 
@@ -332,7 +521,7 @@ impl store::Server for StoreCap {
         mut results: store::NamespacesResults,
     ) -> Result<(), capnp::Error> {
         let names: Vec<String> = self
-            .0
+            .store
             .data()
             .children
             .range((ROOT, String::new())..(ROOT + 1, String::new()))
@@ -358,8 +547,8 @@ async fn get(
     let value = data.ns(id)?.keys.get(&key);
     let mut r = results.get();
     r.set_found(value.is_some());
-    if let Some(v) = value {
-        r.set_value(v);
+    if let Some(e) = value {
+        r.set_value(&e.value);
     }
     Ok(())
 }
@@ -389,6 +578,9 @@ async fn list(
 struct NamespaceCap {
     store: Store,
     id: NsId,
+    /// Who is charged for what this capability creates (its client, not the namespace's
+    /// creator).
+    owner: Owner,
 }
 
 impl Drop for NamespaceCap {
@@ -437,25 +629,28 @@ impl namespace::Server for NamespaceCap {
                 limits.max_value_bytes
             )));
         }
-        let charge = entry_charge(&key, value.len());
+        let take = entry_charge(&key, value.len());
         let mut data = self.store.data();
         let old = data
             .ns(self.id)?
             .keys
             .get(&key)
-            .map(|v| entry_charge(&key, v.len()));
-        if old.is_none() && data.usage.entries >= limits.max_entries {
-            return Err(capnp::Error::overloaded(format!(
-                "the store holds {} keys, its max_entries limit",
-                limits.max_entries
-            )));
+            .map(|e| (e.owner.clone(), entry_charge(&key, e.value.len())));
+        let (back, back_is_owners) = match &old {
+            Some((owner, charge)) => (*charge, *owner == self.owner),
+            None => (StoreUsage::default(), false),
+        };
+        data.check(limits, &self.owner, back, back_is_owners, take)?;
+        if let Some((owner, charge)) = old {
+            data.refund(&owner, charge);
         }
-        data.check_bytes(limits, old.unwrap_or(0), charge)?;
-        let usage = &mut data.usage;
-        usage.bytes = usage.bytes - old.unwrap_or(0) + charge;
-        usage.entries += usize::from(old.is_none());
+        data.charge(&self.owner, take);
         let ns = data.ns_mut(self.id)?;
-        ns.keys.insert(key.clone(), value.to_vec());
+        let entry = Entry {
+            value: value.to_vec(),
+            owner: self.owner.clone(),
+        };
+        ns.keys.insert(key.clone(), entry);
         Store::notify(ns, || Change {
             key: key.clone(),
             value: value.to_vec(),
@@ -473,14 +668,13 @@ impl namespace::Server for NamespaceCap {
         let mut data = self.store.data();
         let ns = data.ns_mut(self.id)?;
         let removed = ns.keys.remove(&key);
-        if let Some(v) = &removed {
+        if let Some(e) = &removed {
             Store::notify(ns, || Change {
                 key: key.clone(),
                 value: Vec::new(),
                 deleted: true,
             });
-            data.usage.entries -= 1;
-            data.usage.bytes -= entry_charge(&key, v.len());
+            data.refund(&e.owner, entry_charge(&key, e.value.len()));
         }
         results.get().set_existed(removed.is_some());
         Ok(())
@@ -493,8 +687,10 @@ impl namespace::Server for NamespaceCap {
     ) -> Result<(), capnp::Error> {
         let name = text(params.get()?.get_name()?)?;
         self.store.check_name(&name)?;
-        let id = self.store.open(self.id, name)?;
-        results.get().set_ns(self.store.namespace_client(id));
+        let id = self.store.open(self.id, name, &self.owner)?;
+        results
+            .get()
+            .set_ns(self.store.namespace_client(id, self.owner.clone()));
         Ok(())
     }
 
@@ -567,8 +763,8 @@ impl namespace::Server for NamespaceCap {
             let changed = {
                 let data = self.store.data();
                 let ns = data.ns(self.id)?;
-                if let Some(v) = ns.keys.get(&key) {
-                    results.get().set_value(v);
+                if let Some(e) = ns.keys.get(&key) {
+                    results.get().set_value(&e.value);
                     return Ok(());
                 }
                 ns.changed.clone()
@@ -688,36 +884,99 @@ impl subscription::Server for SubscriptionCap {
 mod tests {
     use super::*;
 
-    fn holding(bytes: usize) -> Data {
-        Data {
-            usage: StoreUsage {
-                bytes,
-                ..StoreUsage::default()
-            },
-            ..Data::default()
+    fn usage(namespaces: usize, entries: usize, bytes: usize) -> StoreUsage {
+        StoreUsage {
+            namespaces,
+            entries,
+            bytes,
         }
     }
 
-    #[test]
-    fn the_byte_bound_is_inclusive_and_counts_what_is_given_back() {
-        let limits = StoreLimits {
+    fn limits() -> StoreLimits {
+        StoreLimits {
             max_bytes: 1000,
+            max_bytes_per_client: 600,
+            max_entries: 10,
+            max_entries_per_client: 5,
+            max_namespaces: 4,
+            max_namespaces_per_client: 2,
             ..StoreLimits::default()
-        };
-        assert!(holding(900).check_bytes(&limits, 0, 100).is_ok());
-        let e = holding(900).check_bytes(&limits, 0, 101).unwrap_err();
+        }
+    }
+
+    fn owner(name: &str) -> Owner {
+        Some(Arc::from(name))
+    }
+
+    #[test]
+    fn bounds_are_inclusive_and_count_what_is_given_back() {
+        let (l, none) = (limits(), StoreUsage::default());
+        let mut d = Data::default();
+        d.charge(&None, usage(0, 0, 900));
+        assert!(d.check(&l, &None, none, false, usage(0, 1, 100)).is_ok());
+        let e = d
+            .check(&l, &None, none, false, usage(0, 1, 101))
+            .unwrap_err();
         assert_eq!(e.kind, capnp::ErrorKind::Overloaded);
+        assert!(e.extra.contains("the store holds 900 bytes and this needs 101 more, over its max_bytes limit of 1000"), "{e}");
+        assert!(d
+            .check(&l, &None, usage(0, 0, 50), false, usage(0, 0, 150))
+            .is_ok());
+        assert!(d
+            .check(&l, &None, none, false, usage(0, 0, usize::MAX))
+            .is_err());
+        // The shared owner has no share.
+        assert!(d.check(&l, &None, none, false, usage(2, 0, 0)).is_ok());
+        assert!(d.check(&l, &None, none, false, usage(5, 0, 0)).is_err());
+    }
+
+    #[test]
+    fn a_client_is_held_to_its_share_and_gets_back_only_what_was_its_own() {
+        let (l, none) = (limits(), StoreUsage::default());
+        let (a, b) = (owner("a"), owner("b"));
+        let mut d = Data::default();
+        d.charge(&a, usage(2, 5, 500));
+        let e = d.check(&l, &a, none, false, usage(1, 0, 0)).unwrap_err();
+        assert_eq!(e.extra, "client a holds 2 namespaces, its max_namespaces_per_client limit; raise StoreLimits::max_namespaces_per_client");
+        let e = d.check(&l, &a, none, false, usage(0, 1, 0)).unwrap_err();
         assert!(
-            e.extra.contains("holds 900 bytes and this needs 101 more"),
+            e.extra
+                .starts_with("client a holds 5 keys, its max_entries_per_client limit"),
             "{e}"
         );
-        assert!(holding(900).check_bytes(&limits, 50, 150).is_ok());
-        assert!(holding(0).check_bytes(&limits, 0, usize::MAX).is_err());
+        let e = d.check(&l, &a, none, false, usage(0, 0, 101)).unwrap_err();
+        assert!(e.extra.contains("client a holds 500 bytes and this needs 101 more, over its max_bytes_per_client limit of 600"), "{e}");
+        // Replacing its own key: what the old one cost comes back first.
+        assert!(d
+            .check(&l, &a, usage(0, 1, 100), true, usage(0, 1, 200))
+            .is_ok());
+        // Replacing another client's key: the store gets it back, `b`'s share does not.
+        assert!(d
+            .check(&l, &b, usage(0, 1, 500), false, usage(0, 1, 600))
+            .is_ok());
+        assert!(d
+            .check(&l, &b, usage(0, 1, 500), false, usage(0, 1, 601))
+            .is_err());
+        assert!(d.check(&l, &b, none, false, usage(2, 0, 0)).is_ok());
+        assert!(d.check(&l, &b, none, false, usage(3, 0, 0)).is_err());
+
+        d.refund(&a, usage(2, 5, 500));
+        assert_eq!(d.usage, none);
+        assert!(
+            d.clients.is_empty(),
+            "a client charged nothing has no entry"
+        );
     }
 
     #[test]
     fn charges_are_the_bytes_plus_fixed_bookkeeping() {
-        assert_eq!(namespace_charge("abc"), 3 + NAMESPACE_OVERHEAD_BYTES);
-        assert_eq!(entry_charge("k", 10), 11 + ENTRY_OVERHEAD_BYTES);
+        assert_eq!(
+            namespace_charge("abc"),
+            usage(1, 0, 3 + NAMESPACE_OVERHEAD_BYTES)
+        );
+        assert_eq!(
+            entry_charge("k", 10),
+            usage(0, 1, 11 + ENTRY_OVERHEAD_BYTES)
+        );
     }
 }

@@ -52,12 +52,13 @@ impl TestServer {
         policy: Option<capgate::Policy>,
         customize: impl FnOnce(capgate::ServerBuilder) -> capgate::ServerBuilder,
     ) -> Self {
-        Self::start_inner(limits, unix, policy, Store::new(), customize)
+        Self::start_inner(limits, unix, policy, Store::new(), false, customize)
     }
 
-    /// Starts a server on 127.0.0.1:0 serving `store` (made with the limits under test).
+    /// Starts a server on 127.0.0.1:0 serving `store` (made with the limits under test),
+    /// each client charged for its own share (`Store::client_for_peer`).
     pub fn start_store(limits: Limits, policy: Option<capgate::Policy>, store: Store) -> Self {
-        Self::start_inner(limits, None, policy, store, |b| b)
+        Self::start_inner(limits, None, policy, store, true, |b| b)
     }
 
     fn start_inner(
@@ -65,6 +66,7 @@ impl TestServer {
         unix: Option<PathBuf>,
         policy: Option<capgate::Policy>,
         store: Store,
+        per_peer: bool,
         customize: impl FnOnce(capgate::ServerBuilder) -> capgate::ServerBuilder,
     ) -> Self {
         let factory_store = store.clone();
@@ -72,7 +74,13 @@ impl TestServer {
             .listen("127.0.0.1:0".parse().unwrap())
             .workers(NonZeroUsize::new(2).unwrap())
             .limits(limits)
-            .bootstrap_factory(move |_| factory_store.client());
+            .bootstrap_factory(move |peer| {
+                if per_peer {
+                    factory_store.client_for_peer(peer)
+                } else {
+                    factory_store.client()
+                }
+            });
         builder = customize(builder);
         if let Some(p) = &unix {
             builder = builder.listen_unix(p);
