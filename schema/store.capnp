@@ -16,11 +16,13 @@ interface Namespace extends(Reader) {
   readOnly @3 () -> (reader :Reader);                  # attenuated view of this namespace
   watch    @4 (watcher :Watcher) -> (subscription :Subscription);
   wait     @5 (key :Text) -> (value :Data);            # long poll: returns once key exists
+  remove   @6 (name :Text) -> (existed :Bool);         # deletes sub-namespace `name`, all below it
 }
 
 interface Store {
   namespace  @0 (name :Text) -> (ns :Namespace);       # opens or creates
   namespaces @1 () -> (names :List(Text));
+  remove     @2 (name :Text) -> (existed :Bool);       # deletes namespace `name`, all below it
 }
 
 interface Watcher      { changed @0 (key :Text, value :Data, deleted :Bool) -> (); }

@@ -1,5 +1,5 @@
 //! The demo Store's own limits, end to end over TCP: memory linear in namespace depth, the
-//! store-wide byte bound, each client's share.
+//! store-wide byte bound, each client's share, and removing namespaces to give it back.
 
 mod common;
 
@@ -9,9 +9,11 @@ use std::num::NonZeroU32;
 use capgate::demo::{
     Store, StoreLimits, StoreUsage, ENTRY_OVERHEAD_BYTES, NAMESPACE_OVERHEAD_BYTES,
 };
-use capgate::store_capnp::{namespace, store};
-use capgate::{Client, PeerAddr, PeerInfo};
+use capgate::store_capnp::{namespace, reader, store, watcher};
+use capgate::{cast, Client, PeerAddr, PeerInfo};
+use capnp::capability::Rc;
 use common::*;
+use tokio::sync::mpsc;
 
 async fn namespace(s: &store::Client, name: &str) -> Result<namespace::Client, capnp::Error> {
     let mut req = s.namespace_request();
@@ -39,6 +41,48 @@ async fn delete(ns: &namespace::Client, key: &str) -> Result<bool, capnp::Error>
     Ok(req.send().promise.await?.get()?.get_existed())
 }
 
+async fn get(r: &reader::Client, key: &str) -> Result<Option<Vec<u8>>, capnp::Error> {
+    let mut req = r.get_request();
+    req.get().set_key(key);
+    let reply = req.send().promise.await?;
+    let r = reply.get()?;
+    Ok(r.get_found().then(|| r.get_value().unwrap().to_vec()))
+}
+
+async fn remove(s: &store::Client, name: &str) -> Result<bool, capnp::Error> {
+    let mut req = s.remove_request();
+    req.get().set_name(name);
+    Ok(req.send().promise.await?.get()?.get_existed())
+}
+
+async fn remove_sub(ns: &namespace::Client, name: &str) -> Result<bool, capnp::Error> {
+    let mut req = ns.remove_request();
+    req.get().set_name(name);
+    Ok(req.send().promise.await?.get()?.get_existed())
+}
+
+async fn names(s: &store::Client) -> Vec<String> {
+    let reply = s.namespaces_request().send().promise.await.unwrap();
+    let names = reply.get().unwrap().get_names().unwrap();
+    names
+        .iter()
+        .map(|n| n.unwrap().to_string().unwrap())
+        .collect()
+}
+
+struct ChannelWatcher(mpsc::UnboundedSender<String>);
+
+impl watcher::Server for ChannelWatcher {
+    async fn changed(
+        self: Rc<Self>,
+        params: watcher::ChangedParams,
+        _: watcher::ChangedResults,
+    ) -> Result<(), capnp::Error> {
+        let _ = self.0.send(params.get()?.get_key()?.to_string()?);
+        Ok(())
+    }
+}
+
 /// Every method, and a call rate no test here reaches: the store's limits are under test.
 fn unthrottled() -> capgate::Policy {
     let mut q = capgate::Quotas::default();
@@ -54,6 +98,18 @@ fn unthrottled() -> capgate::Policy {
 
 fn serve(store: &Store) -> TestServer {
     TestServer::start_store(quick_limits(), Some(unthrottled()), store.clone())
+}
+
+#[track_caller]
+fn removed(r: Result<impl Sized, capnp::Error>) {
+    let e = r.err().expect("refused");
+    assert_eq!(e.kind, capnp::ErrorKind::Failed, "{e}");
+    assert!(
+        e.to_string().contains(
+            "namespace no longer exists: it was removed (Store.remove or Namespace.remove)"
+        ),
+        "{e}"
+    );
 }
 
 #[track_caller]
@@ -97,7 +153,7 @@ fn memory_is_linear_in_namespace_depth() {
         assert_eq!(store.usage().namespaces, DEPTH + 1);
         let quadratic = NAME * DEPTH * (DEPTH + 1) / 2;
         assert!(grown * 100 < quadratic, "{grown} bytes for the chain");
-        // Generous: the store's share is 0.35 MB; the rest is the 700 live capabilities.
+        // Generous: the store's share is 0.4 MB; the rest is the 700 live capabilities.
         assert!(
             rss_growth < 16 << 20,
             "RSS grew {:.1} MiB for the chain",
@@ -136,8 +192,8 @@ fn a_put_over_max_bytes_is_overloaded_and_deleting_gives_the_bytes_back() {
             put(&ns, "b", &[2; 1000]).await,
             &format!(
                 "the store holds {} bytes and this needs {} more, over its max_bytes limit of \
-                 4096 bytes (keys, values and namespace names); delete keys or raise \
-                 StoreLimits::max_bytes",
+                 4096 bytes (keys, values and namespace names); delete keys or remove \
+                 namespaces, or raise StoreLimits::max_bytes",
                 ns_bytes + a_bytes,
                 1 + 1000 + ENTRY_OVERHEAD_BYTES
             ),
@@ -194,7 +250,8 @@ fn one_client_filling_its_share_leaves_the_others_room() {
             namespace(&a, "a3").await,
             &format!(
                 "client {a_name} holds 3 namespaces, its max_namespaces_per_client limit; \
-                 raise StoreLimits::max_namespaces_per_client"
+                 remove some (Store.remove, Namespace.remove) or raise \
+                 StoreLimits::max_namespaces_per_client"
             ),
         );
         overloaded(sub(&a1, "y").await, "max_namespaces_per_client");
@@ -246,6 +303,107 @@ fn one_client_filling_its_share_leaves_the_others_room() {
         assert!(delete(&b1, "big").await.unwrap());
         assert!(delete(&a_in_b1, "k1").await.unwrap());
         assert_eq!(store.client_usage(&a_name).entries, 0);
+    });
+    server.stop().unwrap();
+}
+
+#[test]
+fn removing_a_namespace_removes_all_below_it_and_gives_back_the_charge() {
+    let mut limits = StoreLimits::default();
+    limits.max_namespaces_per_client = 3;
+    let store = Store::with_limits(limits);
+    let server = serve(&store);
+    local(async {
+        let (_ca, a, a_name) = connect_from("127.0.0.1", server.tcp).await;
+        let (_cb, b, b_name) = connect_from("127.0.0.2", server.tcp).await;
+        let top = namespace(&a, "top").await.unwrap();
+        let mid = sub(&top, "mid").await.unwrap();
+        let low = sub(&mid, "low").await.unwrap();
+        overloaded(namespace(&a, "more").await, "max_namespaces_per_client");
+        put(&top, "k", b"1").await.unwrap();
+        put(&low, "k", b"3").await.unwrap();
+        // B's keys in A's namespaces are B's charge, and go with them.
+        let b_mid = sub(&namespace(&b, "top").await.unwrap(), "mid")
+            .await
+            .unwrap();
+        put(&b_mid, "b", b"2").await.unwrap();
+        let kept = namespace(&b, "kept").await.unwrap();
+        put(&kept, "k", b"kept").await.unwrap();
+        let b_before = store.client_usage(&b_name);
+        let kept_usage = StoreUsage {
+            namespaces: 1,
+            entries: 1,
+            bytes: 4 + NAMESPACE_OVERHEAD_BYTES + 1 + 4 + ENTRY_OVERHEAD_BYTES,
+        };
+        assert_eq!(b_before.namespaces, 1);
+        assert_eq!(b_before.entries, 2);
+
+        // Live things on the namespaces about to go.
+        let reader = mid.read_only_request().send().pipeline.get_reader();
+        assert_eq!(get(&reader, "b").await.unwrap(), Some(b"2".to_vec()));
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut w = mid.watch_request();
+        w.get()
+            .set_watcher(capnp_rpc::new_client(ChannelWatcher(tx)));
+        let _subscription = w.send().promise.await.unwrap();
+        let mut wait = low.wait_request();
+        wait.get().set_key("never");
+        let waiting = wait.send().promise;
+        put(&mid, "seen", b"").await.unwrap();
+        assert_eq!(rx.recv().await.as_deref(), Some("seen"));
+        assert_eq!(store.live_objects().watchers, 1);
+
+        assert!(remove(&b, "top").await.unwrap());
+        assert!(!remove(&b, "top").await.unwrap());
+        assert_eq!(names(&a).await, ["kept"]);
+
+        // Everything below went with it: the store and both clients got their charge back.
+        assert_eq!(store.usage(), kept_usage);
+        assert_eq!(store.client_usage(&a_name), StoreUsage::default());
+        assert_eq!(store.client_usage(&b_name), kept_usage);
+        // The long poll and the watcher end; calls on the removed namespaces fail clearly
+        // rather than bring them back.
+        removed(waiting.await);
+        assert_eq!(rx.recv().await, None, "the watcher was dropped");
+        removed(put(&mid, "k", b"again").await);
+        removed(put(&b_mid, "k", b"again").await);
+        removed(get(&reader, "b").await);
+        removed(get(&cast(&low), "k").await);
+        removed(sub(&low, "deeper").await);
+        removed(delete(&top, "k").await);
+        removed(remove_sub(&top, "mid").await);
+        let mut w = low.watch_request();
+        let (tx, _rx) = mpsc::unbounded_channel();
+        w.get()
+            .set_watcher(capnp_rpc::new_client(ChannelWatcher(tx)));
+        removed(w.send().promise.await);
+        removed(
+            mid.read_only_request()
+                .send()
+                .pipeline
+                .get_reader()
+                .list_request()
+                .send()
+                .promise
+                .await,
+        );
+        assert_eq!(store.usage(), kept_usage);
+
+        // A has its share back. A namespace of the same name is a new, empty one; the old
+        // capabilities do not reach it.
+        let top2 = namespace(&a, "top").await.unwrap();
+        let mid2 = sub(&top2, "mid").await.unwrap();
+        sub(&mid2, "low").await.unwrap();
+        assert_eq!(get(&cast(&top2), "k").await.unwrap(), None);
+        removed(get(&cast(&top), "k").await);
+
+        // Namespace.remove: a child and what is below it, not the namespace itself.
+        assert!(remove_sub(&top2, "mid").await.unwrap());
+        assert!(!remove_sub(&top2, "mid").await.unwrap());
+        assert_eq!(store.client_usage(&a_name).namespaces, 1);
+        removed(sub(&mid2, "low").await);
+        put(&top2, "k", b"still here").await.unwrap();
+        assert_eq!(store.usage().namespaces, 2);
     });
     server.stop().unwrap();
 }

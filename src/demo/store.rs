@@ -122,8 +122,8 @@ pub const ENTRY_OVERHEAD_BYTES: usize = 176;
 
 /// Bookkeeping charged for each namespace on top of its name (its record, its entry in the
 /// index, its change notifier), so that many short-named namespaces are not free. Measured
-/// (x86-64, glibc): about 250 bytes.
-pub const NAMESPACE_OVERHEAD_BYTES: usize = 256;
+/// (x86-64, glibc): about 275 bytes.
+pub const NAMESPACE_OVERHEAD_BYTES: usize = 288;
 
 /// The demo key/value store: in memory, shared by every connection and worker thread.
 /// Cheap to clone. [`Store::client_for`] makes a `Store` capability for one client, whose
@@ -179,6 +179,8 @@ struct Data {
 
 #[derive(Default)]
 struct NsData {
+    /// Who created it (and is charged for it).
+    owner: Owner,
     keys: BTreeMap<String, Entry>,
     watchers: Vec<(u64, mpsc::Sender<Change>)>,
     changed: Arc<Notify>,
@@ -216,7 +218,9 @@ fn entry_charge(key: &str, value_bytes: usize) -> StoreUsage {
 
 /// The error for a capability whose namespace is gone.
 fn gone() -> capnp::Error {
-    capnp::Error::failed("namespace no longer exists".into())
+    capnp::Error::failed(
+        "namespace no longer exists: it was removed (Store.remove or Namespace.remove)".into(),
+    )
 }
 
 /// The store, or one client, when a limit refuses a call.
@@ -249,14 +253,18 @@ fn within(
     Err(capnp::Error::overloaded(match what {
         "bytes" => format!(
             "{holder} holds {used} bytes and this needs {} more, over its {limit} limit of {max} \
-             bytes (keys, values and namespace names); delete keys or raise StoreLimits::{limit}",
+             bytes (keys, values and namespace names); delete keys or remove namespaces, or \
+             raise StoreLimits::{limit}",
             after - used
         ),
         "keys" => format!(
             "{holder} holds {used} keys, its {limit} limit; delete keys or raise \
              StoreLimits::{limit}"
         ),
-        _ => format!("{holder} holds {used} {what}, its {limit} limit; raise StoreLimits::{limit}"),
+        _ => format!(
+            "{holder} holds {used} {what}, its {limit} limit; remove some (Store.remove, \
+             Namespace.remove) or raise StoreLimits::{limit}"
+        ),
     }))
 }
 
@@ -436,8 +444,58 @@ impl Store {
         data.last_id += 1;
         let id = data.last_id;
         data.children.insert(key, id);
-        data.namespaces.insert(id, NsData::default());
+        data.namespaces.insert(
+            id,
+            NsData {
+                owner: owner.clone(),
+                ..NsData::default()
+            },
+        );
         Ok(id)
+    }
+
+    /// Removes the namespace `name` under `parent` and everything below it, giving back
+    /// what each part was charged to its owner. Its watchers are dropped (the changes already
+    /// queued are still delivered); its long polls and later calls on its capabilities fail.
+    /// Returns whether it existed.
+    fn remove(&self, parent: NsId, name: String) -> Result<bool, capnp::Error> {
+        let mut removed = Vec::new();
+        {
+            let mut data = self.data();
+            if parent != ROOT {
+                data.ns(parent)?;
+            }
+            let top = (parent, name);
+            let Some(id) = data.children.remove(&top) else {
+                return Ok(false);
+            };
+            let mut pending = vec![(id, top.1)];
+            while let Some((id, name)) = pending.pop() {
+                let below: Vec<(NsId, String)> = data
+                    .children
+                    .range((id, String::new())..(id + 1, String::new()))
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for k in below {
+                    if let Some(child) = data.children.remove(&k) {
+                        pending.push((child, k.1));
+                    }
+                }
+                let Some(ns) = data.namespaces.remove(&id) else {
+                    continue;
+                };
+                data.refund(&ns.owner, namespace_charge(&name));
+                for (key, e) in &ns.keys {
+                    data.refund(&e.owner, entry_charge(key, e.value.len()));
+                }
+                // Its long polls wake up to find it gone.
+                ns.changed.notify_waiters();
+                removed.push(ns);
+            }
+        }
+        // Values and watchers are freed without holding the lock.
+        drop(removed);
+        Ok(true)
     }
 
     fn namespace_client(&self, id: NsId, owner: Owner) -> namespace::Client {
@@ -512,6 +570,17 @@ impl store::Server for StoreCap {
         results
             .get()
             .set_ns(self.store.namespace_client(id, self.owner.clone()));
+        Ok(())
+    }
+
+    async fn remove(
+        self: Rc<Self>,
+        params: store::RemoveParams,
+        mut results: store::RemoveResults,
+    ) -> Result<(), capnp::Error> {
+        let name = text(params.get()?.get_name()?)?;
+        let existed = self.store.remove(ROOT, name)?;
+        results.get().set_existed(existed);
         Ok(())
     }
 
@@ -691,6 +760,17 @@ impl namespace::Server for NamespaceCap {
         results
             .get()
             .set_ns(self.store.namespace_client(id, self.owner.clone()));
+        Ok(())
+    }
+
+    async fn remove(
+        self: Rc<Self>,
+        params: namespace::RemoveParams,
+        mut results: namespace::RemoveResults,
+    ) -> Result<(), capnp::Error> {
+        let name = text(params.get()?.get_name()?)?;
+        let existed = self.store.remove(self.id, name)?;
+        results.get().set_existed(existed);
         Ok(())
     }
 
@@ -937,7 +1017,11 @@ mod tests {
         let mut d = Data::default();
         d.charge(&a, usage(2, 5, 500));
         let e = d.check(&l, &a, none, false, usage(1, 0, 0)).unwrap_err();
-        assert_eq!(e.extra, "client a holds 2 namespaces, its max_namespaces_per_client limit; raise StoreLimits::max_namespaces_per_client");
+        assert_eq!(
+            e.extra,
+            "client a holds 2 namespaces, its max_namespaces_per_client limit; remove some \
+             (Store.remove, Namespace.remove) or raise StoreLimits::max_namespaces_per_client"
+        );
         let e = d.check(&l, &a, none, false, usage(0, 1, 0)).unwrap_err();
         assert!(
             e.extra

@@ -16,7 +16,9 @@ pub(crate) static INTERFACES: &[InterfaceInfo] = &[
         file: "store.capnp",
         id: 0xec5bcf4c96a1f14a,
         superclasses: &[0x93649334a9994413],
-        methods: &["put", "delete", "sub", "readOnly", "watch", "wait"],
+        methods: &[
+            "put", "delete", "sub", "readOnly", "watch", "wait", "remove",
+        ],
     },
     InterfaceInfo {
         name: "Reader",
@@ -30,7 +32,7 @@ pub(crate) static INTERFACES: &[InterfaceInfo] = &[
         file: "store.capnp",
         id: 0x8d97d38008e5de85,
         superclasses: &[],
-        methods: &["namespace", "namespaces"],
+        methods: &["namespace", "namespaces", "remove"],
     },
     InterfaceInfo {
         name: "Subscription",
