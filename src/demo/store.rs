@@ -573,17 +573,6 @@ impl store::Server for StoreCap {
         Ok(())
     }
 
-    async fn remove(
-        self: Rc<Self>,
-        params: store::RemoveParams,
-        mut results: store::RemoveResults,
-    ) -> Result<(), capnp::Error> {
-        let name = text(params.get()?.get_name()?)?;
-        let existed = self.store.remove(ROOT, name)?;
-        results.get().set_existed(existed);
-        Ok(())
-    }
-
     async fn namespaces(
         self: Rc<Self>,
         _: store::NamespacesParams,
@@ -600,6 +589,17 @@ impl store::Server for StoreCap {
         for (i, n) in names.iter().enumerate() {
             list.set(i as u32, n.as_str());
         }
+        Ok(())
+    }
+
+    async fn remove(
+        self: Rc<Self>,
+        params: store::RemoveParams,
+        mut results: store::RemoveResults,
+    ) -> Result<(), capnp::Error> {
+        let name = text(params.get()?.get_name()?)?;
+        let existed = self.store.remove(ROOT, name)?;
+        results.get().set_existed(existed);
         Ok(())
     }
 }
