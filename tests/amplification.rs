@@ -485,3 +485,46 @@ proptest! {
         server.stop().unwrap();
     }
 }
+
+#[test]
+fn a_pipelined_call_with_a_huge_transform_stays_bounded() {
+    let _s = serial();
+    let server = TestServer::start(quick_limits());
+    // 200,000 getPointerField ops in one promisedAnswer transform (3.2 MB in one frame).
+    let mut bytes = rpc_bootstrap(0);
+    bytes.extend(rpc_message(|m| {
+        let mut call = m.init_call();
+        call.set_question_id(1);
+        call.set_interface_id(store::Client::TYPE_ID);
+        call.set_method_id(1);
+        let mut pa = call.reborrow().init_target().init_promised_answer();
+        pa.set_question_id(0);
+        let mut ops = pa.init_transform(200_000);
+        for i in 0..200_000 {
+            ops.reborrow().get(i).set_get_pointer_field(0);
+        }
+    }));
+    let m = attack(&server, &bytes);
+    assert_bounded("a 200,000-op transform", &m);
+    assert_served(server.tcp);
+    server.stop().unwrap();
+}
+
+#[test]
+fn releases_and_finishes_for_ids_never_issued_cost_nothing() {
+    let _s = serial();
+    let server = TestServer::start(quick_limits());
+    let mut bytes = rpc_bootstrap(0);
+    for i in 0..100_000u32 {
+        bytes.extend(rpc_message(|m| {
+            let mut r = m.init_release();
+            r.set_id(1_000_000 + i);
+            r.set_reference_count(u32::MAX);
+        }));
+        bytes.extend(finish(2_000_000 + i));
+    }
+    let m = attack(&server, &bytes);
+    assert_bounded("100,000 stray Releases and Finishes", &m);
+    assert_served(server.tcp);
+    server.stop().unwrap();
+}
