@@ -126,7 +126,7 @@ fn bench_policy() -> Policy {
     q.max_class_connections = 100_000;
     q.max_inflight_calls = 100_000;
     q.max_open_answers = 100_000;
-    q.max_message_bytes = MAX_FRAME;
+    q.max_message_bytes = Some(MAX_FRAME);
     q.max_inflight_bytes = 1 << 30;
     let c = capgate::Catalog::builtin();
     let class = ClientClass::new("bench", Matcher::Any)

@@ -16,6 +16,7 @@
 pub mod demo;
 mod dev_certs;
 pub mod load;
+pub mod schema;
 pub use dev_certs::{write_dev_certs, DevCa, DevCerts};
 
 pub use capgate_runtime::*;
@@ -24,7 +25,7 @@ pub use capgate_schema::{bench_capnp, store_capnp};
 /// Reloads the policy file at `path` into a running server: a file with errors is rejected
 /// (the errors are returned and logged) and the policy in force stays, whole.
 pub fn reload_policy(path: &std::path::Path, handle: &PolicyHandle) -> Result<(), PolicyErrors> {
-    match Policy::load(path, Catalog::builtin()) {
+    match Policy::load(path, handle.catalog()) {
         Ok(p) => {
             handle.replace(p);
             Ok(())

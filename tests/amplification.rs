@@ -9,7 +9,6 @@ use std::io::Write;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use capgate::bench_capnp::echo;
 use capgate::store_capnp::{namespace, reader, store};
 use capgate::{ClientClass, Matcher, Policy, Quotas};
 use capnp::traits::HasTypeId;
@@ -42,15 +41,37 @@ struct Measured {
     outcome: Outcome,
 }
 
-/// `capgate_received_bytes_total` of the server.
-fn received_bytes(server: &TestServer) -> u64 {
+/// A counter of the server's metrics.
+fn counter(server: &TestServer, name: &str) -> u64 {
     server
         .stats()
         .metrics_text()
         .lines()
-        .find_map(|l| l.strip_prefix("capgate_received_bytes_total "))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// `capgate_received_bytes_total` of the server.
+fn received_bytes(server: &TestServer) -> u64 {
+    counter(server, "capgate_received_bytes_total")
+}
+
+/// Waits (bounded) until nothing is allocated or freed for 50 ms, then starts counting the
+/// peak from there: memory an earlier step is still freeing would hide what comes next.
+fn start_peak() -> usize {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut last = ALLOC.current_usage();
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = ALLOC.current_usage();
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    ALLOC.reset_peak_usage();
+    ALLOC.current_usage()
 }
 
 /// Sends `bytes` on a fresh connection without reading, waits (bounded) until the server has
@@ -58,8 +79,7 @@ fn received_bytes(server: &TestServer) -> u64 {
 fn attack(server: &TestServer, bytes: &[u8]) -> Measured {
     let open_before = server.stats().open_connections();
     let received_before = received_bytes(server);
-    let base = ALLOC.current_usage();
-    ALLOC.reset_peak_usage();
+    let base = start_peak();
     let mut s = std::net::TcpStream::connect(server.tcp).unwrap();
     s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut sent = 0;
@@ -241,26 +261,108 @@ fn a_huge_abort_reason_is_cut_not_echoed() {
     server.stop().unwrap();
 }
 
-/// Opens a connection from `source` and asks for `calls` echo answers of `payload` bytes
-/// each, never reading them.
-fn non_reader(server: &TestServer, source: &str, calls: u32, payload: u32) -> std::net::TcpStream {
-    let mut s = connect_from(server.tcp, source);
+/// Opens a connection from `source` and asks for `gets` reads of the 1 MiB value stored
+/// under `big`/`v` (calls of ~100 bytes, answers of 1 MiB), never reading the answers.
+fn non_reader(server: &TestServer, source: &str, gets: u32) -> std::net::TcpStream {
+    use capgate::store_capnp::reader;
+    let mut s = connect_small_window(server.tcp, source);
     s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut bytes = rpc_bootstrap(0);
-    for q in 1..=calls {
-        bytes.extend(rpc_echo_call(q, payload));
+    bytes.extend(rpc_message(|m| {
+        let mut call = m.init_call();
+        call.set_question_id(1);
+        call.set_interface_id(store::Client::TYPE_ID);
+        call.set_method_id(0);
+        call.reborrow()
+            .init_target()
+            .init_promised_answer()
+            .set_question_id(0);
+        call.init_params()
+            .get_content()
+            .init_as::<store::namespace_params::Builder>()
+            .set_name("big");
+    }));
+    for q in 2..2 + gets {
+        bytes.extend(rpc_message(|m| {
+            let mut call = m.init_call();
+            call.set_question_id(q);
+            call.set_interface_id(reader::Client::TYPE_ID);
+            call.set_method_id(0);
+            let mut pa = call.reborrow().init_target().init_promised_answer();
+            pa.set_question_id(1);
+            pa.init_transform(1).get(0).set_get_pointer_field(0);
+            call.init_params()
+                .get_content()
+                .init_as::<reader::get_params::Builder>()
+                .set_key("v");
+        }));
     }
-    let _ = s.write_all(&bytes);
+    s.write_all(&bytes).unwrap();
     s
 }
 
-fn echo_server(limits: capgate::Limits, quotas: Quotas) -> TestServer {
+/// A Store server with a 1 MiB value under `big`/`v`.
+fn big_value_server(limits: capgate::Limits, quotas: Quotas) -> TestServer {
     let policy = Policy::from_classes(vec![ClientClass::new("everyone", Matcher::Any)
         .allow_all()
         .with_quotas(quotas)]);
-    TestServer::start_custom(limits, None, Some(policy), |b| {
-        b.bootstrap_factory(|_| capgate::demo::EchoService.client())
+    let server = TestServer::start_policy(limits, policy);
+    local(async {
+        let (_c, s) = store_client(server.tcp).await;
+        let mut req = s.namespace_request();
+        req.get().set_name("big");
+        let mut put = req.send().pipeline.get_ns().put_request();
+        put.get().set_key("v");
+        put.get().set_value(&vec![1u8; 1 << 20]);
+        put.send().promise.await.expect("stored");
+    });
+    server
+}
+
+/// A connection from `source` whose receive buffer (and so the window it offers) is pinned
+/// at 16 KiB: what the kernel can absorb for a peer that does not read stays small and the
+/// same on every machine (autotuning would grow it to several MiB).
+fn connect_small_window(addr: std::net::SocketAddr, source: &str) -> std::net::TcpStream {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(16 * 1024).unwrap();
+        sock.bind(format!("{source}:0").parse().unwrap()).unwrap();
+        let s = sock.connect(addr).await.unwrap().into_std().unwrap();
+        s.set_nonblocking(false).unwrap();
+        s
     })
+}
+
+/// Waits (bounded) until the server has done what the non-readers asked: every get answered,
+/// or (some connections cut off) nothing more happening for 300 ms. Measuring early could
+/// only make a peak look smaller, never fail a test.
+fn settle(server: &TestServer, gets: u64) {
+    let delivered = || {
+        server
+            .stats()
+            .metrics_text()
+            .lines()
+            .filter(|l| l.starts_with("capgate_calls_total{") && l.contains("Reader.get"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum::<u64>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut last = (u64::MAX, usize::MAX);
+    let mut stable_since = Instant::now();
+    while Instant::now() < deadline && delivered() < gets {
+        let now = (delivered(), ALLOC.current_usage());
+        if now != last {
+            last = now;
+            stable_since = Instant::now();
+        } else if stable_since.elapsed() > Duration::from_millis(300) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Waits (bounded) until `done` holds.
@@ -270,96 +372,6 @@ fn eventually(what: &str, mut done: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "{what} within 20 s");
         std::thread::sleep(Duration::from_millis(10));
     }
-}
-
-/// A fresh echo client from `source` is answered.
-fn assert_echo_served(server: &TestServer, source: &'static str) {
-    let addr = server.tcp;
-    std::thread::spawn(move || {
-        let s = connect_from(addr, source);
-        local(async move {
-            let s = tokio::net::TcpStream::from_std({
-                s.set_nonblocking(true).unwrap();
-                s
-            })
-            .unwrap();
-            let (r, w) = s.into_split();
-            let c = capgate::Client::builder().from_stream(r, w);
-            let e: echo::Client = c.bootstrap();
-            let mut req = e.echo_request();
-            req.get().set_payload(b"still here");
-            let reply = req.send().promise.await.expect("served");
-            assert_eq!(reply.get().unwrap().get_payload().unwrap(), b"still here");
-        })
-    })
-    .join()
-    .expect("another client was served");
-}
-
-const MIB: usize = 1 << 20;
-
-#[test]
-fn non_reading_connections_of_one_client_are_held_to_its_outgoing_budget() {
-    let _s = serial();
-    let mut limits = quick_limits();
-    limits.max_outgoing_bytes = 3 * MIB;
-    let mut q = Quotas::default();
-    q.max_client_outgoing_bytes = 4 * MIB;
-    let server = echo_server(limits, q);
-    // Six connections each asking for 2.5 MiB of answers: 15 MiB for one client, each
-    // connection within its own 3 MiB.
-    let base = ALLOC.current_usage();
-    ALLOC.reset_peak_usage();
-    let conns: Vec<_> = (0..6)
-        .map(|_| non_reader(&server, "127.0.0.1", 40, 64 * 1024))
-        .collect();
-    eventually("a connection of the client to be cut off", || {
-        server.stats().open_connections() < 6
-    });
-    // Each connection counts for at most two 16 KiB chunks more than it has queued, and
-    // one message may be on its way in.
-    let budget = 4 * MIB + 6 * (32 * 1024 + 70 * 1024);
-    eventually("the client's queue to be within its budget", || {
-        server.stats().queued_outgoing_bytes() <= budget
-    });
-    // At the peak: the budget, what one connection being cut off still held, and what each
-    // connection has in flight (a frame being read, a write being made).
-    let peak = ALLOC.peak_usage().saturating_sub(base);
-    eprintln!("one client, 6 connections: peak {peak} bytes");
-    assert!(peak <= budget + 3 * MIB + 6 * MIB, "peak {peak} bytes");
-    // Another client is served meanwhile.
-    assert_echo_served(&server, "127.0.0.2");
-    drop(conns);
-    server.stop().unwrap();
-}
-
-#[test]
-fn non_reading_clients_are_held_to_the_server_outgoing_budget() {
-    let _s = serial();
-    let mut limits = quick_limits();
-    limits.max_outgoing_bytes = 3 * MIB;
-    limits.max_total_outgoing_bytes = 4 * MIB;
-    let server = echo_server(limits, Quotas::default());
-    // Three clients, 2.5 MiB of answers each: 7.5 MiB against the server's 4 MiB.
-    let base = ALLOC.current_usage();
-    ALLOC.reset_peak_usage();
-    let conns: Vec<_> = ["127.0.0.3", "127.0.0.4", "127.0.0.5"]
-        .iter()
-        .map(|src| non_reader(&server, src, 40, 64 * 1024))
-        .collect();
-    eventually("the largest holder to be cut off", || {
-        server.stats().open_connections() < 3
-    });
-    let budget = 4 * MIB + 3 * (32 * 1024 + 70 * 1024);
-    eventually("all peers' queues to be within the server's budget", || {
-        server.stats().queued_outgoing_bytes() <= budget
-    });
-    let peak = ALLOC.peak_usage().saturating_sub(base);
-    eprintln!("three clients: peak {peak} bytes");
-    assert!(peak <= budget + 3 * MIB + 3 * MIB, "peak {peak} bytes");
-    assert_echo_served(&server, "127.0.0.2");
-    drop(conns);
-    server.stop().unwrap();
 }
 
 /// A fresh client of the "reader" class (which may not put) is answered.
@@ -378,6 +390,72 @@ fn assert_reader_served(addr: std::net::SocketAddr) {
     })
     .join()
     .expect("another client was served");
+}
+
+const MIB: usize = 1 << 20;
+
+/// The most a budget of `max` lets `n` non-reading connections asking for 1 MiB answers make
+/// the server allocate: `max` for those not cut off, what each of the others held when it
+/// was cut (at most `max` and an answer; freed when its thread next runs), and an answer
+/// being built per connection.
+fn peak_bound(max: usize, n: usize) -> usize {
+    max + (n - 1) * (max + MIB) + n * 2 * MIB
+}
+
+#[test]
+fn non_reading_connections_of_one_client_are_held_to_its_outgoing_budget() {
+    let _s = serial();
+    let mut q = Quotas::default();
+    q.max_client_outgoing_bytes = 4 * MIB;
+    let server = big_value_server(quick_limits(), q);
+    // Three connections each asking for 16 MiB of answers (the server's socket buffer holds
+    // little of them, the peer's window being small): 48 MiB for one client, each connection
+    // within its own 16 MiB. Unbounded, about 40 MiB would be queued.
+    let base = start_peak();
+    let conns: Vec<_> = (0..3)
+        .map(|_| non_reader(&server, "127.0.0.1", 16))
+        .collect();
+    settle(&server, 3 * 16);
+    assert!(counter(&server, "capgate_outgoing_cutoffs_total") >= 1);
+    // Each connection counts for at most two 16 KiB chunks more than it has queued, and
+    // one answer may be on its way to the queue.
+    let budget = 4 * MIB + 3 * (32 * 1024 + MIB + 4096);
+    eventually("the client's queue to be within its budget", || {
+        server.stats().queued_outgoing_bytes() <= budget
+    });
+    let peak = ALLOC.peak_usage().saturating_sub(base);
+    eprintln!("one client, 3 connections: peak {peak} bytes");
+    assert!(peak <= peak_bound(4 * MIB, 3), "peak {peak} bytes");
+    // Another client is served meanwhile.
+    assert_served(server.tcp);
+    drop(conns);
+    server.stop().unwrap();
+}
+
+#[test]
+fn non_reading_clients_are_held_to_the_server_outgoing_budget() {
+    let _s = serial();
+    let mut limits = quick_limits();
+    limits.max_total_outgoing_bytes = 4 * MIB;
+    let server = big_value_server(limits, Quotas::default());
+    // Three clients, 16 MiB of answers each: 48 MiB against the server's 4 MiB.
+    let base = start_peak();
+    let conns: Vec<_> = ["127.0.0.3", "127.0.0.4", "127.0.0.5"]
+        .iter()
+        .map(|src| non_reader(&server, src, 16))
+        .collect();
+    settle(&server, 3 * 16);
+    assert!(counter(&server, "capgate_outgoing_cutoffs_total") >= 1);
+    let budget = 4 * MIB + 3 * (32 * 1024 + MIB + 4096);
+    eventually("all peers' queues to be within the server's budget", || {
+        server.stats().queued_outgoing_bytes() <= budget
+    });
+    let peak = ALLOC.peak_usage().saturating_sub(base);
+    eprintln!("three clients: peak {peak} bytes");
+    assert!(peak <= peak_bound(4 * MIB, 3), "peak {peak} bytes");
+    assert_served(server.tcp);
+    drop(conns);
+    server.stop().unwrap();
 }
 
 /// One generated step of a hostile peer.

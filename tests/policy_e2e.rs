@@ -478,7 +478,7 @@ fn release_of_an_unknown_export_over_a_raw_socket_aborts_that_connection_only() 
 #[test]
 fn max_message_bytes_is_per_class() {
     let mut small = Quotas::default();
-    small.max_message_bytes = 64 << 10;
+    small.max_message_bytes = Some(64 << 10);
     let policy = Policy::from_classes(vec![
         class(
             "small",

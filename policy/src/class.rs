@@ -5,7 +5,7 @@ use crate::{Matcher, Quotas};
 /// One entry of an allowlist, as written, with where it was written.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AllowRule {
-    /// The text: `Interface.method`, `Interface.*` or `*`.
+    /// The text: `Interface.method`, `Interface.*` or `*` (optionally `file.capnp:...`).
     pub pattern: String,
     /// `FILE:LINE:COL` of the entry, or a description for policies built in code.
     pub location: String,
@@ -15,17 +15,7 @@ pub struct AllowRule {
 impl AllowRule {
     /// Resolves a pattern against the catalog.
     pub fn parse(pattern: &str, catalog: &Catalog, location: String) -> Result<Self, LookupError> {
-        let methods = if pattern == "*" {
-            None
-        } else {
-            let (iface, method) = pattern.split_once('.').unwrap_or((pattern, ""));
-            let info = catalog.interface(iface)?;
-            if method == "*" {
-                Some(catalog.methods(info).into_iter().map(|(_, m)| m).collect())
-            } else {
-                Some(vec![catalog.method(iface, method)?])
-            }
-        };
+        let methods = catalog.resolve(pattern)?;
         Ok(Self {
             pattern: pattern.to_string(),
             location,

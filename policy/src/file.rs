@@ -371,7 +371,7 @@ fn apply_quota(d: &mut Diags<'_>, q: &mut Quotas, key: &str, v: &Value<'_>) {
                 if n < 64 {
                     d.at(span, "`max_message_bytes` must be at least 64 bytes");
                 } else {
-                    q.max_message_bytes = n;
+                    q.max_message_bytes = Some(n);
                 }
             }
         }
@@ -406,7 +406,7 @@ fn apply_quota(d: &mut Diags<'_>, q: &mut Quotas, key: &str, v: &Value<'_>) {
         }
         "idle_timeout" => match v.get_ref() {
             DeValue::String(s) => match parse_duration(s) {
-                Ok(t) => q.idle_timeout = t,
+                Ok(t) => q.idle_timeout = Some(t),
                 Err(e) => d.at(span, format!("`idle_timeout`: {e}")),
             },
             _ => d.at(span, "`idle_timeout` must be a duration such as \"5 min\""),

@@ -7,8 +7,10 @@ use std::time::Duration;
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Quotas {
-    /// Largest incoming message, in bytes. Default 4 MiB.
-    pub max_message_bytes: usize,
+    /// Largest incoming message, in bytes. `None` (the default): the server's
+    /// `Limits::max_message_bytes` (4 MiB unless the builder or `--max-message-bytes` says
+    /// otherwise). A value set here wins over the server's for this class.
+    pub max_message_bytes: Option<usize>,
     /// Calls delivered and neither returned nor finished, per connection. Default 128.
     pub max_inflight_calls: u32,
     /// Bytes of incoming messages still held by the server, per connection. Default 16 MiB.
@@ -36,14 +38,16 @@ pub struct Quotas {
     pub max_connections: u32,
     /// Connections of all clients of the class together. Default 4096.
     pub max_class_connections: u32,
-    /// Idle connections are closed after this long. Default 5 min.
-    pub idle_timeout: Duration,
+    /// Idle connections are closed after this long. `None` (the default): the server's
+    /// `Limits::idle_timeout` (5 min unless the builder or `--idle-timeout` says otherwise).
+    /// A value set here wins over the server's for this class.
+    pub idle_timeout: Option<Duration>,
 }
 
 impl Default for Quotas {
     fn default() -> Self {
         Self {
-            max_message_bytes: 4 << 20,
+            max_message_bytes: None,
             max_inflight_calls: 128,
             max_inflight_bytes: 16 << 20,
             max_open_answers: 1024,
@@ -54,7 +58,7 @@ impl Default for Quotas {
             burst: NonZeroU32::new(200).unwrap_or(NonZeroU32::MIN),
             max_connections: 64,
             max_class_connections: 4096,
-            idle_timeout: Duration::from_secs(300),
+            idle_timeout: None,
         }
     }
 }

@@ -153,7 +153,7 @@ struct Observer {
 /// Per-connection, sans-IO message guard.
 pub struct Guard {
     class: Arc<ClientClass>,
-    catalog: &'static Catalog,
+    catalog: Catalog,
     rate: Arc<dyn RateLimit>,
     answers: IdTable<Answer>,
     running: u32,
@@ -179,9 +179,18 @@ impl Guard {
     /// A guard enforcing `class` (its allowlist and per-connection quotas), with `rate` as
     /// the client's shared call budget.
     pub fn new(class: Arc<ClientClass>, rate: Arc<dyn RateLimit>) -> Self {
+        Self::with_catalog(class, rate, Catalog::builtin().clone())
+    }
+
+    /// The same, naming methods (in denials and metrics) by `catalog`.
+    pub fn with_catalog(
+        class: Arc<ClientClass>,
+        rate: Arc<dyn RateLimit>,
+        catalog: Catalog,
+    ) -> Self {
         Self {
             class,
-            catalog: Catalog::builtin(),
+            catalog,
             rate,
             answers: IdTable::default(),
             running: 0,
@@ -490,7 +499,7 @@ impl Guard {
         self.answers.insert(q, Answer::Running);
         self.started();
         if let Some(o) = &mut self.observer {
-            let (metrics, class, catalog) = (&o.metrics, self.class.name(), self.catalog);
+            let (metrics, class, catalog) = (&o.metrics, self.class.name(), &self.catalog);
             o.calls
                 .entry(m)
                 .or_insert_with(|| metrics.calls(class, catalog.name_of(m)))

@@ -38,6 +38,7 @@ pub struct Metrics {
     pub(crate) bytes_in: Counter,
     pub(crate) bytes_out: Counter,
     pub(crate) frame_aborts: Counter,
+    pub(crate) outgoing_cutoffs: Counter,
     pub(crate) handshake_failures: Counter,
 }
 
@@ -53,6 +54,7 @@ impl Default for Metrics {
             bytes_in: Counter::default(),
             bytes_out: Counter::default(),
             frame_aborts: Counter::default(),
+            outgoing_cutoffs: Counter::default(),
             handshake_failures: Counter::default(),
             registry: Registry::default(),
         };
@@ -91,6 +93,12 @@ impl Default for Metrics {
             "frame_aborts",
             "Connections closed for a framing violation (limits, deadlines)",
             m.frame_aborts.clone(),
+        );
+        registry.register(
+            "outgoing_cutoffs",
+            "Connections cut off because a peer did not read (max_outgoing_bytes, \
+             max_client_outgoing_bytes, max_total_outgoing_bytes)",
+            m.outgoing_cutoffs.clone(),
         );
         registry.register(
             "tls_handshake_failures",

@@ -16,8 +16,7 @@ pub mod store_capnp;
 pub mod bench_capnp;
 
 mod catalog;
-pub use catalog::{suggest, Catalog, InterfaceInfo, LookupError, MethodRef};
-
-#[allow(missing_docs, clippy::all, clippy::pedantic)]
-#[path = "generated/catalog.rs"]
-mod generated_catalog;
+pub use catalog::{
+    suggest, Catalog, CatalogError, FieldInfo, FieldType, InterfaceInfo, LookupError, MethodInfo,
+    MethodRef, StructInfo, MAX_REQUEST_BYTES,
+};

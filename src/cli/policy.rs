@@ -10,26 +10,56 @@ pub(crate) enum PolicyCommand {
     Check {
         /// The policy file.
         file: PathBuf,
+        #[command(flatten)]
+        schema: SchemaArgs,
     },
     /// Say whether a client class may call a method, and which rule decides.
     Explain(ExplainArgs),
+}
+
+/// The schema a policy names interfaces of.
+#[derive(Args)]
+pub(crate) struct SchemaArgs {
+    /// A schema file: `.capnp` text, or a compiled CodeGeneratorRequest
+    /// (`capnp compile -o- app.capnp > app.cgr`). Repeatable. Default: capgate's demo schema.
+    #[arg(long = "schema", value_name = "FILE")]
+    files: Vec<PathBuf>,
+    /// Where `.capnp` text files' absolute imports (`/dir/file.capnp`) are looked up.
+    /// Repeatable; relative imports are resolved against the importing file.
+    #[arg(long = "import-path", value_name = "DIR")]
+    import_paths: Vec<PathBuf>,
+}
+
+impl SchemaArgs {
+    pub(crate) fn catalog(&self) -> Result<Catalog, String> {
+        if self.files.is_empty() {
+            if !self.import_paths.is_empty() {
+                return Err("--import-path needs --schema".into());
+            }
+            return Ok(Catalog::builtin().clone());
+        }
+        capgate::schema::load(&self.files, &self.import_paths)
+    }
 }
 
 #[derive(Args)]
 pub(crate) struct ExplainArgs {
     /// The policy file.
     file: PathBuf,
+    #[command(flatten)]
+    schema: SchemaArgs,
     /// The client class.
     #[arg(long)]
     client: String,
-    /// The method, as `Interface.method` (e.g. Namespace.put).
+    /// The method, as `Interface.method` (e.g. Namespace.put, Vault.Admin.wipe,
+    /// app.capnp:Box.store).
     method: String,
 }
 
 pub(crate) fn run(cmd: PolicyCommand) -> Result<(), String> {
-    let catalog = Catalog::builtin();
     match cmd {
-        PolicyCommand::Check { file } => {
+        PolicyCommand::Check { file, schema } => {
+            let catalog = &schema.catalog()?;
             let p = load(&file, catalog)?;
             let names: Vec<String> = p
                 .classes()
@@ -45,6 +75,7 @@ pub(crate) fn run(cmd: PolicyCommand) -> Result<(), String> {
             Ok(())
         }
         PolicyCommand::Explain(a) => {
+            let catalog = &a.schema.catalog()?;
             let p = load(&a.file, catalog)?;
             let class = p.class(&a.client).ok_or_else(|| {
                 let known: Vec<&str> = p.classes().iter().map(|c| c.name()).collect();
@@ -55,11 +86,15 @@ pub(crate) fn run(cmd: PolicyCommand) -> Result<(), String> {
                     known.join(", ")
                 )
             })?;
-            let (iface, method) = a
-                .method
-                .split_once('.')
-                .ok_or_else(|| format!("`{}`: write the method as Interface.method", a.method))?;
-            let m = catalog.method(iface, method).map_err(|e| e.to_string())?;
+            let m = match catalog.resolve(&a.method).map_err(|e| e.to_string())? {
+                Some(ms) if ms.len() == 1 && !a.method.ends_with(".*") => ms[0],
+                _ => {
+                    return Err(format!(
+                        "`{}`: name one method, as Interface.method",
+                        a.method
+                    ))
+                }
+            };
             let name = catalog.name_of(m);
             match class.decide(m) {
                 capgate::Decision::Allowed(rule, at) => println!(

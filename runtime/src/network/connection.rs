@@ -115,6 +115,13 @@ impl ConnShared {
         }
     }
 
+    /// An outgoing budget cut the connection off (its peer does not read).
+    pub(super) fn note_cut_off(&self) {
+        if let Some(m) = &*self.metrics.borrow() {
+            m.outgoing_cutoffs.inc();
+        }
+    }
+
     /// A framing violation (limit or deadline) is about to close the connection.
     pub(super) fn note_frame_abort(&self) {
         if let Some(m) = &*self.metrics.borrow() {
@@ -206,6 +213,7 @@ impl capnp_rpc::OutgoingMessage for Outgoing {
         let message = Rc::new(message);
         if let Err(e) = shared.outbox.push(Message::Built(message.clone())) {
             tracing::info!(reason = %e, "connection cut off");
+            shared.note_cut_off();
             shared.abort(e);
         }
         // Completion is tracked by the outbox's byte budget, not per message.
@@ -345,6 +353,8 @@ fn deliver(
         Verdict::Reply(frames) => {
             if !frames.is_empty() {
                 if let Err(e) = shared.outbox.push(Message::Encoded(frames)) {
+                    tracing::info!(reason = %e, "connection cut off");
+                    shared.note_cut_off();
                     shared.abort(e.clone());
                     return Err(e);
                 }

@@ -57,7 +57,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             State::Open | State::Closing => {}
         }
         if let Some(reason) = outbox.cut_off_reason() {
-            return Err(cut_off(outbox, reason));
+            return Err(cut_off(shared, reason));
         }
         // Gather: while the queue keeps growing, let the tasks that produce messages run
         // before writing, so that one write carries many frames. Under light load yielding
@@ -166,7 +166,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             }
             Written::Cut => {
                 return match outbox.cut_off_reason() {
-                    Some(reason) => Err(cut_off(outbox, reason)),
+                    Some(reason) => Err(cut_off(shared, reason)),
                     None => Ok(()),
                 }
             }
@@ -193,9 +193,10 @@ fn frame_len(m: &Builder<HeapAllocator>) -> usize {
 
 /// Another connection's push exceeded a shared outgoing budget and picked this one, the
 /// largest holder: drop what is queued and close with the reason.
-fn cut_off(outbox: &Outbox, reason: String) -> capnp::Error {
+fn cut_off(shared: &ConnShared, reason: String) -> capnp::Error {
     tracing::info!(%reason, "connection cut off");
-    outbox.fail();
+    shared.note_cut_off();
+    shared.outbox.fail();
     capnp::Error::failed(reason)
 }
 

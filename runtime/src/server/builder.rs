@@ -40,6 +40,7 @@ pub struct ServerBuilder {
     workers: Option<NonZeroUsize>,
     factory: Option<Arc<dyn BootstrapFactory>>,
     policy: Option<Policy>,
+    catalog: Option<crate::Catalog>,
     tls: Option<Arc<rustls::ServerConfig>>,
     metrics: Option<SocketAddr>,
 }
@@ -53,6 +54,7 @@ impl ServerBuilder {
             workers: None,
             factory: None,
             policy: None,
+            catalog: None,
             tls: None,
             metrics: None,
         }
@@ -96,6 +98,14 @@ impl ServerBuilder {
     /// quotas; `build` logs a warning saying so.
     pub fn policy(mut self, policy: Policy) -> Self {
         self.policy = Some(policy);
+        self
+    }
+
+    /// The schema the server's interfaces come from (default: capgate's own, the demo
+    /// Store's). Denials, metrics' method labels and policy reloads name methods by it; load
+    /// the policy against the same catalog (`Policy::load(path, &catalog)`).
+    pub fn catalog(mut self, catalog: crate::Catalog) -> Self {
+        self.catalog = Some(catalog);
         self
     }
 
@@ -174,12 +184,10 @@ impl ServerBuilder {
                     "no policy given: every client may call every method (allow = [\"*\"]) \
                      with the default quotas"
                 );
-                let mut quotas = Quotas::default();
-                quotas.max_message_bytes = self.limits.max_message_bytes;
-                quotas.idle_timeout = self.limits.idle_timeout;
+                // The class's quotas leave message size and idle time to the server's limits.
                 Policy::from_classes(vec![ClientClass::new("default", Matcher::Any)
                     .allow_all()
-                    .with_quotas(quotas)])
+                    .with_quotas(Quotas::default())])
             }
         };
         let metrics_listener = match self.metrics {
@@ -207,7 +215,11 @@ impl ServerBuilder {
                 factory,
                 next_connection_id: AtomicU64::new(0),
                 open_connections: AtomicUsize::new(0),
-                policy: PolicyHandle::new(policy),
+                policy: PolicyHandle::new(
+                    policy,
+                    self.catalog
+                        .unwrap_or_else(|| crate::Catalog::builtin().clone()),
+                ),
                 clients: Arc::default(),
                 denials: Default::default(),
                 tls: self.tls.map(tokio_rustls::TlsAcceptor::from),

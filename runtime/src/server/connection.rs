@@ -299,7 +299,7 @@ where
             }
         };
     let limits = shared.limits_for(q);
-    let mut guard = Guard::new(class.clone(), rate);
+    let mut guard = Guard::with_catalog(class.clone(), rate, shared.policy.catalog().clone());
     guard.count_denials_into(shared.denial_counters(class.name()));
     let class_gauge = shared.metrics.connections(class.name());
     class_gauge.inc();

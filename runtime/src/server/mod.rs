@@ -99,11 +99,16 @@ impl ServerShared {
     }
 
     /// The server's limits with a class's quotas applied, shared by the connections that have
-    /// the same quotas.
+    /// the same quotas. One precedence rule: built-in default < builder (or CLI flag) < a
+    /// value the class sets.
     pub(crate) fn limits_for(&self, q: &capgate_policy::Quotas) -> Arc<Limits> {
         let mut limits = self.limits.clone();
-        limits.max_message_bytes = q.max_message_bytes;
-        limits.idle_timeout = q.idle_timeout;
+        if let Some(v) = q.max_message_bytes {
+            limits.max_message_bytes = v;
+        }
+        if let Some(v) = q.idle_timeout {
+            limits.idle_timeout = v;
+        }
         let mut cache = self
             .class_limits
             .lock()
@@ -131,13 +136,20 @@ impl ServerShared {
 #[derive(Clone)]
 pub struct PolicyHandle {
     tx: Arc<watch::Sender<Arc<Policy>>>,
+    catalog: crate::Catalog,
 }
 
 impl PolicyHandle {
-    pub(crate) fn new(policy: Policy) -> Self {
+    pub(crate) fn new(policy: Policy, catalog: crate::Catalog) -> Self {
         Self {
             tx: Arc::new(watch::channel(Arc::new(policy)).0),
+            catalog,
         }
+    }
+
+    /// The catalog the server names methods by; reloaded policies are checked against it.
+    pub fn catalog(&self) -> &crate::Catalog {
+        &self.catalog
     }
 
     /// The policy in force.
