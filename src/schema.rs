@@ -1,7 +1,8 @@
 //! `--schema`: a user's schema for `policy check`/`explain` (and the gateway), given as
 //! `.capnp` text or as a compiled `CodeGeneratorRequest` (`capnp compile -o- app.capnp`).
 //! Text is compiled in-process by the real capnp compiler, embedded as WebAssembly
-//! (capnpc-embedded), so it works on a machine without capnp installed.
+//! (capnpc-embedded, the default `embedded-compiler` feature), so it works on a machine
+//! without capnp installed; without the feature, by the `capnp` program on PATH.
 
 use std::path::{Path, PathBuf};
 
@@ -38,6 +39,7 @@ fn request(file: &Path, import_paths: &[PathBuf]) -> Result<Vec<u8>, String> {
     }
 }
 
+#[cfg(feature = "embedded-compiler")]
 fn compile(file: &Path, import_paths: &[PathBuf]) -> Result<Vec<u8>, String> {
     let mut cmd = capnpc_embedded::CompileCommand::new();
     cmd.file(file);
@@ -50,4 +52,32 @@ fn compile(file: &Path, import_paths: &[PathBuf]) -> Result<Vec<u8>, String> {
     }
     cmd.compile()
         .map_err(|e| format!("{}: the schema does not compile: {e}", file.display()))
+}
+
+#[cfg(not(feature = "embedded-compiler"))]
+fn compile(file: &Path, import_paths: &[PathBuf]) -> Result<Vec<u8>, String> {
+    let mut cmd = std::process::Command::new("capnp");
+    cmd.args(["compile", "-o-"]);
+    if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+        cmd.arg(format!("--src-prefix={}", dir.display()));
+    }
+    for dir in import_paths {
+        cmd.arg(format!("--import-path={}", dir.display()));
+    }
+    let out = cmd.arg(file).output().map_err(|e| {
+        format!(
+            "{}: cannot run `capnp` to compile it ({e}): install Cap'n Proto, give a compiled \
+             request (`capnp compile -o- app.capnp > app.cgr`), or build capgate with the \
+             embedded-compiler feature",
+            file.display()
+        )
+    })?;
+    if !out.status.success() {
+        return Err(format!(
+            "{}: the schema does not compile: {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(out.stdout)
 }

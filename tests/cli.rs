@@ -212,3 +212,105 @@ fn plaintext_on_a_non_loopback_address_needs_an_explicit_flag() {
     );
     // (Not bound: the check happens before any listener opens; tests only bind loopback.)
 }
+
+#[test]
+fn policy_check_and_explain_take_a_users_schema_as_text_or_compiled() {
+    let dir = temp_dir("schema");
+    let p = dir.join("p.toml");
+    std::fs::write(
+        &p,
+        "[[client]]\nname = \"reader\"\nmatch = \"any\"\nallow = [\"Vault.fetch\", \"Vault.Admin.*\", \"vault.capnp:Box.store\"]\n",
+    )
+    .unwrap();
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schema/fixtures");
+    for schema in ["vault.capnp", "vault.cgr"] {
+        let out = Command::new(BIN)
+            .args(["policy", "check"])
+            .arg(&p)
+            .arg("--schema")
+            .arg(fixtures.join(schema))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let explain = |method: &str| {
+            let out = Command::new(BIN)
+                .args(["policy", "explain"])
+                .arg(&p)
+                .arg("--schema")
+                .arg(fixtures.join(schema))
+                .args(["--client", "reader", method])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8(out.stdout).unwrap()
+        };
+        // Inherited (by either spelling), nested, and denied.
+        assert!(explain("Box.fetch").starts_with(
+            "allowed: Box.fetch (Box.fetch) for client \"reader\": rule \"Vault.fetch\""
+        ));
+        assert!(explain("Vault.fetch").starts_with("allowed: Vault.fetch (Box.fetch)"));
+        assert!(explain("Vault.Admin.wipe").contains("rule \"Vault.Admin.*\""));
+        assert!(explain("Vault.open").starts_with("denied: Vault.open (Vault.open) is not allowed"));
+    }
+    // Two files declaring Box: the bare name is an error naming both, at its position.
+    let q = dir.join("q.toml");
+    std::fs::write(
+        &q,
+        "[[client]]\nname = \"a\"\nmatch = \"any\"\nallow = [\"Box.store\", \"Vault.opn\"]\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["policy", "check"])
+        .arg(&q)
+        .arg("--schema")
+        .arg(fixtures.join("vault.capnp"))
+        .arg("--schema")
+        .arg(fixtures.join("other.capnp"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let shown = q.display();
+    assert!(
+        err.contains(&format!("{shown}:4:10: interface `Box` is declared in other.capnp and vault.capnp: write `other.capnp:Box.store` or `vault.capnp:Box.store` to pick one")),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "{shown}:4:23: interface `Vault` has no method `opn` (did you mean `Vault.open`?)"
+        )),
+        "{err}"
+    );
+    // A schema that does not compile, and garbage given as a compiled request.
+    let bad = dir.join("bad.capnp");
+    std::fs::write(
+        &bad,
+        "@0xd00dd00dd00dd00d;\ninterface X { m @0 () -> (y :Nope); }\n",
+    )
+    .unwrap();
+    let garbage = dir.join("garbage.cgr");
+    std::fs::write(&garbage, [0xffu8; 40]).unwrap();
+    for (schema, expected) in [
+        (&bad, "does not compile"),
+        (&garbage, "invalid code generator request"),
+    ] {
+        let out = Command::new(BIN)
+            .args(["policy", "check"])
+            .arg(&p)
+            .arg("--schema")
+            .arg(schema)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "fails without a panic");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(expected), "{err}");
+    }
+}

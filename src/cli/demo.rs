@@ -32,10 +32,7 @@ async fn demo(one_way: Duration) -> Result<(), String> {
         .listen("127.0.0.1:0".parse().map_err(err)?)
         .workers(NonZeroUsize::new(2).unwrap_or(NonZeroUsize::MIN))
         .limits(limits.clone())
-        // The demo's one class: every method, default quotas (and no "no policy" warning).
-        .policy(capgate::Policy::from_classes(vec![
-            capgate::ClientClass::new("demo", capgate::Matcher::Any).allow_all(),
-        ]))
+        .policy(demo_policy()?)
         .bootstrap_factory(move |peer| factory_store.client_for_peer(peer))
         .build()
         .map_err(err)?;
@@ -214,8 +211,74 @@ async fn demo(one_way: Duration) -> Result<(), String> {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     println!("   after the clients disconnect : {}", live(&store));
+    println!();
+    policy_section(addr).await?;
     shutdown.shutdown();
     serving.await.map_err(err)?.map_err(err)?;
+    Ok(())
+}
+
+/// Two classes: clients from 127.0.0.2 are readers with a small rate; everyone else may call
+/// every method with the default quotas.
+fn demo_policy() -> Result<capgate::Policy, String> {
+    use capgate::{Catalog, ClientClass, Matcher, Quotas};
+    let c = Catalog::builtin();
+    let mut q = Quotas::default();
+    q.calls_per_second = std::num::NonZeroU32::new(5).unwrap_or(std::num::NonZeroU32::MIN);
+    q.burst = q.calls_per_second;
+    let reader = ClientClass::new(
+        "reader",
+        Matcher::Source("127.0.0.2/32".parse().map_err(err)?),
+    )
+    .allow("Store.namespace", c)
+    .and_then(|k| k.allow("Reader.*", c))
+    .map_err(err)?
+    .with_quotas(q);
+    Ok(capgate::Policy::from_classes(vec![
+        reader,
+        ClientClass::new("demo", Matcher::Any).allow_all(),
+    ]))
+}
+
+/// A client of the restricted class: a call outside its allowlist, then a burst over its rate.
+async fn policy_section(addr: std::net::SocketAddr) -> Result<(), String> {
+    println!("6. Policy: a client from 127.0.0.2 is in class \"reader\" (Store.namespace, Reader.*; 5 calls/s, burst 5)");
+    let sock = tokio::net::TcpSocket::new_v4().map_err(err)?;
+    sock.bind("127.0.0.2:0".parse().map_err(err)?)
+        .map_err(err)?;
+    let (r, w) = sock.connect(addr).await.map_err(err)?.into_split();
+    let reader_client = Client::builder().from_stream(r, w);
+    let s: store::Client = reader_client.bootstrap();
+    let ns = open(&s, &["a"]);
+    let mut put = ns.put_request();
+    put.get().set_key("k");
+    put.get().set_value(b"v");
+    match put.send().promise.await {
+        Ok(_) => return Err("the reader class was allowed to put".into()),
+        Err(e) => println!("   Namespace.put  -> {:?}: {}", e.kind, e.extra),
+    }
+    // Ten gets at once: the burst of 5 passes (the put and namespace above spent two), the
+    // rest are refused at once, not queued.
+    let gets: Vec<_> = (0..10)
+        .map(|_| {
+            let mut get = capgate::cast::<reader::Client>(&ns).get_request();
+            get.get().set_key("k");
+            get.send().promise
+        })
+        .collect();
+    let (mut ok, mut overloaded, mut text) = (0, 0, String::new());
+    for g in gets {
+        match g.await {
+            Ok(_) => ok += 1,
+            Err(e) if e.kind == capnp::ErrorKind::Overloaded => {
+                overloaded += 1;
+                text = e.extra;
+            }
+            Err(e) => return Err(format!("unexpected error: {e}")),
+        }
+    }
+    println!("   10 x Reader.get at once -> {ok} answered, {overloaded} Overloaded: {text}");
+    let _ = reader_client.shutdown().await;
     Ok(())
 }
 

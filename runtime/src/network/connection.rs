@@ -380,7 +380,7 @@ fn note_peer_abort(
         _ => (None, None),
     };
     let reason = reason.unwrap_or_else(|| "(no reason given)".into());
-    tracing::info!(%reason, "the peer aborted the connection");
+    tracing::debug!(%reason, "the peer aborted the connection");
     let text = format!("the peer aborted the connection: {reason}");
     let error = match kind {
         Some(exception::Type::Overloaded) => capnp::Error::overloaded(text),
