@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use capgate::bench_capnp::echo;
 use capgate::demo::EchoService;
-use capgate::{Catalog, Client, ClientClass, ListenAddr, Matcher, Policy, Quotas, Server};
+use capgate::{Catalog, Client, ClientClass, Matcher, Policy, Quotas, Server};
 use capnp::schema_capnp::code_generator_request;
 use capnp::traits::HasTypeId;
 
@@ -115,17 +115,7 @@ fn start(catalog: Catalog, policy: Policy) -> SocketAddr {
         .bootstrap_factory(|_| EchoService.client())
         .build()
         .unwrap();
-    let ListenAddr::Tcp(addr) = server.local_addrs()[0].clone() else {
-        unreachable!()
-    };
-    std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(server.serve())
-    });
-    addr
+    common::serve_on_thread(server)
 }
 
 async fn call(e: &echo::Client) {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use capgate::bench_capnp::echo;
 use capgate::demo::EchoService;
-use capgate::{Catalog, Client, ClientClass, ListenAddr, Matcher, Policy, Quotas, Server};
+use capgate::{Catalog, Client, ClientClass, Matcher, Policy, Quotas, Server};
 use capnp_rpc::{rpc_twoparty_capnp::Side, RpcSystem};
 use criterion::{BenchmarkId, Criterion, Throughput};
 use std::num::NonZeroU32;
@@ -106,17 +106,7 @@ fn start_capgate_server(policy: Policy) -> SocketAddr {
         .bootstrap_factory(|_| EchoService.client())
         .build()
         .unwrap();
-    let ListenAddr::Tcp(addr) = server.local_addrs()[0].clone() else {
-        unreachable!()
-    };
-    std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(server.serve())
-    });
-    addr
+    common::serve_on_thread(server)
 }
 
 async fn capgate_client(addr: SocketAddr) -> (Client, echo::Client) {

@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 
 use capgate::bench_capnp::echo;
 use capgate::demo::EchoService;
-use capgate::{Client, ClientClass, ListenAddr, Matcher, Policy, Quotas, Server};
+use capgate::{Client, ClientClass, Matcher, Policy, Quotas, Server};
+
+#[allow(dead_code)] // the twoparty helpers serve the other benches
+mod common;
 use tokio::task::LocalSet;
 
 fn policy() -> Policy {
@@ -37,17 +40,7 @@ fn start(tls: Option<Arc<rustls::ServerConfig>>) -> SocketAddr {
     let mut limits = capgate::Limits::default();
     limits.max_connections = 100_000;
     let server = b.limits(limits).build().unwrap();
-    let ListenAddr::Tcp(addr) = server.local_addrs()[0].clone() else {
-        unreachable!()
-    };
-    std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(server.serve())
-    });
-    addr
+    common::serve_on_thread(server)
 }
 
 async fn call(e: &echo::Client) {

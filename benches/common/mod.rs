@@ -58,3 +58,19 @@ pub(crate) fn threads_cpu_ns(prefix: &str) -> u64 {
     }
     total
 }
+
+/// Runs a built capgate server on a thread of its own; returns its TCP address.
+#[allow(dead_code)] // `compare` starts its servers its own way
+pub(crate) fn serve_on_thread(server: capgate::Server) -> std::net::SocketAddr {
+    let capgate::ListenAddr::Tcp(addr) = server.local_addrs()[0].clone() else {
+        unreachable!("benchmark servers listen on TCP")
+    };
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(server.serve())
+    });
+    addr
+}

@@ -635,21 +635,28 @@ fn a_cap_table_over_max_caps_per_message_aborts_before_any_reply() {
     assert!(matches!(v, Verdict::Deliver));
 }
 
-#[test]
-fn a_denied_call_with_many_references_to_one_capability_costs_one_release() {
+/// The reply to a denied `Namespace.put` carrying `caps`, and the size of the call.
+fn denied_put_reply(caps: &[Cap]) -> (Box<[u8]>, usize) {
     let mut g = guard();
-    let caps = vec![Cap::SenderHosted(9); 1000];
     let call = call_msg(
         2,
         Target::Import(0),
         method("Namespace", "put"),
-        &caps,
+        caps,
         false,
     );
     let Verdict::Reply(bytes) = feed(&mut g, &call) else {
         panic!("expected a denial")
     };
-    let sent = capnp::serialize::compute_serialized_size_in_words(&call) * 8;
+    (
+        bytes,
+        capnp::serialize::compute_serialized_size_in_words(&call) * 8,
+    )
+}
+
+#[test]
+fn a_denied_call_with_many_references_to_one_capability_costs_one_release() {
+    let (bytes, sent) = denied_put_reply(&vec![Cap::SenderHosted(9); 1000]);
     // The Return and one Release{9, 1000}, in a buffer of exactly their size.
     assert_eq!(frames(&bytes).len(), 2);
     assert!(
@@ -662,19 +669,8 @@ fn a_denied_call_with_many_references_to_one_capability_costs_one_release() {
 #[test]
 fn a_denial_reply_is_at_most_a_small_multiple_of_the_call() {
     // Distinct capabilities: each costs a Release (40 bytes) for its 16-byte descriptor.
-    let mut g = guard();
     let caps: Vec<Cap> = (0..1000).map(Cap::SenderPromise).collect();
-    let call = call_msg(
-        2,
-        Target::Import(0),
-        method("Namespace", "put"),
-        &caps,
-        false,
-    );
-    let Verdict::Reply(bytes) = feed(&mut g, &call) else {
-        panic!("expected a denial")
-    };
-    let sent = capnp::serialize::compute_serialized_size_in_words(&call) * 8;
+    let (bytes, sent) = denied_put_reply(&caps);
     assert_eq!(frames(&bytes).len(), 1001);
     assert!(
         bytes.len() <= 3 * sent,
