@@ -1,5 +1,10 @@
 //! State shared by all connections of one client (one identity within a class), across
 //! worker threads: its call-rate budget and its connection count.
+//!
+//! With the in-process quota store (the default) the budget is a [`CallRate`] and the count
+//! is this server's alone. With a shared store the budget is leased from it (see
+//! `quota_store`), and the fleet-wide connection count is checked at admission on top of
+//! this server's.
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
@@ -15,6 +20,7 @@ use governor::{Quota, RateLimiter};
 
 use crate::guard::RateLimit;
 use crate::outgoing::ClientOutgoing;
+use crate::quota_store::{Fleet, QuotaKey};
 use crate::{PeerAddr, PeerInfo};
 
 /// Who a client is within its class: two source addresses are two clients.
@@ -47,8 +53,6 @@ impl ClientKey {
 /// A GCRA call budget (governor), generic over the clock so tests can drive time.
 pub struct CallRate<C: Clock = DefaultClock> {
     limiter: RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<C::Instant>>,
-    per_second: NonZeroU32,
-    burst: NonZeroU32,
 }
 
 /// Makes the rate limiter's clock ready. The first clock of a process calibrates itself
@@ -71,8 +75,6 @@ impl<C: Clock + Clone> CallRate<C> {
         let quota = Quota::per_second(per_second).allow_burst(burst);
         Self {
             limiter: RateLimiter::direct_with_clock(quota, clock.clone()),
-            per_second,
-            burst,
         }
     }
 }
@@ -86,10 +88,17 @@ where
     }
 }
 
+/// A client's call budget and the quotas it was made for.
+struct Budget {
+    limit: Arc<dyn RateLimit>,
+    per_second: NonZeroU32,
+    burst: NonZeroU32,
+}
+
 /// One client's shared state. Connections hold it directly, so giving a slot back is one
 /// atomic decrement, with no lookup and no copy of the key.
 struct ClientEntry {
-    rate: Mutex<Arc<CallRate>>,
+    rate: Mutex<Budget>,
     connections: AtomicUsize,
     /// Bytes queued for this client across its connections.
     outgoing: Arc<ClientOutgoing>,
@@ -107,9 +116,11 @@ impl ClientEntry {
         let Some(since) = *lock(&self.idle_since) else {
             return false;
         };
-        let rate = lock(&self.rate).clone();
-        let refill =
-            Duration::from_secs_f64(f64::from(rate.burst.get()) / f64::from(rate.per_second.get()));
+        let (per_second, burst) = {
+            let b = lock(&self.rate);
+            (b.per_second, b.burst)
+        };
+        let refill = Duration::from_secs_f64(f64::from(burst.get()) / f64::from(per_second.get()));
         now.saturating_duration_since(since) > refill
     }
 }
@@ -129,6 +140,8 @@ pub struct ClientRegistry {
     classes: DashMap<String, Arc<AtomicUsize>>,
     /// The size at which the next sweep runs.
     next_sweep: AtomicUsize,
+    /// The shared quota store budgets are leased from, if any.
+    fleet: Option<Arc<Fleet>>,
 }
 
 impl Default for ClientRegistry {
@@ -137,6 +150,7 @@ impl Default for ClientRegistry {
             clients: DashMap::new(),
             classes: DashMap::new(),
             next_sweep: AtomicUsize::new(SWEEP_MIN_CLIENTS),
+            fleet: None,
         }
     }
 }
@@ -170,6 +184,39 @@ impl Drop for ConnectionSlot {
 }
 
 impl ClientRegistry {
+    /// A registry whose budgets are leased from a shared store.
+    pub(crate) fn with_fleet(fleet: Arc<Fleet>) -> Self {
+        Self {
+            fleet: Some(fleet),
+            ..Self::default()
+        }
+    }
+
+    /// A new budget for a client: in-process, or leased from the shared store.
+    fn budget(
+        &self,
+        class: &str,
+        key: &ClientKey,
+        per_second: NonZeroU32,
+        burst: NonZeroU32,
+    ) -> Budget {
+        let limit: Arc<dyn RateLimit> = match &self.fleet {
+            Some(f) => {
+                let rate = f.rate(&QuotaKey::client(class, key.clone()), per_second, burst);
+                // The first lease travels with the connection's admission: its first call
+                // finds tokens.
+                rate.want();
+                rate
+            }
+            None => Arc::new(CallRate::new(per_second, burst)),
+        };
+        Budget {
+            limit,
+            per_second,
+            burst,
+        }
+    }
+
     fn entry(
         &self,
         class: &str,
@@ -177,11 +224,12 @@ impl ClientRegistry {
         per_second: NonZeroU32,
         burst: NonZeroU32,
     ) -> dashmap::mapref::one::RefMut<'_, (String, ClientKey), Arc<ClientEntry>> {
+        let budget_key = key.clone();
         self.clients
             .entry((class.to_string(), key))
             .or_insert_with(|| {
                 Arc::new(ClientEntry {
-                    rate: Mutex::new(Arc::new(CallRate::new(per_second, burst))),
+                    rate: Mutex::new(self.budget(class, &budget_key, per_second, burst)),
                     connections: AtomicUsize::new(0),
                     outgoing: Arc::default(),
                     // Idle until a connection succeeds: a refused first attempt leaves
@@ -212,7 +260,8 @@ impl ClientRegistry {
     }
 
     /// Registers one more connection of this client, unless it already has
-    /// `max_connections`. Returns the slot and the client's (shared) rate budget.
+    /// `max_connections` on this server. Returns the slot and the client's (shared) rate
+    /// budget.
     pub fn connect(
         self: &Arc<Self>,
         class: &str,
@@ -220,7 +269,7 @@ impl ClientRegistry {
         per_second: NonZeroU32,
         burst: NonZeroU32,
         max_connections: u32,
-    ) -> Result<(ConnectionSlot, Arc<CallRate>), usize> {
+    ) -> Result<(ConnectionSlot, Arc<dyn RateLimit>), usize> {
         self.maybe_sweep();
         // The map's entry stays locked from the check to the increment (a sweep cannot
         // forget it meanwhile).
@@ -230,7 +279,7 @@ impl ClientRegistry {
         if n >= max_connections as usize {
             return Err(n);
         }
-        Ok(join(&entry, idle, per_second, burst))
+        Ok(self.join(&entry, idle, per_second, burst))
     }
 
     /// Registers one more connection of the class, unless it already has `max`. The error is
@@ -254,11 +303,11 @@ impl ClientRegistry {
         key: ClientKey,
         per_second: NonZeroU32,
         burst: NonZeroU32,
-    ) -> (ClassSlot, ConnectionSlot, Arc<CallRate>) {
+    ) -> (ClassSlot, ConnectionSlot, Arc<dyn RateLimit>) {
         let class_slot = join_class(&self.classes.entry(class.to_string()).or_default());
         let entry = self.entry(class, key, per_second, burst);
         let idle = lock(&entry.idle_since);
-        let (slot, rate) = join(&entry, idle, per_second, burst);
+        let (slot, rate) = self.join(&entry, idle, per_second, burst);
         (class_slot, slot, rate)
     }
 
@@ -268,25 +317,27 @@ impl ClientRegistry {
             .get(&(class.to_string(), key.clone()))
             .map_or(0, |e| e.connections.load(Ordering::Relaxed))
     }
-}
 
-/// One more connection of a client whose entry is locked in the map (`idle` is its idle
-/// mark, locked too): the slot, and its rate budget under `per_second`/`burst` (replaced if
-/// the quotas changed since the budget was made, e.g. by a policy reload).
-fn join(
-    entry: &Arc<ClientEntry>,
-    mut idle: std::sync::MutexGuard<'_, Option<Instant>>,
-    per_second: NonZeroU32,
-    burst: NonZeroU32,
-) -> (ConnectionSlot, Arc<CallRate>) {
-    entry.connections.fetch_add(1, Ordering::Relaxed);
-    *idle = None;
-    drop(idle);
-    let mut rate = lock(&entry.rate);
-    if rate.per_second != per_second || rate.burst != burst {
-        *rate = Arc::new(CallRate::new(per_second, burst));
+    /// One more connection of a client whose entry is locked in the map (`idle` is its idle
+    /// mark, locked too): the slot, and its rate budget under `per_second`/`burst` (replaced
+    /// if the quotas changed since the budget was made, e.g. by a policy reload).
+    fn join(
+        &self,
+        entry: &dashmap::mapref::one::RefMut<'_, (String, ClientKey), Arc<ClientEntry>>,
+        mut idle: std::sync::MutexGuard<'_, Option<Instant>>,
+        per_second: NonZeroU32,
+        burst: NonZeroU32,
+    ) -> (ConnectionSlot, Arc<dyn RateLimit>) {
+        entry.connections.fetch_add(1, Ordering::Relaxed);
+        *idle = None;
+        drop(idle);
+        let mut rate = lock(&entry.rate);
+        if rate.per_second != per_second || rate.burst != burst {
+            let (class, key) = entry.key();
+            *rate = self.budget(class, key, per_second, burst);
+        }
+        (ConnectionSlot(entry.value().clone()), rate.limit.clone())
     }
-    (ConnectionSlot(entry.clone()), rate.clone())
 }
 
 /// One more connection of a class whose count is locked in the map.

@@ -18,6 +18,7 @@ mod network;
 mod outgoing;
 mod peer;
 mod poll;
+mod quota_store;
 mod server;
 pub mod tls;
 
@@ -39,6 +40,7 @@ pub use limits::Limits;
 pub use metrics::Metrics;
 pub use network::{new_network, ConnectionControl, ConnectionStats, GuardedNetwork};
 pub use peer::{PeerAddr, PeerInfo};
+pub use quota_store::{Fallback, QuotaKey, QuotaStore, RedisStoreConfig};
 pub use server::{
     BootstrapFactory, ListenAddr, PolicyHandle, Server, ServerBuilder, ServerStats, ShutdownHandle,
 };

@@ -1,6 +1,7 @@
 //! Server metrics in the Prometheus text format (prometheus-client): connections by class,
 //! calls by class and method, denials by class and reason, in-flight calls and bytes, bytes
-//! in and out, frame-limit aborts, TLS handshake failures.
+//! in and out, frame-limit aborts, TLS handshake failures; with a shared quota store, its
+//! health, errors, leases, fallbacks and latency (`quota_store/metrics.rs`).
 
 use std::sync::Arc;
 
@@ -130,6 +131,11 @@ impl Metrics {
             class: class.to_string(),
             method,
         })
+    }
+
+    /// Registers the shared quota store's metrics (`capgate_quota_store_*`).
+    pub(crate) fn quota_store(&mut self) -> crate::quota_store::StoreMetrics {
+        crate::quota_store::StoreMetrics::register(&mut self.registry)
     }
 
     /// The denials counter of a class and reason.

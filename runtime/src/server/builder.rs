@@ -7,7 +7,8 @@ use std::sync::Arc;
 use capnp::capability::FromClientHook;
 
 use super::{Listener, PolicyHandle, Server, ServerShared, ShutdownHandle};
-use crate::{ClientClass, Error, Matcher, Policy, Quotas};
+use crate::quota_store::Fleet;
+use crate::{ClientClass, ClientRegistry, Error, Matcher, Metrics, Policy, QuotaStore, Quotas};
 use crate::{Limits, PeerInfo};
 
 /// Makes the bootstrap capability for each connection. Called on the connection's worker
@@ -43,6 +44,7 @@ pub struct ServerBuilder {
     catalog: Option<crate::Catalog>,
     tls: Option<Arc<rustls::ServerConfig>>,
     metrics: Option<SocketAddr>,
+    quota_store: QuotaStore,
 }
 
 impl ServerBuilder {
@@ -57,6 +59,7 @@ impl ServerBuilder {
             catalog: None,
             tls: None,
             metrics: None,
+            quota_store: QuotaStore::InProcess,
         }
     }
 
@@ -120,6 +123,15 @@ impl ServerBuilder {
     /// Serves the metrics in the Prometheus text format over HTTP on this address.
     pub fn metrics(mut self, addr: SocketAddr) -> Self {
         self.metrics = Some(addr);
+        self
+    }
+
+    /// Where per-client rates and connection counts are counted (default:
+    /// [`QuotaStore::InProcess`], this server alone). With [`QuotaStore::Redis`], servers
+    /// sharing the store share each client's `calls_per_second`/`burst` and
+    /// `max_connections`; calls never wait on the store (see the README's "Fleet quotas").
+    pub fn quota_store(mut self, store: QuotaStore) -> Self {
+        self.quota_store = store;
         self
     }
 
@@ -203,6 +215,19 @@ impl ServerBuilder {
             }
             None => None,
         };
+        let mut metrics = Metrics::default();
+        let fleet = match &self.quota_store {
+            QuotaStore::InProcess => None,
+            QuotaStore::Redis(config) => {
+                config.validate()?;
+                tracing::info!(store = %config.addr(), fallback = ?config.fallback, fleet_size = config.fleet_size, "quota store: Redis");
+                Some(Fleet::redis(config, metrics.quota_store()))
+            }
+        };
+        let clients = match &fleet {
+            Some(f) => ClientRegistry::with_fleet(f.clone()),
+            None => ClientRegistry::default(),
+        };
         Ok(Server {
             listeners,
             metrics_listener,
@@ -220,10 +245,11 @@ impl ServerBuilder {
                     self.catalog
                         .unwrap_or_else(|| crate::Catalog::builtin().clone()),
                 ),
-                clients: Arc::default(),
+                clients: Arc::new(clients),
+                fleet,
                 denials: Default::default(),
                 tls: self.tls.map(tokio_rustls::TlsAcceptor::from),
-                metrics: Arc::default(),
+                metrics: Arc::new(metrics),
                 class_limits: Default::default(),
             }),
             workers,

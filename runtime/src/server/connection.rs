@@ -178,7 +178,7 @@ where
     };
     match admitted {
         Admission::Admitted(c) => Box::pin(serve_admitted(c, shared).instrument(span)),
-        Admission::Refused(f) => Box::pin(f.instrument(span)),
+        Admission::Refused(f) | Admission::Deferred(f) => Box::pin(f.instrument(span)),
     }
 }
 
@@ -187,6 +187,9 @@ enum Admission {
     Admitted(Admitted),
     /// Sends the refusal (or nothing, if the bootstrap factory panicked).
     Refused(std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>),
+    /// Waits for the shared quota store's verdict (bounded by `admission_timeout`), then
+    /// serves the connection or refuses it.
+    Deferred(std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>),
 }
 
 /// What serving an admitted connection needs.
@@ -198,7 +201,29 @@ struct Admitted {
     control: crate::ConnectionControl,
     rpc: RpcSystem<Side>,
     /// Released when the connection ends.
-    slots: (crate::ClassSlot, crate::ConnectionSlot, GaugeSlot),
+    slots: Slots,
+}
+
+/// What a connection holds in the counts (given back when dropped): its class's, its
+/// client's on this server and across the fleet (with a shared quota store), the gauge.
+type Slots = (
+    crate::ClassSlot,
+    crate::ConnectionSlot,
+    GaugeSlot,
+    Option<crate::quota_store::FleetSlot>,
+);
+
+/// A connection that passed this server's checks, before the fleet's (if any).
+struct Local<R, W> {
+    reader: R,
+    writer: W,
+    peer: PeerInfo,
+    key: ClientKey,
+    class: Arc<capgate_policy::ClientClass>,
+    events: Subscription,
+    class_slot: crate::ClassSlot,
+    slot: crate::ConnectionSlot,
+    rate: Arc<dyn crate::RateLimit>,
 }
 
 fn admit<R, W>(
@@ -290,6 +315,74 @@ where
             )
         }
     };
+    let max = q.max_connections;
+    let local = Local {
+        reader,
+        writer,
+        peer,
+        key,
+        class,
+        events,
+        class_slot,
+        slot,
+        rate,
+    };
+    let Some(fleet) = &shared.fleet else {
+        return finish(local, shared, None);
+    };
+    // The fleet-wide count: asked of the store, off the worker's synchronous path.
+    let conns = fleet.conns(&crate::QuotaKey::client(
+        local.class.name(),
+        local.key.clone(),
+    ));
+    let who = format!("{} of class \"{}\"", local.peer.addr, local.class.name());
+    let (fleet, shared) = (fleet.clone(), shared.clone());
+    Admission::Deferred(Box::pin(async move {
+        match fleet.admit(conns, max, &who).await {
+            crate::quota_store::Admission::Admitted(fleet_slot) => {
+                match finish(local, &shared, Some(fleet_slot)) {
+                    Admission::Admitted(c) => serve_admitted(c, shared).await,
+                    Admission::Refused(f) | Admission::Deferred(f) => f.await,
+                }
+            }
+            crate::quota_store::Admission::Refused(reason) => {
+                let Local {
+                    reader,
+                    writer,
+                    class_slot,
+                    slot,
+                    ..
+                } = local;
+                // Counted no more while the refusal is sent.
+                drop((class_slot, slot));
+                refusal(reader, writer, &shared, reason).await;
+            }
+        }
+    }))
+}
+
+/// Admits a connection that passed every check: its bootstrap, guard and RPC system.
+fn finish<R, W>(
+    local: Local<R, W>,
+    shared: &Arc<ServerShared>,
+    fleet_slot: Option<crate::quota_store::FleetSlot>,
+) -> Admission
+where
+    R: AsyncRead + Unpin + 'static,
+    W: AsyncWrite + Unpin + 'static,
+{
+    let Local {
+        reader,
+        writer,
+        peer,
+        key,
+        class,
+        events,
+        class_slot,
+        slot,
+        rate,
+    } = local;
+    let q = class.quotas();
     let bootstrap =
         match std::panic::catch_unwind(AssertUnwindSafe(|| shared.factory.bootstrap(&peer))) {
             Ok(b) => b,
@@ -318,7 +411,7 @@ where
         events,
         control,
         rpc,
-        slots: (class_slot, slot, GaugeSlot(class_gauge)),
+        slots: (class_slot, slot, GaugeSlot(class_gauge), fleet_slot),
     })
 }
 
@@ -360,13 +453,27 @@ where
     R: AsyncRead + Unpin + 'static,
     W: AsyncWrite + Unpin + 'static,
 {
+    Admission::Refused(refusal(reader, writer, shared, reason))
+}
+
+/// Logs a refusal (throttled) and returns the future that sends it.
+fn refusal<R, W>(
+    reader: R,
+    writer: W,
+    shared: &ServerShared,
+    reason: String,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>
+where
+    R: AsyncRead + Unpin + 'static,
+    W: AsyncWrite + Unpin + 'static,
+{
     if let Some(left_out) = shared.throttled("refused") {
         tracing::info!(%reason, left_out, "connection refused (left_out: refusals not logged in the second before)");
     }
     let limits = shared.limits.clone();
-    Admission::Refused(Box::pin(async move {
+    Box::pin(async move {
         refuse(reader, writer, reason, &limits).await;
-    }))
+    })
 }
 
 /// Serves an admitted connection until it ends, the server shuts down, or a policy reload
@@ -401,7 +508,11 @@ fn serve_admitted(
                                 let (class_slot, slot, rate) = shared.clients.rematch(k.name(), c.key.clone(), q.calls_per_second, q.burst);
                                 let gauge = shared.metrics.connections(k.name());
                                 gauge.inc();
-                                c.slots = (class_slot, slot, GaugeSlot(gauge));
+                                let fleet_slot = shared.fleet.as_ref().map(|f| {
+                                    let conns = f.conns(&crate::QuotaKey::client(k.name(), c.key.clone()));
+                                    crate::quota_store::FleetSlot::join(f, conns)
+                                });
+                                c.slots = (class_slot, slot, GaugeSlot(gauge), fleet_slot);
                                 tracing::info!(class = k.name(), "policy reloaded: connection re-matched");
                                 control.set_class(k.clone(), rate);
                                 control.count_denials_into(shared.denial_counters(k.name()));

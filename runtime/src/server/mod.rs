@@ -38,6 +38,8 @@ pub(crate) struct ServerShared {
     pub(crate) open_connections: AtomicUsize,
     pub(crate) policy: PolicyHandle,
     pub(crate) clients: Arc<ClientRegistry>,
+    /// The shared quota store, if any (`ServerBuilder::quota_store`).
+    pub(crate) fleet: Option<Arc<crate::quota_store::Fleet>>,
     pub(crate) denials: dashmap::DashMap<String, Arc<DenialCounters>>,
     pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
     pub(crate) metrics: Arc<Metrics>,
@@ -71,6 +73,12 @@ impl ServerStats {
     /// (reserved in 16 KiB chunks per writing connection).
     pub fn queued_outgoing_bytes(&self) -> usize {
         self.shared.outgoing.total()
+    }
+
+    /// With a shared quota store, whether it answers now (`None` without one). While it does
+    /// not, the fallback decides.
+    pub fn quota_store_up(&self) -> Option<bool> {
+        self.shared.fleet.as_ref().map(|f| f.is_up())
     }
 
     /// All metrics in the Prometheus text format.
@@ -284,9 +292,23 @@ impl Server {
             // After shutdown the connection drains on its own.
             std::future::pending::<()>().await;
         };
+        // The quota store's task runs as long as the connection, unless `serve` runs it.
+        let mut driver = self.shared.fleet.as_ref().and_then(|f| f.take_driver());
+        let (store_stop, store_stopped) = watch::channel(false);
+        let store = async {
+            match driver.as_mut() {
+                Some(d) => d.run(store_stopped).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             () = conn => {}
             () = follow => {}
+            () = store => {}
+        }
+        drop(store_stop);
+        if let (Some(f), Some(d)) = (&self.shared.fleet, driver) {
+            f.put_driver(d);
         }
         self.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
     }
@@ -309,6 +331,14 @@ impl Server {
         let workers: Vec<Worker> = (0..workers)
             .map(|i| Worker::spawn(i, shared.clone(), shutdown.subscribe()))
             .collect::<Result<_, _>>()?;
+        // The quota store's task, on this runtime; stopped once the workers are done.
+        let mut driver = shared.fleet.as_ref().and_then(|f| f.take_driver());
+        let (store_stop, store_stopped) = watch::channel(false);
+        let store = async {
+            if let Some(d) = driver.as_mut() {
+                d.run(store_stopped).await;
+            }
+        };
         let workers = Arc::new(workers);
         let mut acceptors = Vec::new();
         let mut unix_paths = Vec::new();
@@ -345,16 +375,23 @@ impl Server {
                 }
             }
         };
-        futures::future::join(futures::future::join_all(acceptors), metrics).await;
-        for p in unix_paths {
-            let _ = std::fs::remove_file(p);
-        }
-        // Acceptors are gone: workers drain their connections and exit.
-        let workers = Arc::try_unwrap(workers).unwrap_or_else(|_| {
-            unreachable!("acceptors have returned; no other reference to the workers remains")
-        });
-        for w in workers {
-            w.join().await;
+        let serving = async {
+            futures::future::join(futures::future::join_all(acceptors), metrics).await;
+            for p in unix_paths {
+                let _ = std::fs::remove_file(p);
+            }
+            // Acceptors are gone: workers drain their connections and exit.
+            let workers = Arc::try_unwrap(workers).unwrap_or_else(|_| {
+                unreachable!("acceptors have returned; no other reference to the workers remains")
+            });
+            for w in workers {
+                w.join().await;
+            }
+            let _ = store_stop.send(true);
+        };
+        futures::future::join(serving, store).await;
+        if let (Some(f), Some(d)) = (&shared.fleet, driver) {
+            f.put_driver(d);
         }
         Ok(())
     }
