@@ -56,7 +56,63 @@ pub(crate) struct ServeArgs {
     #[arg(long, value_enum, default_value_t = Service::Store)]
     service: Service,
     #[command(flatten)]
+    quota: QuotaStoreArgs,
+    #[command(flatten)]
     limits: LimitArgs,
+}
+
+/// The shared quota store (see the README's "Fleet quotas").
+#[derive(Args)]
+pub(crate) struct QuotaStoreArgs {
+    /// Share each client's rate (calls_per_second, burst) and connection count
+    /// (max_connections) with the other servers using the same Redis:
+    /// redis://[user:password@]host:port[/db], or rediss://... for TLS. Without it each
+    /// server counts its clients alone.
+    #[arg(long, value_name = "URL")]
+    quota_store: Option<String>,
+    /// CA certificate (PEM) that a rediss:// --quota-store is verified against (default: the
+    /// system's roots).
+    #[arg(long, requires = "quota_store")]
+    quota_store_ca: Option<PathBuf>,
+    /// While the quota store is unreachable: `local` (each server allows the quotas divided
+    /// by --fleet-size) or `deny` (new connections refused, calls Overloaded once the tokens
+    /// held are spent).
+    #[arg(long, requires = "quota_store", default_value = "local")]
+    quota_fallback: capgate::Fallback,
+    /// How many servers share the quota store: the fallback share is the quotas divided by
+    /// it, and it bounds the lease size (burst / fleet size). Default 1.
+    #[arg(long, requires = "quota_store")]
+    fleet_size: Option<std::num::NonZeroU32>,
+    /// How often this server refreshes its entries in the quota store, e.g. "1s" (the
+    /// default); a server that stops refreshing stops counting after 3 of them.
+    #[arg(long, requires = "quota_store", value_parser = capgate::parse_duration)]
+    quota_heartbeat: Option<std::time::Duration>,
+}
+
+impl QuotaStoreArgs {
+    /// The store the flags ask for (in-process without --quota-store).
+    pub(crate) fn store(&self) -> Result<capgate::QuotaStore, String> {
+        let Some(url) = &self.quota_store else {
+            return Ok(capgate::QuotaStore::InProcess);
+        };
+        let mut config = match &self.quota_store_ca {
+            Some(ca) => {
+                let pem = std::fs::read(ca)
+                    .map_err(|e| format!("reading --quota-store-ca {}: {e}", ca.display()))?;
+                capgate::RedisStoreConfig::with_tls_ca(url, pem)
+            }
+            None => capgate::RedisStoreConfig::new(url),
+        }
+        .map_err(|e| e.to_string())?;
+        config.fallback = self.quota_fallback;
+        if let Some(n) = self.fleet_size {
+            config.fleet_size = n;
+        }
+        if let Some(h) = self.quota_heartbeat {
+            config.heartbeat_interval = h;
+        }
+        Ok(config.into())
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -86,7 +142,9 @@ pub(crate) fn run(args: ServeArgs) -> Result<(), String> {
     if let Some(t) = args.tls_handshake_timeout {
         limits.tls_handshake_timeout = t;
     }
-    let mut builder = Server::builder().limits(limits);
+    let mut builder = Server::builder()
+        .limits(limits)
+        .quota_store(args.quota.store()?);
     builder = match args.service {
         Service::Store => {
             // Each client (source IP, Unix uid or certificate) has its share of the store.
