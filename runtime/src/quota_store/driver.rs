@@ -312,35 +312,8 @@ impl<B: Backend> Driver<B> {
                 items.push(Item::Resync);
             }
         }
-        // One count update per client: its admissions and its changed count together.
-        let mut by_key: HashMap<String, (Arc<ConnCount>, Vec<AdmitRequest>, u32)> = HashMap::new();
-        for c in self.dirty.drain(..) {
-            c.take_dirty();
-            by_key
-                .entry(c.key.clone())
-                .or_insert_with(|| (c, Vec::new(), u32::MAX));
-        }
-        for a in self.admits.drain(..) {
-            let e = by_key
-                .entry(a.conns.key.clone())
-                .or_insert_with(|| (a.conns.clone(), Vec::new(), u32::MAX));
-            e.2 = e.2.min(a.max);
-            e.1.push(a);
-        }
-        for (key, (conns, admits, max)) in by_key {
-            let mine = conns.count();
-            ops.push(Op::Conns {
-                key,
-                mine,
-                admit: admits.len() as u32,
-                max: if admits.is_empty() { 0 } else { max },
-            });
-            items.push(Item::Conns {
-                conns,
-                mine,
-                admits,
-            });
-        }
+        // Leases before admissions: a connection admitted in this round finds the tokens its
+        // client was granted in it.
         while self.deferred.peek().is_some_and(|Reverse(d)| d.at <= now) {
             if let Some(Reverse(d)) = self.deferred.pop() {
                 self.leases.push(d.rate);
@@ -373,6 +346,35 @@ impl<B: Backend> Driver<B> {
                 n,
             });
             items.push(Item::Lease { rate, n });
+        }
+        // One count update per client: its admissions and its changed count together.
+        let mut by_key: HashMap<String, (Arc<ConnCount>, Vec<AdmitRequest>, u32)> = HashMap::new();
+        for c in self.dirty.drain(..) {
+            c.take_dirty();
+            by_key
+                .entry(c.key.clone())
+                .or_insert_with(|| (c, Vec::new(), u32::MAX));
+        }
+        for a in self.admits.drain(..) {
+            let e = by_key
+                .entry(a.conns.key.clone())
+                .or_insert_with(|| (a.conns.clone(), Vec::new(), u32::MAX));
+            e.2 = e.2.min(a.max);
+            e.1.push(a);
+        }
+        for (key, (conns, admits, max)) in by_key {
+            let mine = conns.count();
+            ops.push(Op::Conns {
+                key,
+                mine,
+                admit: admits.len() as u32,
+                max: if admits.is_empty() { 0 } else { max },
+            });
+            items.push(Item::Conns {
+                conns,
+                mine,
+                admits,
+            });
         }
         if ops.is_empty() {
             return true;
