@@ -27,6 +27,8 @@ struct RedisServer {
     port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    /// TLS only (`--tls-port`), with these certificate and key files.
+    tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl RedisServer {
@@ -42,14 +44,45 @@ impl RedisServer {
             port,
             dir,
             child: None,
+            tls: None,
         };
         r.spawn();
         r
     }
 
+    /// A TLS-only server with a throwaway CA's certificate for 127.0.0.1 and localhost.
+    fn start_tls() -> (Self, Vec<u8>) {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(format!("capgate-redis-{}-{port}", std::process::id()));
+        let certs = capgate::write_dev_certs(&dir, &[]).unwrap();
+        let ca = std::fs::read(&certs.ca).unwrap();
+        let mut r = Self {
+            port,
+            dir,
+            child: None,
+            tls: Some(certs.server),
+        };
+        r.spawn();
+        (r, ca)
+    }
+
     fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+        let mut cmd = Command::new("redis-server");
+        match &self.tls {
+            None => cmd.args(["--port", &self.port.to_string()]),
+            Some((cert, key)) => cmd
+                .args(["--port", "0", "--tls-port", &self.port.to_string()])
+                .args(["--tls-auth-clients", "no", "--tls-cert-file"])
+                .arg(cert)
+                .arg("--tls-key-file")
+                .arg(key),
+        };
+        let child = cmd
+            .args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--loglevel", "warning"])
             .arg("--dir")
             .arg(&self.dir)
@@ -65,6 +98,9 @@ impl RedisServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while !self.ping() {
+            if self.tls.is_some() && std::net::TcpStream::connect(self.addr()).is_ok() {
+                break;
+            }
             assert!(
                 Instant::now() < deadline,
                 "redis-server did not start within 10 s"
@@ -567,6 +603,35 @@ fn a_redis_300_ms_away_never_slows_a_call() {
         "{rounds} rounds, {sum} s"
     );
     assert!(metric(&text, "capgate_quota_store_leases_total") >= 1.0);
+}
+
+#[test]
+fn rediss_is_verified_against_the_given_ca() {
+    let (redis, ca) = RedisServer::start_tls();
+    let url = format!("rediss://127.0.0.1:{}", redis.port);
+    let verified = EchoServer::start(
+        policy(1000, 100, 64),
+        RedisStoreConfig::with_tls_ca(&url, ca).unwrap().into(),
+    );
+    verified.wait_up(true, Duration::from_secs(5));
+    // The system's roots do not know the throwaway CA: the handshake fails, the fallback
+    // serves, and the errors are counted.
+    let unverified = EchoServer::start(policy(1000, 100, 64), QuotaStore::redis(&url).unwrap());
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(unverified.stats.quota_store_up(), Some(false));
+    assert!(unverified.metric("capgate_quota_store_errors_total") >= 1.0);
+    let served = local(async {
+        let (_c, caps) = connect_all(&[verified.addr, unverified.addr]).await;
+        let mut served = 0;
+        for e in &caps {
+            for _ in 0..20 {
+                served += u32::from(call(e).await);
+            }
+        }
+        served
+    });
+    assert_eq!(served, 40);
+    assert!(verified.metric("capgate_quota_store_leases_total") >= 1.0);
 }
 
 #[test]
