@@ -1,7 +1,7 @@
 //! Leases: a server's local slice of a client's fleet-wide call budget.
 //!
 //! The fleet-wide budget is a GCRA in the store: `r` calls per second with a burst of `b`
-//! ([`Gcra`], the same arithmetic as the Lua script in `redis.rs`). Each server holds, per
+//! (`Gcra`, the same arithmetic as the Lua script in `redis.rs`). Each server holds, per
 //! budget, a count of tokens ([`LocalBucket`]); a call spends one, locally and synchronously
 //! (an atomic decrement: no lock, no network). When a server's tokens fall to half the lease
 //! size `L`, its background task asks the store to top them up to `L`; the store grants all,

@@ -40,8 +40,8 @@ if was and was > now then return 1 end
 return 0
 ";
 
-/// Sets this server's count of a client (ARGV[3]) to ARGV[4], first admitting up to ARGV[5]
-/// connections while the live servers' counts stay within ARGV[6]. Returns
+/// Sets this server's count of a client (`ARGV[3]`) to `ARGV[4]`, first admitting up to `ARGV[5]`
+/// connections while the live servers' counts stay within `ARGV[6]`. Returns
 /// `{admitted, other servers' count}`.
 const CONNS: &str = r"
 local t = redis.call('TIME')
@@ -71,7 +71,7 @@ end
 return {accepted, others}
 ";
 
-/// GCRA: takes up to ARGV[3] tokens from a budget of ARGV[1] per second with burst ARGV[2].
+/// GCRA: takes up to `ARGV[3]` tokens from a budget of `ARGV[1]` per second with burst `ARGV[2]`.
 /// Returns `{granted, 0}`, or `{0, µs until the request would be granted whole}`. The same
 /// arithmetic as `Gcra::lease` in `lease.rs` (times in µs since `EPOCH_SECS`).
 const LEASE: &str = r"

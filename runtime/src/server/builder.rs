@@ -220,7 +220,12 @@ impl ServerBuilder {
             QuotaStore::InProcess => None,
             QuotaStore::Redis(config) => {
                 config.validate()?;
-                tracing::info!(store = %config.addr(), fallback = ?config.fallback, fleet_size = config.fleet_size, "quota store: Redis");
+                tracing::info!(
+                    store = %config.addr(),
+                    fallback = ?config.fallback,
+                    fleet_size = config.fleet_size,
+                    "quota store: Redis"
+                );
                 Some(Fleet::redis(config, metrics.quota_store()))
             }
         };
