@@ -15,18 +15,15 @@ use std::time::{Duration, Instant};
 use capgate::bench_capnp::echo;
 use capgate::demo::EchoService;
 use capgate::{
-    Client, ClientClass, ListenAddr, Matcher, Policy, QuotaStore, Quotas, RedisStoreConfig, Server,
-    ServerStats,
+    Client, ClientClass, Matcher, Policy, QuotaStore, Quotas, RedisStoreConfig, Server, ServerStats,
 };
 use criterion::{Criterion, Throughput};
 use tokio::runtime::Runtime;
 use tokio::task::LocalSet;
 
-/// The median (sorts `v`).
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
+#[allow(dead_code)] // the twoparty helpers serve the other benches
+mod common;
+use common::{median, serve_on_thread};
 
 const PAYLOAD: &[u8] = &[42u8; 64];
 
@@ -120,17 +117,8 @@ fn start_server(policy: Policy, store: QuotaStore) -> (SocketAddr, ServerStats) 
         .bootstrap_factory(|_| EchoService.client())
         .build()
         .unwrap();
-    let ListenAddr::Tcp(addr) = server.local_addrs()[0].clone() else {
-        unreachable!()
-    };
     let stats = server.stats();
-    std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(server.serve())
-    });
+    let addr = serve_on_thread(server);
     let deadline = Instant::now() + Duration::from_secs(10);
     while stats.quota_store_up() == Some(false) {
         assert!(Instant::now() < deadline, "the quota store did not come up");
