@@ -6,16 +6,15 @@
 //! `cargo bench --bench catalog` (full), `cargo bench --bench catalog -- --test` (smoke).
 
 use std::net::SocketAddr;
-use std::num::{NonZeroU32, NonZeroUsize};
+use std::num::NonZeroUsize;
 use std::time::Instant;
 
 use capgate::bench_capnp::echo;
 use capgate::demo::EchoService;
-use capgate::{Catalog, Client, ClientClass, Matcher, Policy, Quotas, Server};
+use capgate::{Catalog, ClientClass, Matcher, Policy, Server};
 use capnp::schema_capnp::code_generator_request;
 use capnp::traits::HasTypeId;
 
-#[allow(dead_code)] // the twoparty helpers serve the other benches
 mod common;
 use common::median;
 
@@ -62,12 +61,7 @@ fn user_request() -> Vec<u8> {
 }
 
 fn roomy(name: &str, m: Matcher) -> ClientClass {
-    let mut q = Quotas::default();
-    q.calls_per_second = NonZeroU32::MAX;
-    q.burst = NonZeroU32::MAX;
-    q.max_inflight_calls = 100_000;
-    q.max_open_answers = 100_000;
-    ClientClass::new(name, m).with_quotas(q)
+    ClientClass::new(name, m).with_quotas(common::roomy_quotas())
 }
 
 /// 10 classes of 40 methods each; the benchmark client matches the last, which allows
@@ -118,42 +112,6 @@ fn start(catalog: Catalog, policy: Policy) -> SocketAddr {
     common::serve_on_thread(server)
 }
 
-async fn call(e: &echo::Client) {
-    let mut req = e.echo_request();
-    req.get().set_payload(&[42u8; 64]);
-    req.send().promise.await.unwrap();
-}
-
-/// Median of `n` sequential calls, in µs.
-async fn sequential_p50(e: &echo::Client, n: usize) -> f64 {
-    let mut v = Vec::with_capacity(n);
-    for _ in 0..n {
-        let t = Instant::now();
-        call(e).await;
-        v.push(t.elapsed().as_secs_f64() * 1e6);
-    }
-    median(&mut v)
-}
-
-/// Calls per second with 128 in flight.
-async fn throughput(e: &echo::Client, total: usize) -> f64 {
-    use futures::stream::{FuturesUnordered, StreamExt};
-    let t = Instant::now();
-    let mut pending = FuturesUnordered::new();
-    let mut sent = 0;
-    while sent < total.min(128) {
-        pending.push(call(e));
-        sent += 1;
-    }
-    while pending.next().await.is_some() {
-        if sent < total {
-            pending.push(call(e));
-            sent += 1;
-        }
-    }
-    total as f64 / t.elapsed().as_secs_f64()
-}
-
 fn main() {
     let quick = std::env::args().any(|a| a == "--test");
     let (rounds, seq, total, loads) = if quick {
@@ -177,43 +135,10 @@ fn main() {
     );
     let user = Catalog::from_code_generator_request(&request).unwrap();
     let builtin = Catalog::builtin().clone();
-    let addrs = [
+    let servers = [
         ("builtin", start(builtin.clone(), policy(&builtin, false))),
         ("user", start(user.clone(), policy(&user, true))),
     ];
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    tokio::task::LocalSet::new().block_on(&rt, async {
-        let mut clients = Vec::new();
-        for (_, addr) in &addrs {
-            let c = Client::connect(*addr).await.unwrap();
-            let e: echo::Client = c.bootstrap();
-            call(&e).await;
-            clients.push((c, e));
-        }
-        let (mut lat, mut thr) = (vec![Vec::new(), Vec::new()], vec![Vec::new(), Vec::new()]);
-        // Interleaved rounds: the two servers see the same machine.
-        for _ in 0..rounds {
-            for (k, (_, e)) in clients.iter().enumerate() {
-                lat[k].push(sequential_p50(e, seq).await);
-                thr[k].push(throughput(e, total).await);
-            }
-        }
-        for (k, (name, _)) in addrs.iter().enumerate() {
-            println!(
-                "{name:8} sequential p50 {:.1} µs (rounds {:?}), 128 in flight {:.0} calls/s",
-                median(&mut lat[k].clone()),
-                lat[k].iter().map(|v| v.round()).collect::<Vec<_>>(),
-                median(&mut thr[k].clone())
-            );
-        }
-        let ratio = |v: &mut Vec<Vec<f64>>| median(&mut v[1].clone()) / median(&mut v[0].clone());
-        println!(
-            "user/builtin: sequential p50 {:.2}, throughput {:.2}",
-            ratio(&mut lat),
-            ratio(&mut thr)
-        );
-    });
+    let (lat, thr) = common::side_by_side(&servers, rounds, seq, total);
+    println!("user/builtin: sequential p50 {lat:.2}, throughput {thr:.2}");
 }

@@ -5,7 +5,7 @@
 //! `cargo bench --bench compare` (about 2 minutes), `-- --test` for the CI smoke run.
 
 use std::net::SocketAddr;
-use std::num::{NonZeroU32, NonZeroUsize};
+use std::num::NonZeroUsize;
 use std::rc::Rc;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
@@ -13,9 +13,7 @@ use std::time::{Duration, Instant};
 use capgate::bench_capnp::echo;
 use capgate::demo::{EchoService, Store};
 use capgate::store_capnp::{namespace, store};
-use capgate::{
-    Client, ClientClass, ClientHandle, Limits, ListenAddr, Matcher, Policy, Quotas, Server,
-};
+use capgate::{Client, ClientClass, ClientHandle, Limits, ListenAddr, Matcher, Policy, Server};
 use capnp_rpc::{rpc_twoparty_capnp::Side, RpcSystem};
 use futures::StreamExt;
 use serde_bytes::ByteBuf;
@@ -119,13 +117,7 @@ fn start_twoparty(threads: usize, store: bool) -> SocketAddr {
 
 /// A policy that allows the workload and stays out of its way (quotas far above it).
 fn bench_policy() -> Policy {
-    let mut q = Quotas::default();
-    q.calls_per_second = NonZeroU32::MAX;
-    q.burst = NonZeroU32::MAX;
-    q.max_connections = 100_000;
-    q.max_class_connections = 100_000;
-    q.max_inflight_calls = 100_000;
-    q.max_open_answers = 100_000;
+    let mut q = common::roomy_quotas();
     q.max_message_bytes = Some(MAX_FRAME);
     q.max_inflight_bytes = 1 << 30;
     let c = capgate::Catalog::builtin();

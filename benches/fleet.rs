@@ -21,7 +21,6 @@ use criterion::{Criterion, Throughput};
 use tokio::runtime::Runtime;
 use tokio::task::LocalSet;
 
-#[allow(dead_code)] // the twoparty helpers serve the other benches
 mod common;
 use common::{median, serve_on_thread};
 

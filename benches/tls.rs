@@ -4,28 +4,22 @@
 //! `cargo bench --bench tls` (add `-- --test` for a smoke run).
 
 use std::net::SocketAddr;
-use std::num::{NonZeroU32, NonZeroUsize};
+use std::num::NonZeroUsize;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use capgate::bench_capnp::echo;
 use capgate::demo::EchoService;
-use capgate::{Client, ClientClass, Matcher, Policy, Quotas, Server};
+use capgate::{Client, ClientClass, Matcher, Policy, Server};
 
-#[allow(dead_code)] // the twoparty helpers serve the other benches
 mod common;
 use tokio::task::LocalSet;
 
 fn policy() -> Policy {
-    let mut q = Quotas::default();
-    q.calls_per_second = NonZeroU32::MAX;
-    q.burst = NonZeroU32::MAX;
-    q.max_connections = 100_000;
-    q.max_class_connections = 100_000;
     Policy::from_classes(vec![ClientClass::new("bench", Matcher::Any)
         .allow_all()
-        .with_quotas(q)])
+        .with_quotas(common::roomy_quotas())])
 }
 
 fn start(tls: Option<Arc<rustls::ServerConfig>>) -> SocketAddr {

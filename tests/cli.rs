@@ -214,6 +214,40 @@ fn plaintext_on_a_non_loopback_address_needs_an_explicit_flag() {
 }
 
 #[test]
+fn policy_explain_lists_the_method_rules_that_apply() {
+    let explain = |method: &str| {
+        let out = Command::new(BIN)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args([
+                "policy",
+                "explain",
+                "examples/policy.toml",
+                "--client",
+                "admin",
+                method,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(
+        explain("Store.remove"),
+        "allowed: Store.remove (Store.remove) for client \"admin\": rule \"*\" at examples/policy.toml:24:10\n  \
+         method rule \"Store.remove\" at examples/policy.toml:26:17: calls_per_second = 1, burst = 5\n  \
+         on top of the class's calls_per_second = 2000, burst = 200, max_inflight_calls = 128\n"
+    );
+    assert!(explain("Namespace.wait").contains(
+        "method rule \"Namespace.wait\" at examples/policy.toml:30:17: max_inflight_calls = 4\n"
+    ));
+    assert!(!explain("Namespace.put").contains("method rule"));
+}
+
+#[test]
 fn policy_check_and_explain_take_a_users_schema_as_text_or_compiled() {
     let dir = temp_dir("schema");
     let p = dir.join("p.toml");

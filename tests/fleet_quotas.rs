@@ -358,6 +358,53 @@ fn a_client_spread_over_three_servers_gets_its_rate_once_not_three_times() {
     assert_eq!(errors, 0.0);
 }
 
+#[test]
+fn a_method_rate_holds_across_the_fleet_like_the_class_rate() {
+    let redis = RedisServer::start();
+    // The class allows 10,000 calls/s; the method rule on Echo.echo 50/s, burst 10: over 10 s,
+    // 10 + 50 x 10 = 510 echo calls in total across the three servers.
+    let method_policy = || {
+        let rule = capgate::MethodQuota::new("Echo.echo", capgate::Catalog::builtin())
+            .unwrap()
+            .with_rate(NonZeroU32::new(50).unwrap(), NonZeroU32::new(10).unwrap());
+        let class = policy(10_000, 1000, 64).classes()[0].as_ref().clone();
+        Policy::from_classes(vec![class.with_method_quota(rule)])
+    };
+    let shared: Vec<EchoServer> = (0..3)
+        .map(|_| {
+            EchoServer::start(
+                method_policy(),
+                redis_store(&redis.url(), 3, Duration::from_secs(1)),
+            )
+        })
+        .collect();
+    for s in &shared {
+        s.wait_up(true, Duration::from_secs(5));
+    }
+    let target = 10.0 + 50.0 * 10.0;
+    let addrs: Vec<_> = shared.iter().map(|s| s.addr).collect();
+    let (served, made) = local(async move {
+        let (_clients, caps) = connect_all(&addrs).await;
+        spread_calls(&caps, Duration::from_secs(10), Duration::from_micros(1500)).await
+    });
+    eprintln!("echo calls served over 10 s across 3 servers: {served} of {made} (target {target})");
+    let served = f64::from(served);
+    assert!(
+        (served - target).abs() <= 0.05 * target,
+        "{served} served, not within 5% of {target}"
+    );
+    let refused: u64 = shared
+        .iter()
+        .map(|s| s.stats.denials("fleet").method_rate)
+        .sum();
+    assert!(refused > 0, "the method rule refused nothing");
+    let class_refused: u64 = shared.iter().map(|s| s.stats.denials("fleet").rate).sum();
+    assert_eq!(
+        class_refused, 0,
+        "the class rate is far above: it refused nothing"
+    );
+}
+
 /// A raw connection that bootstrapped (the server admitted it) and now idles; or the reason
 /// it was refused.
 fn open(addr: SocketAddr) -> Result<std::net::TcpStream, String> {

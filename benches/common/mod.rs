@@ -1,5 +1,8 @@
 //! Helpers shared by the benchmarks (each bench includes this module).
 
+// Each bench uses a part of them.
+#![allow(dead_code)]
+
 use std::net::SocketAddr;
 
 use capnp_rpc::{rpc_twoparty_capnp::Side, twoparty, RpcSystem};
@@ -73,4 +76,96 @@ pub(crate) fn serve_on_thread(server: capgate::Server) -> std::net::SocketAddr {
             .block_on(server.serve())
     });
     addr
+}
+
+/// One echo call with a 64-byte payload.
+pub(crate) async fn echo_call(e: &capgate::bench_capnp::echo::Client) {
+    let mut req = e.echo_request();
+    req.get().set_payload(&[42u8; 64]);
+    req.send().promise.await.unwrap();
+}
+
+/// Median of `n` sequential calls, in µs.
+pub(crate) async fn sequential_p50(e: &capgate::bench_capnp::echo::Client, n: usize) -> f64 {
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = std::time::Instant::now();
+        echo_call(e).await;
+        v.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    median(&mut v)
+}
+
+/// Calls per second with 128 in flight.
+pub(crate) async fn throughput(e: &capgate::bench_capnp::echo::Client, total: usize) -> f64 {
+    use futures::stream::{FuturesUnordered, StreamExt};
+    let t = std::time::Instant::now();
+    let mut pending = FuturesUnordered::new();
+    let mut sent = 0;
+    while sent < total.min(128) {
+        pending.push(echo_call(e));
+        sent += 1;
+    }
+    while pending.next().await.is_some() {
+        if sent < total {
+            pending.push(echo_call(e));
+            sent += 1;
+        }
+    }
+    total as f64 / t.elapsed().as_secs_f64()
+}
+
+/// Quotas far above any benchmark's load, so the policy stays out of its way.
+pub(crate) fn roomy_quotas() -> capgate::Quotas {
+    let mut q = capgate::Quotas::default();
+    q.calls_per_second = std::num::NonZeroU32::MAX;
+    q.burst = std::num::NonZeroU32::MAX;
+    q.max_connections = 100_000;
+    q.max_class_connections = 100_000;
+    q.max_inflight_calls = 100_000;
+    q.max_open_answers = 100_000;
+    q
+}
+
+/// Sequential p50 and 128-in-flight throughput of echo servers, in interleaved rounds (so
+/// they see the same machine); prints one line per server and returns the ratios of the
+/// second to the first (sequential p50, throughput).
+pub(crate) fn side_by_side(
+    servers: &[(&str, SocketAddr)],
+    rounds: usize,
+    seq: usize,
+    total: usize,
+) -> (f64, f64) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    tokio::task::LocalSet::new().block_on(&rt, async {
+        let mut clients = Vec::new();
+        for (_, addr) in servers {
+            let c = capgate::Client::connect(*addr).await.unwrap();
+            let e: capgate::bench_capnp::echo::Client = c.bootstrap();
+            echo_call(&e).await;
+            clients.push((c, e));
+        }
+        let mut lat = vec![Vec::new(); servers.len()];
+        let mut thr = vec![Vec::new(); servers.len()];
+        for _ in 0..rounds {
+            for (k, (_, e)) in clients.iter().enumerate() {
+                lat[k].push(sequential_p50(e, seq).await);
+                thr[k].push(throughput(e, total).await);
+            }
+        }
+        for (k, (name, _)) in servers.iter().enumerate() {
+            println!(
+                "{name:9} sequential p50 {:.1} µs (rounds {:?}), 128 in flight {:.0} calls/s (rounds, k/s {:?})",
+                median(&mut lat[k].clone()),
+                lat[k].iter().map(|v| v.round()).collect::<Vec<_>>(),
+                median(&mut thr[k].clone()),
+                thr[k].iter().map(|v| (v / 1000.0).round()).collect::<Vec<_>>(),
+            );
+        }
+        let ratio = |v: &[Vec<f64>]| median(&mut v[1].clone()) / median(&mut v[0].clone());
+        (ratio(&lat), ratio(&thr))
+    })
 }

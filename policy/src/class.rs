@@ -1,6 +1,7 @@
 use capgate_schema::{Catalog, LookupError, MethodRef};
 
-use crate::{Matcher, Quotas};
+use crate::method_quota::MethodRules;
+use crate::{Matcher, MethodQuota, Quotas};
 
 /// One entry of an allowlist, as written, with where it was written.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,6 +48,7 @@ pub struct ClientClass {
     /// methods of an allowlist costs less than hashing the peer's method id with SipHash.
     allowed: Option<Vec<MethodRef>>,
     quotas: Quotas,
+    methods: MethodRules,
 }
 
 impl ClientClass {
@@ -58,6 +60,7 @@ impl ClientClass {
             rules: Vec::new(),
             allowed: Some(Vec::new()),
             quotas: Quotas::default(),
+            methods: MethodRules::default(),
         }
     }
 
@@ -96,6 +99,24 @@ impl ClientClass {
     pub fn with_quotas(mut self, quotas: Quotas) -> Self {
         self.quotas = quotas;
         self
+    }
+
+    /// Adds a per-method rule: its quotas apply on top of the class's to the methods it
+    /// names. Rules may overlap; a call must pass every rule covering it.
+    pub fn with_method_quota(mut self, rule: MethodQuota) -> Self {
+        self.methods.push(rule);
+        self
+    }
+
+    /// The per-method rules, in the order written.
+    pub fn method_quotas(&self) -> &[MethodQuota] {
+        &self.methods.rules
+    }
+
+    /// Indices into [`ClientClass::method_quotas`] of the rules covering `m` (the call path:
+    /// nothing when the class has no method rules, else one binary search).
+    pub fn method_quotas_of(&self, m: MethodRef) -> &[u16] {
+        self.methods.of(m)
     }
 
     /// The class name.

@@ -7,12 +7,14 @@ mod class;
 mod error;
 mod file;
 mod matcher;
+mod method_quota;
 mod quotas;
 mod units;
 
 pub use class::{AllowRule, ClientClass, Decision};
 pub use error::{PolicyError, PolicyErrors};
 pub use matcher::{Matcher, PeerView};
+pub use method_quota::{MethodQuota, MethodRate};
 pub use quotas::Quotas;
 pub use units::{parse_bytes, parse_duration};
 

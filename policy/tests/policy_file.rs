@@ -234,3 +234,94 @@ fn amplification_quotas_are_read_with_their_units() {
         "{e:?}"
     );
 }
+
+const METHODS: &str = r#"[[client]]
+name  = "writer"
+match = { source = "127.0.0.2/32" }
+allow = ["*"]
+
+[client.methods."Namespace.put"]
+calls_per_second   = 5
+burst              = 5
+max_inflight_calls = 2
+
+[client.methods."Reader.*"]
+max_inflight_calls = 8
+
+[client.methods."store.capnp:Store.namespace"]
+calls_per_second = 10
+"#;
+
+#[test]
+fn method_rules_resolve_like_allowlist_names_and_keep_their_quotas() {
+    let c = Catalog::builtin();
+    let p = Policy::parse("p.toml", METHODS, c).unwrap();
+    let class = p.class("writer").unwrap();
+    let rules = class.method_quotas();
+    assert_eq!(rules.len(), 3);
+    assert_eq!(rules[0].pattern, "Namespace.put");
+    assert_eq!(rules[0].location, "p.toml:6:17");
+    let rate = rules[0].rate.unwrap();
+    assert_eq!((rate.calls_per_second.get(), rate.burst.get()), (5, 5));
+    assert_eq!(rules[0].max_inflight_calls, Some(2));
+    assert_eq!(rules[1].rate, None);
+    // Without a burst: one second's worth.
+    let rate = rules[2].rate.unwrap();
+    assert_eq!((rate.calls_per_second.get(), rate.burst.get()), (10, 10));
+    let put = c.method("Namespace", "put").unwrap();
+    let get = c.method("Namespace", "get").unwrap();
+    assert_eq!(class.method_quotas_of(put), &[0]);
+    // Namespace.get is Reader.get: the Reader.* rule covers it.
+    assert_eq!(class.method_quotas_of(get), &[1]);
+    assert_eq!(
+        class.method_quotas_of(c.method("Store", "namespace").unwrap()),
+        &[2]
+    );
+    assert!(class
+        .method_quotas_of(c.method("Namespace", "readOnly").unwrap())
+        .is_empty());
+    // The class quotas are untouched.
+    assert_eq!(class.quotas().calls_per_second.get(), 2000);
+}
+
+#[test]
+fn bad_method_rules_are_located_with_what_to_write() {
+    let e = errors(
+        r#"[[client]]
+name = "a"
+match = "any"
+allow = ["Namespace.get"]
+
+[client.methods."Namespace.pt"]
+calls_per_second = 5
+
+[client.methods."Namespace.get"]
+calls_per_secnd = 5
+burst = 0
+
+[client.methods."Namespace.list"]
+burst = 3
+
+[client.methods."Namespace.put"]
+calls_per_second = 1
+
+[client.methods."Reader.*"]
+"#,
+    );
+    assert_eq!(
+        e,
+        [
+            "p.toml:6:17: interface `Namespace` has no method `pt` (did you mean `Namespace.put`?)",
+            "p.toml:10:1: unknown key `calls_per_secnd` in method rule `Namespace.get` (did you mean `calls_per_second`?)",
+            "p.toml:11:9: `burst` must be at least 1",
+            "p.toml:14:1: `burst` needs `calls_per_second` in method rule `Namespace.list`",
+            "p.toml:16:17: method rule `Namespace.put` has no effect: client class `a` allows none of the methods it names (add them to `allow`, or remove the rule)",
+            "p.toml:19:17: method rule `Reader.*` sets no quota: add `calls_per_second` (and `burst`) or `max_inflight_calls`",
+        ]
+    );
+    let e = errors("[[client]]\nname = \"a\"\nmatch = \"any\"\nallow = []\nmethods = 3\n");
+    assert_eq!(
+        e,
+        ["p.toml:5:11: `methods` must be a table of method rules: write `[client.methods.\"Iface.method\"]`"]
+    );
+}

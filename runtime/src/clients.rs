@@ -21,7 +21,7 @@ use governor::{Quota, RateLimiter};
 use crate::guard::RateLimit;
 use crate::outgoing::ClientOutgoing;
 use crate::quota_store::{Fleet, QuotaKey};
-use crate::{PeerAddr, PeerInfo};
+use crate::{ClientClass, PeerAddr, PeerInfo};
 
 /// Who a client is within its class: two source addresses are two clients.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -99,6 +99,8 @@ struct Budget {
 /// atomic decrement, with no lookup and no copy of the key.
 struct ClientEntry {
     rate: Mutex<Budget>,
+    /// Budgets of the class's method rules with a rate, by rule pattern.
+    method_rates: Mutex<Vec<(String, Budget)>>,
     connections: AtomicUsize,
     /// Bytes queued for this client across its connections.
     outgoing: Arc<ClientOutgoing>,
@@ -116,12 +118,14 @@ impl ClientEntry {
         let Some(since) = *lock(&self.idle_since) else {
             return false;
         };
-        let (per_second, burst) = {
-            let b = lock(&self.rate);
-            (b.per_second, b.burst)
+        let refill = |b: &Budget| {
+            Duration::from_secs_f64(f64::from(b.burst.get()) / f64::from(b.per_second.get()))
         };
-        let refill = Duration::from_secs_f64(f64::from(burst.get()) / f64::from(per_second.get()));
-        now.saturating_duration_since(since) > refill
+        let mut longest = refill(&lock(&self.rate));
+        for (_, b) in lock(&self.method_rates).iter() {
+            longest = longest.max(refill(b));
+        }
+        now.saturating_duration_since(since) > longest
     }
 }
 
@@ -197,12 +201,17 @@ impl ClientRegistry {
         &self,
         class: &str,
         key: &ClientKey,
+        method: Option<&str>,
         per_second: NonZeroU32,
         burst: NonZeroU32,
     ) -> Budget {
         let limit: Arc<dyn RateLimit> = match &self.fleet {
             Some(f) => {
-                let rate = f.rate(&QuotaKey::client(class, key.clone()), per_second, burst);
+                let k = match method {
+                    Some(m) => QuotaKey::method(class, key.clone(), m),
+                    None => QuotaKey::client(class, key.clone()),
+                };
+                let rate = f.rate(&k, per_second, burst);
                 // The first lease travels with the connection's admission: its first call
                 // finds tokens.
                 rate.want();
@@ -229,7 +238,8 @@ impl ClientRegistry {
             .entry((class.to_string(), key))
             .or_insert_with(|| {
                 Arc::new(ClientEntry {
-                    rate: Mutex::new(self.budget(class, &budget_key, per_second, burst)),
+                    rate: Mutex::new(self.budget(class, &budget_key, None, per_second, burst)),
+                    method_rates: Mutex::default(),
                     connections: AtomicUsize::new(0),
                     outgoing: Arc::default(),
                     // Idle until a connection succeeds: a refused first attempt leaves
@@ -334,9 +344,49 @@ impl ClientRegistry {
         let mut rate = lock(&entry.rate);
         if rate.per_second != per_second || rate.burst != burst {
             let (class, key) = entry.key();
-            *rate = self.budget(class, key, per_second, burst);
+            *rate = self.budget(class, key, None, per_second, burst);
         }
         (ConnectionSlot(entry.value().clone()), rate.limit.clone())
+    }
+
+    /// The client's budgets for the method rules of `class` (the class its `slot` was taken
+    /// in): one per rule, in order, `None` for rules without a rate. Budgets are shared by the
+    /// client's connections and kept while a rule's rate is unchanged (a reload that leaves a
+    /// rule alone does not refill it); rules the class no longer has are dropped.
+    pub fn method_rates(
+        &self,
+        slot: &ConnectionSlot,
+        class: &ClientClass,
+        key: &ClientKey,
+    ) -> Vec<Option<Arc<dyn RateLimit>>> {
+        let rules = class.method_quotas();
+        if rules.is_empty() {
+            return Vec::new();
+        }
+        let mut held = lock(&slot.0.method_rates);
+        let mut kept: Vec<(String, Budget)> = Vec::new();
+        let out = rules
+            .iter()
+            .map(|r| {
+                let rate = r.rate?;
+                let (per_second, burst) = (rate.calls_per_second, rate.burst);
+                let same = |(p, b): &(String, Budget)| {
+                    *p == r.pattern && b.per_second == per_second && b.burst == burst
+                };
+                let budget = match held.iter().position(same) {
+                    Some(i) => held.swap_remove(i),
+                    None => (
+                        r.pattern.clone(),
+                        self.budget(class.name(), key, Some(&r.pattern), per_second, burst),
+                    ),
+                };
+                let limit = budget.1.limit.clone();
+                kept.push(budget);
+                Some(limit)
+            })
+            .collect();
+        *held = kept;
+        out
     }
 }
 

@@ -28,8 +28,10 @@ use prometheus_client::metrics::gauge::Gauge;
 
 use crate::Metrics;
 
+mod methods;
 mod reply;
 mod table;
+use methods::{MethodLimits, Over};
 use table::IdTable;
 
 /// Decides whether a call may go ahead under the client's shared rate limit.
@@ -72,8 +74,9 @@ impl std::fmt::Debug for Verdict {
 /// The state of one question id the peer has opened (an answer on our side).
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Answer {
-    /// Delivered; no Return sent and no Finish received: in flight.
-    Running,
+    /// Delivered; no Return sent and no Finish received: in flight. The method, for calls
+    /// (per-method in-flight counts); `None` for bootstraps.
+    Running(Option<MethodRef>),
     /// Returned; capnp-rpc keeps the results until Finish.
     Returned,
     /// Finished before it returned: capnp-rpc keeps the entry for the connection's life.
@@ -103,6 +106,10 @@ pub struct DenialCounts {
     pub inflight_bytes: u64,
     /// `sendResultsTo` other than `caller`.
     pub send_results_to: u64,
+    /// Over a method rule's `calls_per_second`/`burst`.
+    pub method_rate: u64,
+    /// Over a method rule's `max_inflight_calls`.
+    pub method_inflight_calls: u64,
 }
 
 /// Denials by reason across all connections of one client class (shared, lock-free; they
@@ -115,6 +122,11 @@ pub struct DenialCounters {
     inflight_bytes: Counter,
     open_answers: Counter,
     send_results_to: Counter,
+    method_rate: Counter,
+    method_inflight_calls: Counter,
+    /// By rule: `capgate_method_denials_total`.
+    by_rule: crate::metrics::MethodDenials,
+    class: String,
 }
 
 impl DenialCounters {
@@ -127,6 +139,10 @@ impl DenialCounters {
             inflight_bytes: metrics.denials(class, "inflight_bytes"),
             open_answers: metrics.denials(class, "open_answers"),
             send_results_to: metrics.denials(class, "send_results_to"),
+            method_rate: metrics.denials(class, "method_rate"),
+            method_inflight_calls: metrics.denials(class, "method_inflight_calls"),
+            by_rule: metrics.method_denials.clone(),
+            class: class.to_string(),
         }
     }
 
@@ -139,7 +155,14 @@ impl DenialCounters {
             inflight_bytes: self.inflight_bytes.get(),
             open_answers: self.open_answers.get(),
             send_results_to: self.send_results_to.get(),
+            method_rate: self.method_rate.get(),
+            method_inflight_calls: self.method_inflight_calls.get(),
         }
+    }
+
+    /// Counts a denial by method rule `rule` under `quota`.
+    fn method_rule(&self, rule: &str, quota: &'static str) {
+        crate::metrics::method_denial(&self.by_rule, &self.class, rule, quota).inc();
     }
 }
 
@@ -155,6 +178,8 @@ pub struct Guard {
     class: Arc<ClientClass>,
     catalog: Catalog,
     rate: Arc<dyn RateLimit>,
+    /// The class's method rules on this connection.
+    methods: MethodLimits,
     answers: IdTable<Answer>,
     running: u32,
     calls: u64,
@@ -189,6 +214,7 @@ impl Guard {
         catalog: Catalog,
     ) -> Self {
         Self {
+            methods: MethodLimits::local(&class),
             class,
             catalog,
             rate,
@@ -220,14 +246,20 @@ impl Guard {
         });
     }
 
-    fn started(&mut self) {
+    fn started(&mut self, m: Option<MethodRef>) {
+        if let Some(m) = m {
+            self.methods.started(&self.class, m);
+        }
         self.running += 1;
         if let Some(o) = &self.observer {
             o.inflight.inc();
         }
     }
 
-    fn ended(&mut self) {
+    fn ended(&mut self, m: Option<MethodRef>) {
+        if let Some(m) = m {
+            self.methods.ended(&self.class, m);
+        }
         self.running -= 1;
         if let Some(o) = &self.observer {
             o.inflight.dec();
@@ -255,8 +287,23 @@ impl Guard {
         )
     }
 
-    /// Replaces the class and rate budget (after a policy reload); open answers are kept.
+    /// Uses the client's shared budgets for the class's method rules: one per rule (in the
+    /// order of [`ClientClass::method_quotas`]), `None` for rules without a rate. Until then
+    /// (and for a list of the wrong length) each rule's rate is this connection's alone.
+    pub fn set_method_rates(&mut self, rates: Vec<Option<Arc<dyn RateLimit>>>) {
+        self.methods.set_rates(rates);
+    }
+
+    /// Replaces the class and rate budget (after a policy reload); open answers are kept, and
+    /// calls in flight count toward the new class's method rules. Method rates are this
+    /// connection's until [`Guard::set_method_rates`].
     pub fn set_class(&mut self, class: Arc<ClientClass>, rate: Arc<dyn RateLimit>) {
+        self.methods = MethodLimits::local(&class);
+        let running = self.answers.values().filter_map(|a| match a {
+            Answer::Running(m) => *m,
+            _ => None,
+        });
+        self.methods.recount(&class, running);
         self.class = class;
         self.rate = rate;
         if let Some(o) = &mut self.observer {
@@ -295,8 +342,8 @@ impl Guard {
                     };
                     return self.deny(q, None, Rc::new(d));
                 }
-                self.answers.insert(q, Answer::Running);
-                self.started();
+                self.answers.insert(q, Answer::Running(None));
+                self.started(None);
                 Verdict::Deliver
             }
             Ok(message::Release(Ok(r))) => {
@@ -317,8 +364,8 @@ impl Guard {
                         self.answers.remove(q);
                         Verdict::Reply(Box::default())
                     }
-                    Some(Answer::Running) => {
-                        self.ended();
+                    Some(&Answer::Running(m)) => {
+                        self.ended(m);
                         self.answers.insert(q, Answer::Cancelled);
                         Verdict::Deliver
                     }
@@ -348,7 +395,7 @@ impl Guard {
             Verdict::Abort(format!(
                 "protocol violation: question id {q} reused while its previous use is still open ({})",
                 match a {
-                    Answer::Running => "call in flight",
+                    Answer::Running(_) => "call in flight",
                     Answer::Returned => "returned, not finished",
                     Answer::Cancelled => "cancelled",
                     Answer::Denied(_) => "denied, not finished",
@@ -475,6 +522,8 @@ impl Guard {
                 "max_inflight_calls = {} reached ({} calls in flight on this connection)",
                 quotas.max_inflight_calls, self.running
             ))
+        } else if let Err((i, over)) = self.methods.check(&self.class, m) {
+            return self.deny_by_method_rule(q, c, m, i, over);
         } else if !self.rate.try_call() {
             count(&mut self.denials, &self.shared_denials, Reason::Rate);
             Some(format!(
@@ -496,8 +545,8 @@ impl Guard {
             // would be, but they cannot run either: the same denial applies.
             return self.deny(q, Some(c), Rc::new(d));
         }
-        self.answers.insert(q, Answer::Running);
-        self.started();
+        self.answers.insert(q, Answer::Running(Some(m)));
+        self.started(Some(m));
         if let Some(o) = &mut self.observer {
             let (metrics, class, catalog) = (&o.metrics, self.class.name(), &self.catalog);
             o.calls
@@ -506,6 +555,52 @@ impl Guard {
                 .inc();
         }
         Verdict::Deliver
+    }
+
+    /// Over a quota of method rule `i`: `Overloaded`, naming the rule when its pattern is not
+    /// the method's own name.
+    fn deny_by_method_rule(
+        &mut self,
+        q: u32,
+        c: call::Reader<'_>,
+        m: MethodRef,
+        i: usize,
+        over: Over,
+    ) -> Verdict {
+        let rule = &self.class.method_quotas()[i];
+        let name = self.catalog.name_of(m);
+        let what = match (over, rule.rate) {
+            (Over::Rate, Some(r)) => format!(
+                "calls_per_second = {} with burst = {} exceeded",
+                r.calls_per_second, r.burst
+            ),
+            _ => format!(
+                "max_inflight_calls = {} reached ({} calls in flight on this connection)",
+                rule.max_inflight_calls.unwrap_or(0),
+                self.methods.inflight(i)
+            ),
+        };
+        let of_rule = if rule.pattern == name {
+            String::new()
+        } else {
+            format!(" (method rule \"{}\")", rule.pattern)
+        };
+        let reason = match over {
+            Over::Rate => Reason::MethodRate,
+            Over::Inflight => Reason::MethodInflight,
+        };
+        count(&mut self.denials, &self.shared_denials, reason);
+        if let Some(s) = &self.shared_denials {
+            s.method_rule(&rule.pattern, over.quota());
+        }
+        let d = Denial {
+            kind: exception::Type::Overloaded,
+            reason: format!(
+                "overloaded: {name} refused: {what}{of_rule} for client \"{}\"",
+                self.class.name()
+            ),
+        };
+        self.deny(q, Some(c), Rc::new(d))
     }
 
     /// Rule 1: the Return with the exception, then a Release per capability in the params
@@ -542,8 +637,8 @@ impl Guard {
                 // will not send Finish, and the answer is gone once returned.
                 let done = ret.get_no_finish_needed();
                 match self.answers.get(q) {
-                    Some(Answer::Running) => {
-                        self.ended();
+                    Some(&Answer::Running(m)) => {
+                        self.ended(m);
                         if done {
                             self.answers.remove(q);
                         } else {
@@ -665,6 +760,8 @@ enum Reason {
     InflightBytes,
     OpenAnswers,
     SendResultsTo,
+    MethodRate,
+    MethodInflight,
 }
 
 /// Counts one denial here and in the class-wide counters.
@@ -690,6 +787,14 @@ fn count(local: &mut DenialCounts, shared: &Option<Arc<DenialCounters>>, reason:
         Reason::SendResultsTo => (
             &mut local.send_results_to,
             shared.as_ref().map(|c| &c.send_results_to),
+        ),
+        Reason::MethodRate => (
+            &mut local.method_rate,
+            shared.as_ref().map(|c| &c.method_rate),
+        ),
+        Reason::MethodInflight => (
+            &mut local.method_inflight_calls,
+            shared.as_ref().map(|c| &c.method_inflight_calls),
         ),
     };
     *l += 1;

@@ -23,8 +23,8 @@ mod server;
 pub mod tls;
 
 pub use capgate_policy::{
-    parse_bytes, parse_duration, AllowRule, ClientClass, Decision, Matcher, PeerView, Policy,
-    PolicyError, PolicyErrors, Quotas,
+    parse_bytes, parse_duration, AllowRule, ClientClass, Decision, Matcher, MethodQuota,
+    MethodRate, PeerView, Policy, PolicyError, PolicyErrors, Quotas,
 };
 pub use capgate_schema::{Catalog, MethodRef};
 pub use client::{Client, ClientBuilder};

@@ -28,12 +28,37 @@ struct DenialLabels {
     reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct MethodDenialLabels {
+    class: String,
+    rule: String,
+    quota: &'static str,
+}
+
+/// Denials by method rule: `capgate_method_denials_total{class, rule, quota}`.
+pub(crate) type MethodDenials = Family<MethodDenialLabels, Counter>;
+
+/// One method rule's denial counter.
+pub(crate) fn method_denial(
+    family: &MethodDenials,
+    class: &str,
+    rule: &str,
+    quota: &'static str,
+) -> Counter {
+    family.get_or_create_owned(&MethodDenialLabels {
+        class: class.to_string(),
+        rule: rule.to_string(),
+        quota,
+    })
+}
+
 /// The metric families of one server.
 pub struct Metrics {
     registry: Registry,
     connections: Family<ClassLabel, Gauge>,
     calls: Family<CallLabels, Counter>,
     denials: Family<DenialLabels, Counter>,
+    pub(crate) method_denials: MethodDenials,
     pub(crate) inflight_calls: Gauge,
     pub(crate) inflight_bytes: Gauge,
     pub(crate) bytes_in: Counter,
@@ -50,6 +75,7 @@ impl Default for Metrics {
             connections: Family::default(),
             calls: Family::default(),
             denials: Family::default(),
+            method_denials: Family::default(),
             inflight_calls: Gauge::default(),
             inflight_bytes: Gauge::default(),
             bytes_in: Counter::default(),
@@ -73,6 +99,12 @@ impl Default for Metrics {
             "denials",
             "Calls denied by the guard, by client class and reason",
             m.denials.clone(),
+        );
+        registry.register(
+            "method_denials",
+            "Calls denied by a per-method rule, by client class, rule (as the policy names it) \
+             and quota (calls_per_second, max_inflight_calls)",
+            m.method_denials.clone(),
         );
         registry.register(
             "inflight_calls",

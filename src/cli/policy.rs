@@ -109,9 +109,40 @@ pub(crate) fn run(cmd: PolicyCommand) -> Result<(), String> {
                     class.rules().iter().map(|r| format!("\"{}\"", r.pattern)).collect::<Vec<_>>().join(", ")
                 ),
             }
+            for &i in class.method_quotas_of(m) {
+                let r = &class.method_quotas()[usize::from(i)];
+                println!(
+                    "  method rule \"{}\" at {}: {}",
+                    r.pattern,
+                    r.location,
+                    method_quota_text(r)
+                );
+            }
+            if !class.method_quotas_of(m).is_empty() {
+                let q = class.quotas();
+                println!(
+                    "  on top of the class's calls_per_second = {}, burst = {}, max_inflight_calls = {}",
+                    q.calls_per_second, q.burst, q.max_inflight_calls
+                );
+            }
             Ok(())
         }
     }
+}
+
+/// `calls_per_second = 5, burst = 5, max_inflight_calls = 2` (what the rule sets).
+fn method_quota_text(r: &capgate::MethodQuota) -> String {
+    let mut parts = Vec::new();
+    if let Some(rate) = r.rate {
+        parts.push(format!(
+            "calls_per_second = {}, burst = {}",
+            rate.calls_per_second, rate.burst
+        ));
+    }
+    if let Some(n) = r.max_inflight_calls {
+        parts.push(format!("max_inflight_calls = {n}"));
+    }
+    parts.join(", ")
 }
 
 fn load(file: &std::path::Path, catalog: &Catalog) -> Result<Policy, String> {

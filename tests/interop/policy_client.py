@@ -1,5 +1,6 @@
 """pycapnp against `capgate serve --policy tests/interop/policy.toml`: a denied call shows the
-permission-denied text and kind in Python; an over-rate burst shows Overloaded.
+permission-denied text and kind in Python; an over-rate burst shows Overloaded, and so does a
+method over its own rule (Reader.list), with the rule's text.
 
 Usage: python policy_client.py HOST PORT
 """
@@ -37,6 +38,17 @@ async def main(host, port):
             f"denied call text: {e.description}",
         )
         check(e.type == "FAILED", f"denied call kind: {e.type}")
+
+    # The method rule on Reader.list (burst 3 at 1 call/s): 10 at once, most refused by name,
+    # while other methods are not.
+    results = await asyncio.gather(*[ns.list("") for _ in range(10)], return_exceptions=True)
+    refused = [r for r in results if isinstance(r, capnp.KjException)]
+    check(len(refused) >= 6, f"{len(refused)} of 10 Reader.list calls over the method rule were refused")
+    check(all(r.type == "OVERLOADED" for r in refused), "method rule refusals have kind OVERLOADED")
+    text = 'overloaded: Reader.list refused: calls_per_second = 1 with burst = 3 exceeded for client "reader"'
+    check(all(text in r.description for r in refused), f"method rule text: {refused[0].description}")
+    got = await ns.get("k")
+    check(not got.found, "Reader.get is not limited by the Reader.list rule")
 
     # The burst is 20 at 1 call/s: 40 calls at once, some must be Overloaded.
     results = await asyncio.gather(*[store.namespaces() for _ in range(40)], return_exceptions=True)

@@ -82,6 +82,11 @@ impl<V> IdTable<V> {
         old
     }
 
+    /// Every value, in no particular order.
+    pub(super) fn values(&self) -> impl Iterator<Item = &V> {
+        self.dense.iter().flatten().chain(self.sparse.values())
+    }
+
     /// Extends the vector to `len` slots (at least doubling it), moving the ids it now covers
     /// out of the map, so that every id has exactly one home.
     fn grow_to(&mut self, len: usize) {

@@ -678,3 +678,5 @@ fn a_denial_reply_is_at_most_a_small_multiple_of_the_call() {
         bytes.len()
     );
 }
+
+mod methods;

@@ -502,8 +502,11 @@ impl ConnectionControl {
         &self,
         class: std::sync::Arc<capgate_policy::ClientClass>,
         rate: std::sync::Arc<dyn crate::RateLimit>,
+        method_rates: Vec<Option<std::sync::Arc<dyn crate::RateLimit>>>,
     ) {
-        self.shared.guard.borrow_mut().set_class(class, rate);
+        let mut guard = self.shared.guard.borrow_mut();
+        guard.set_class(class, rate);
+        guard.set_method_rates(method_rates);
     }
 
     /// Traffic counters so far.

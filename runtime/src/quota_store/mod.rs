@@ -13,9 +13,8 @@
 //! runtime, one Redis connection per server, at most one round trip in flight: each round
 //! carries every pending lease, admission and count update, in one pipeline.
 //!
-//! Budgets are keyed by [`QuotaKey`]: today a class and client; a per-method rate leases from
-//! the same store under `class/client/method` ([`QuotaKey::method`]) with no change to the
-//! store.
+//! Budgets are keyed by [`QuotaKey`]: a class and client, or for a per-method rule's rate a
+//! class, client and rule ([`QuotaKey::method`]).
 
 mod conns;
 mod driver;

@@ -393,6 +393,7 @@ where
         };
     let limits = shared.limits_for(q);
     let mut guard = Guard::with_catalog(class.clone(), rate, shared.policy.catalog().clone());
+    guard.set_method_rates(shared.clients.method_rates(&slot, &class, &key));
     guard.count_denials_into(shared.denial_counters(class.name()));
     let class_gauge = shared.metrics.connections(class.name());
     class_gauge.inc();
@@ -512,9 +513,10 @@ fn serve_admitted(
                                     let conns = f.conns(&crate::QuotaKey::client(k.name(), c.key.clone()));
                                     crate::quota_store::FleetSlot::join(f, conns)
                                 });
+                                let method_rates = shared.clients.method_rates(&slot, &k, &c.key);
                                 c.slots = (class_slot, slot, GaugeSlot(gauge), fleet_slot);
                                 tracing::info!(class = k.name(), "policy reloaded: connection re-matched");
-                                control.set_class(k.clone(), rate);
+                                control.set_class(k.clone(), rate, method_rates);
                                 control.count_denials_into(shared.denial_counters(k.name()));
                             }
                             None => control.abort(capnp::Error::failed(format!(
