@@ -70,7 +70,7 @@ pub struct FieldInfo {
 }
 
 /// A field's type, as far as capabilities are concerned.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum FieldType {
     /// A capability of this interface, with its type arguments if it is generic.
@@ -121,14 +121,14 @@ impl FieldType {
 /// The type arguments of a generic type where it is used (`Box(Secret)`), per scope: the
 /// generic itself and each generic it is nested in. The parameters of a scope not listed
 /// are unbound (`AnyPointer`), as in the schema language.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Brand {
     /// The scopes given, in the order the compiler wrote them.
     pub scopes: Vec<BrandScope>,
 }
 
 /// One scope of a [`Brand`].
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct BrandScope {
     /// The id of the generic struct or interface whose parameters these are.
     pub scope_id: u64,
@@ -137,7 +137,7 @@ pub struct BrandScope {
 }
 
 /// How a scope's parameters are bound.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Bindings {
     /// To these types, by parameter index (`None`: left unbound).
     Bind(Vec<Option<FieldType>>),
