@@ -95,7 +95,7 @@ pub(crate) fn run(cmd: PolicyCommand) -> Result<ExitCode, super::Failure> {
 
 fn check(file: &std::path::Path, schema: &SchemaArgs) -> Result<(), String> {
     let catalog = &schema.catalog()?;
-    let p = load(&file, catalog)?;
+    let p = load(file, catalog)?;
     let names: Vec<String> = p
         .classes()
         .iter()
