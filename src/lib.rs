@@ -19,6 +19,11 @@ pub mod load;
 pub mod schema;
 pub use dev_certs::{write_dev_certs, DevCa, DevCerts};
 
+// `capgate policy audit`: what each client class can reach from the bootstrap interface.
+pub use capgate_policy::{
+    audit, AuditReport, CallbackParam, ClassAudit, DeadRule, OpaqueEscape, OpaqueKind, Reached,
+    WildcardAllowed, AUDIT_VERSION,
+};
 pub use capgate_runtime::*;
 pub use capgate_schema::{bench_capnp, store_capnp};
 

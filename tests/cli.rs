@@ -1,4 +1,5 @@
-//! The `capgate` command itself: `policy check` exit codes and messages, and `serve --policy`
+//! The `capgate` command itself: `policy check` exit codes and messages, `policy audit`'s
+//! exact reports (tests/golden) and exit statuses, and `serve --policy`
 //! reloading its file (on change and on SIGHUP) while keeping the old policy when the new
 //! file is broken.
 
@@ -70,6 +71,97 @@ fn policy_check_reports_every_error_and_exits_non_zero() {
         text.starts_with("allowed: Namespace.get (Reader.get) for client \"a\": rule \"Reader.*\""),
         "{text}"
     );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `capgate policy audit ARGS...` from the repository root: (status, stdout, stderr).
+fn audit(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(BIN)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["policy", "audit"])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+const AUDIT_POLICY: &str = "schema/fixtures/audit.toml";
+
+#[test]
+fn policy_audit_prints_the_exact_report_and_exits_1_on_warnings() {
+    let golden = |name: &str| {
+        std::fs::read_to_string(format!(
+            "{}/tests/golden/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap()
+    };
+    // Text from the schema's source, JSON from its compiled request: the same catalog.
+    let (status, text, err) = audit(&[
+        AUDIT_POLICY,
+        "--schema",
+        "schema/fixtures/audit.capnp",
+        "--bootstrap",
+        "Gate",
+    ]);
+    assert_eq!((status, err.as_str()), (Some(1), ""));
+    assert_eq!(text, golden("audit.txt"));
+    let (status, json, _) = audit(&[
+        AUDIT_POLICY,
+        "--schema",
+        "schema/fixtures/audit.cgr",
+        "--bootstrap",
+        "Gate",
+        "--json",
+    ]);
+    assert_eq!(status, Some(1));
+    assert_eq!(json, golden("audit.json"));
+}
+
+#[test]
+fn policy_audit_exits_0_without_warnings_and_2_when_it_cannot_run() {
+    let dir = temp_dir("audit");
+    let clean = dir.join("clean.toml");
+    std::fs::write(
+        &clean,
+        "[[client]]\nname = \"a\"\nmatch = \"any\"\nallow = [\"Gate.open\", \"Room.read\"]\n",
+    )
+    .unwrap();
+    let clean = clean.to_str().unwrap();
+    let schema = ["--schema", "schema/fixtures/audit.cgr"];
+    let (status, text, _) = audit(&[&[clean, "--bootstrap", "Gate"][..], &schema].concat());
+    assert_eq!(status, Some(0), "{text}");
+    assert!(text.ends_with("\n\nno warnings\n"), "{text}");
+
+    let (status, _, err) = audit(&[&[clean, "--bootstrap", "Gat"][..], &schema].concat());
+    assert_eq!(status, Some(2));
+    assert_eq!(
+        err,
+        "capgate: --bootstrap: unknown interface `Gat` (did you mean `Gate`?)\n"
+    );
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[[client]]\nname = \"a\"\nmatch = \"any\"\nallow = [\"Gate.opn\"]\n",
+    )
+    .unwrap();
+    let (status, _, err) =
+        audit(&[&[bad.to_str().unwrap(), "--bootstrap", "Gate"][..], &schema].concat());
+    assert_eq!(status, Some(2));
+    assert!(
+        err.starts_with(&format!(
+            "{}:4:10: interface `Gate` has no method `opn` (did you mean `Gate.open`?)",
+            bad.display()
+        )),
+        "{err}"
+    );
+    let (status, _, err) = audit(&[clean, "--schema", "missing.capnp", "--bootstrap", "Gate"]);
+    assert_eq!(status, Some(2));
+    assert!(err.contains("missing.capnp: cannot read"), "{err}");
     let _ = std::fs::remove_dir_all(dir);
 }
 

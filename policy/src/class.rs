@@ -24,6 +24,11 @@ impl AllowRule {
         })
     }
 
+    /// The methods it names, resolved (`None` for `*`: every method).
+    pub fn methods(&self) -> Option<&[MethodRef]> {
+        self.methods.as_deref()
+    }
+
     fn covers(&self, m: MethodRef) -> bool {
         self.methods.as_ref().is_none_or(|ms| ms.contains(&m))
     }

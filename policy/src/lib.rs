@@ -3,6 +3,7 @@
 //! policy loads) and how much (quotas). No networking: the runtime's guard asks it questions.
 #![forbid(unsafe_code)]
 
+mod audit;
 mod class;
 mod error;
 mod file;
@@ -11,6 +12,10 @@ mod method_quota;
 mod quotas;
 mod units;
 
+pub use audit::{
+    audit, AuditReport, CallbackParam, ClassAudit, DeadRule, OpaqueEscape, OpaqueKind, Reached,
+    WildcardAllowed, AUDIT_VERSION,
+};
 pub use class::{AllowRule, ClientClass, Decision};
 pub use error::{PolicyError, PolicyErrors};
 pub use matcher::{Matcher, PeerView};

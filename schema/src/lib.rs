@@ -17,6 +17,6 @@ pub mod bench_capnp;
 
 mod catalog;
 pub use catalog::{
-    suggest, Catalog, CatalogError, FieldInfo, FieldType, InterfaceInfo, LookupError, MethodInfo,
-    MethodRef, StructInfo, MAX_REQUEST_BYTES,
+    suggest, Bindings, Brand, BrandScope, Catalog, CatalogError, FieldInfo, FieldType,
+    InterfaceInfo, LookupError, MethodInfo, MethodRef, StructInfo, MAX_REQUEST_BYTES,
 };

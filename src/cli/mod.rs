@@ -33,7 +33,7 @@ enum Command {
     /// Load a server: N connections x K calls in flight for a duration; prints throughput
     /// and latency percentiles (p50/p90/p99/p999).
     Load(Box<load::LoadArgs>),
-    /// Check or explain a policy file.
+    /// Check, explain or audit a policy file.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
     /// Write a throwaway CA, a server certificate for localhost and client certificates
@@ -131,19 +131,43 @@ pub(crate) fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {
-        Command::Serve(args) => serve::run(*args),
-        Command::Demo(args) => demo::run(args),
-        Command::Load(args) => load::run(*args),
+        Command::Serve(args) => succeeded(serve::run(*args)),
+        Command::Demo(args) => succeeded(demo::run(args)),
+        Command::Load(args) => succeeded(load::run(*args)),
         Command::Policy(cmd) => policy::run(cmd),
-        Command::DevCerts { dir } => dev_certs(&dir),
+        Command::DevCerts { dir } => succeeded(dev_certs(&dir)),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(status) => status,
         Err(e) => {
-            eprintln!("capgate: {e}");
-            ExitCode::FAILURE
+            eprintln!("capgate: {}", e.message);
+            ExitCode::from(e.status)
         }
     }
+}
+
+/// Why a command failed, and the exit status that says so (1 unless the command documents
+/// others, as `policy audit` does).
+pub(crate) struct Failure {
+    message: String,
+    status: u8,
+}
+
+impl Failure {
+    pub(crate) fn new(message: String, status: u8) -> Self {
+        Self { message, status }
+    }
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Self { message, status: 1 }
+    }
+}
+
+/// A command with no exit status of its own: 0 or 1.
+fn succeeded(r: Result<(), String>) -> Result<ExitCode, Failure> {
+    r.map(|()| ExitCode::SUCCESS).map_err(Failure::from)
 }
 
 /// A single-threaded runtime with a `LocalSet`, as capnp-rpc clients need.

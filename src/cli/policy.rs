@@ -1,4 +1,5 @@
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
 
@@ -15,6 +16,10 @@ pub(crate) enum PolicyCommand {
     },
     /// Say whether a client class may call a method, and which rule decides.
     Explain(ExplainArgs),
+    /// Walk the capabilities each client class can reach from the bootstrap interface:
+    /// what it may call, dead rules, wildcard grants, opaque results, callbacks. Exit
+    /// status: 0 no warnings, 1 warnings (dead rules, opaque escapes), 2 cannot run.
+    Audit(AuditArgs),
 }
 
 /// The schema a policy names interfaces of.
@@ -56,78 +61,131 @@ pub(crate) struct ExplainArgs {
     method: String,
 }
 
-pub(crate) fn run(cmd: PolicyCommand) -> Result<(), String> {
-    match cmd {
-        PolicyCommand::Check { file, schema } => {
-            let catalog = &schema.catalog()?;
-            let p = load(&file, catalog)?;
-            let names: Vec<String> = p
-                .classes()
-                .iter()
-                .map(|c| format!("{} ({})", c.name(), c.matcher()))
-                .collect();
-            println!(
-                "{}: ok: {} client classes: {}",
-                file.display(),
-                names.len(),
-                names.join(", ")
-            );
-            Ok(())
+#[derive(Args)]
+pub(crate) struct AuditArgs {
+    /// The policy file.
+    file: PathBuf,
+    #[command(flatten)]
+    schema: SchemaArgs,
+    /// The interface clients get first (e.g. Store; `file.capnp:Name` if two files
+    /// declare it).
+    #[arg(long)]
+    bootstrap: String,
+    /// Print the report as JSON (its shape: see README, "Policy audit").
+    #[arg(long)]
+    json: bool,
+}
+
+/// Exit status of `policy audit` when the report has warnings (2 is for "cannot run").
+const AUDIT_WARNINGS: u8 = 1;
+/// Exit status of `policy audit` when it cannot run: unreadable or invalid files, an
+/// unknown bootstrap interface. Distinct from 1 so that CI can tell warnings from breakage.
+const AUDIT_CANNOT_RUN: u8 = 2;
+
+pub(crate) fn run(cmd: PolicyCommand) -> Result<ExitCode, super::Failure> {
+    let done = match cmd {
+        PolicyCommand::Audit(a) => {
+            return audit(&a).map_err(|e| super::Failure::new(e, AUDIT_CANNOT_RUN))
         }
-        PolicyCommand::Explain(a) => {
-            let catalog = &a.schema.catalog()?;
-            let p = load(&a.file, catalog)?;
-            let class = p.class(&a.client).ok_or_else(|| {
-                let known: Vec<&str> = p.classes().iter().map(|c| c.name()).collect();
-                format!(
-                    "no client class `{}` in {} (classes: {})",
-                    a.client,
-                    a.file.display(),
-                    known.join(", ")
-                )
-            })?;
-            let m = match catalog.resolve(&a.method).map_err(|e| e.to_string())? {
-                Some(ms) if ms.len() == 1 && !a.method.ends_with(".*") => ms[0],
-                _ => {
-                    return Err(format!(
-                        "`{}`: name one method, as Interface.method",
-                        a.method
-                    ))
-                }
-            };
-            let name = catalog.name_of(m);
-            match class.decide(m) {
-                capgate::Decision::Allowed(rule, at) => println!(
-                    "allowed: {} ({name}) for client \"{}\": rule \"{rule}\" at {at}",
-                    a.method,
-                    class.name()
-                ),
-                capgate::Decision::Denied => println!(
-                    "denied: {} ({name}) is not allowed for client \"{}\": no entry of its allowlist [{}] covers it",
-                    a.method,
-                    class.name(),
-                    class.rules().iter().map(|r| format!("\"{}\"", r.pattern)).collect::<Vec<_>>().join(", ")
-                ),
-            }
-            for &i in class.method_quotas_of(m) {
-                let r = &class.method_quotas()[usize::from(i)];
-                println!(
-                    "  method rule \"{}\" at {}: {}",
-                    r.pattern,
-                    r.location,
-                    method_quota_text(r)
-                );
-            }
-            if !class.method_quotas_of(m).is_empty() {
-                let q = class.quotas();
-                println!(
-                    "  on top of the class's calls_per_second = {}, burst = {}, max_inflight_calls = {}",
-                    q.calls_per_second, q.burst, q.max_inflight_calls
-                );
-            }
-            Ok(())
+        PolicyCommand::Check { file, schema } => check(&file, &schema),
+        PolicyCommand::Explain(a) => explain(&a),
+    };
+    super::succeeded(done)
+}
+
+fn check(file: &std::path::Path, schema: &SchemaArgs) -> Result<(), String> {
+    let catalog = &schema.catalog()?;
+    let p = load(file, catalog)?;
+    let names: Vec<String> = p
+        .classes()
+        .iter()
+        .map(|c| format!("{} ({})", c.name(), c.matcher()))
+        .collect();
+    println!(
+        "{}: ok: {} client classes: {}",
+        file.display(),
+        names.len(),
+        names.join(", ")
+    );
+    Ok(())
+}
+
+fn explain(a: &ExplainArgs) -> Result<(), String> {
+    let catalog = &a.schema.catalog()?;
+    let p = load(&a.file, catalog)?;
+    let class = p.class(&a.client).ok_or_else(|| {
+        let known: Vec<&str> = p.classes().iter().map(|c| c.name()).collect();
+        format!(
+            "no client class `{}` in {} (classes: {})",
+            a.client,
+            a.file.display(),
+            known.join(", ")
+        )
+    })?;
+    let m = match catalog.resolve(&a.method).map_err(|e| e.to_string())? {
+        Some(ms) if ms.len() == 1 && !a.method.ends_with(".*") => ms[0],
+        _ => {
+            return Err(format!(
+                "`{}`: name one method, as Interface.method",
+                a.method
+            ))
         }
+    };
+    let name = catalog.name_of(m);
+    match class.decide(m) {
+        capgate::Decision::Allowed(rule, at) => println!(
+            "allowed: {} ({name}) for client \"{}\": rule \"{rule}\" at {at}",
+            a.method,
+            class.name()
+        ),
+        capgate::Decision::Denied => println!(
+            "denied: {} ({name}) is not allowed for client \"{}\": no entry of its allowlist [{}] covers it",
+            a.method,
+            class.name(),
+            class.rules().iter().map(|r| format!("\"{}\"", r.pattern)).collect::<Vec<_>>().join(", ")
+        ),
     }
+    for &i in class.method_quotas_of(m) {
+        let r = &class.method_quotas()[usize::from(i)];
+        println!(
+            "  method rule \"{}\" at {}: {}",
+            r.pattern,
+            r.location,
+            method_quota_text(r)
+        );
+    }
+    if !class.method_quotas_of(m).is_empty() {
+        let q = class.quotas();
+        println!(
+            "  on top of the class's calls_per_second = {}, burst = {}, max_inflight_calls = {}",
+            q.calls_per_second, q.burst, q.max_inflight_calls
+        );
+    }
+    Ok(())
+}
+
+fn audit(a: &AuditArgs) -> Result<ExitCode, String> {
+    let catalog = &a.schema.catalog()?;
+    let policy = load(&a.file, catalog)?;
+    let bootstrap = catalog
+        .interface(&a.bootstrap)
+        .map_err(|e| format!("--bootstrap: {e}"))?;
+    let report = capgate::audit(&policy, catalog, bootstrap);
+    let text = if a.json {
+        let mut json = serde_json::to_string_pretty(&report)
+            .map_err(|e| format!("writing the report as JSON: {e}"))?;
+        json.push('\n');
+        json
+    } else {
+        report.to_string()
+    };
+    // Not `print!`: it panics when stdout is closed early (`| head`).
+    std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes())
+        .map_err(|e| format!("writing the report: {e}"))?;
+    Ok(match report.warnings {
+        0 => ExitCode::SUCCESS,
+        _ => ExitCode::from(AUDIT_WARNINGS),
+    })
 }
 
 /// `calls_per_second = 5, burst = 5, max_inflight_calls = 2` (what the rule sets).

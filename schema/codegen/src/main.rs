@@ -8,7 +8,11 @@
 use std::path::Path;
 
 const FILES: [&str; 2] = ["store.capnp", "bench.capnp"];
-const FIXTURES: [&str; 2] = ["fixtures/vault.capnp", "fixtures/other.capnp"];
+const FIXTURES: [&str; 3] = [
+    "fixtures/vault.capnp",
+    "fixtures/other.capnp",
+    "fixtures/audit.capnp",
+];
 
 fn main() {
     if let Err(e) = run() {

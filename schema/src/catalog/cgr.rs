@@ -4,9 +4,11 @@
 
 use std::collections::{HashMap, HashSet};
 
-use capnp::schema_capnp::{code_generator_request, field, node, type_};
+use capnp::schema_capnp::{brand, code_generator_request, field, node, type_};
 
-use super::{FieldInfo, FieldType, InterfaceInfo, MethodInfo, StructInfo};
+use super::{
+    Bindings, Brand, BrandScope, FieldInfo, FieldType, InterfaceInfo, MethodInfo, StructInfo,
+};
 
 /// Largest request accepted, in bytes. capgate's own schema is ~30 KiB; a schema with
 /// hundreds of interfaces stays well under 1 MiB.
@@ -88,6 +90,8 @@ pub(super) fn parse(bytes: &[u8]) -> Result<Parsed, CatalogError> {
                         name: m.get_name()?.to_str()?.to_string(),
                         params: m.get_param_struct_type(),
                         results: m.get_result_struct_type(),
+                        param_brand: read_brand(m.get_param_brand()?, 0)?,
+                        result_brand: read_brand(m.get_result_brand()?, 0)?,
                     });
                 }
                 if methods.len() > usize::from(u16::MAX) + 1 {
@@ -110,7 +114,11 @@ pub(super) fn parse(bytes: &[u8]) -> Result<Parsed, CatalogError> {
                 for f in s.get_fields()? {
                     let ty = match f.which()? {
                         field::Slot(slot) => field_type(slot.get_type()?, 0)?,
-                        field::Group(g) => FieldType::Struct(g.get_type_id()),
+                        // A group shares its struct's scope: it inherits the arguments.
+                        field::Group(g) => FieldType::Struct {
+                            id: g.get_type_id(),
+                            brand: Brand::default(),
+                        },
                     };
                     fields.push(FieldInfo {
                         name: f.get_name()?.to_str()?.to_string(),
@@ -136,28 +144,66 @@ pub(super) fn parse(bytes: &[u8]) -> Result<Parsed, CatalogError> {
     })
 }
 
-/// What a field's type says about capabilities. Lists nest at most 64 deep (the reader's
-/// nesting limit stops deeper ones first).
+/// Deepest nesting of list element types and type arguments in one field's type.
+const MAX_TYPE_DEPTH: u32 = 64;
+
+/// What a field's type says about capabilities. Lists and type arguments nest at most
+/// [`MAX_TYPE_DEPTH`] deep (the reader's nesting limit usually stops deeper ones first).
 fn field_type(t: type_::Reader<'_>, depth: u32) -> Result<FieldType, CatalogError> {
     use type_::any_pointer::unconstrained;
-    if depth > 64 {
-        return Err(CatalogError("a list type nests more than 64 deep".into()));
+    if depth > MAX_TYPE_DEPTH {
+        return Err(CatalogError(format!(
+            "a type nests more than {MAX_TYPE_DEPTH} deep"
+        )));
     }
     Ok(match t.which()? {
-        type_::Interface(i) => FieldType::Interface(i.get_type_id()),
-        type_::Struct(s) => FieldType::Struct(s.get_type_id()),
+        type_::Interface(i) => FieldType::Interface {
+            id: i.get_type_id(),
+            brand: read_brand(i.get_brand()?, depth + 1)?,
+        },
+        type_::Struct(s) => FieldType::Struct {
+            id: s.get_type_id(),
+            brand: read_brand(s.get_brand()?, depth + 1)?,
+        },
         type_::List(l) => FieldType::List(Box::new(field_type(l.get_element_type()?, depth + 1)?)),
         type_::AnyPointer(a) => match a.which()? {
             type_::any_pointer::Unconstrained(u) => match u.which()? {
                 unconstrained::Capability(()) => FieldType::Capability,
                 _ => FieldType::AnyPointer,
             },
-            type_::any_pointer::Parameter(_) | type_::any_pointer::ImplicitMethodParameter(_) => {
-                FieldType::Parameter
-            }
+            type_::any_pointer::Parameter(p) => FieldType::Parameter {
+                scope_id: p.get_scope_id(),
+                index: p.get_parameter_index(),
+            },
+            type_::any_pointer::ImplicitMethodParameter(_) => FieldType::MethodParameter,
         },
         _ => FieldType::Data,
     })
+}
+
+/// The type arguments of one use of a type; each bound type is read like a field's.
+fn read_brand(b: brand::Reader<'_>, depth: u32) -> Result<Brand, CatalogError> {
+    let mut scopes = Vec::new();
+    for s in b.get_scopes()? {
+        let bindings = match s.which()? {
+            brand::scope::Bind(list) => {
+                let mut bound = Vec::new();
+                for binding in list? {
+                    bound.push(match binding.which()? {
+                        brand::binding::Unbound(()) => None,
+                        brand::binding::Type(t) => Some(field_type(t?, depth + 1)?),
+                    });
+                }
+                Bindings::Bind(bound)
+            }
+            brand::scope::Inherit(()) => Bindings::Inherit,
+        };
+        scopes.push(BrandScope {
+            scope_id: s.get_scope_id(),
+            bindings,
+        });
+    }
+    Ok(Brand { scopes })
 }
 
 /// Every superclass, method param/result struct and field type named must be in the request.
@@ -175,7 +221,17 @@ fn check_references(
             )));
         }
         for m in &i.methods {
-            for (what, id) in [("params", m.params), ("results", m.results)] {
+            for (what, id, brand) in [
+                ("params", m.params, &m.param_brand),
+                ("results", m.results, &m.result_brand),
+            ] {
+                if let Some(bad) = brand_missing(brand, &missing) {
+                    return Err(CatalogError(format!(
+                        "method `{shown}.{}` binds its {what} struct's type parameters to \
+                         {bad:#018x}, which is not in the request",
+                        m.name
+                    )));
+                }
                 if missing(id) {
                     return Err(CatalogError(format!(
                         "method `{shown}.{}` names its {what} struct {id:#018x}, which is not \
@@ -188,7 +244,7 @@ fn check_references(
     }
     for s in structs {
         for f in &s.fields {
-            if let Some(id) = f.ty.target().filter(|&id| missing(id)) {
+            if let Some(id) = first_missing(&f.ty, &missing) {
                 return Err(CatalogError(format!(
                     "field `{}:{}.{}` has type {id:#018x}, which is not in the request",
                     s.file, s.name, f.name
@@ -197,6 +253,30 @@ fn check_references(
         }
     }
     Ok(())
+}
+
+/// The first node a type names, itself or in its type arguments, that is not in the request.
+fn first_missing(t: &FieldType, missing: &impl Fn(u64) -> bool) -> Option<u64> {
+    match t {
+        FieldType::Interface { id, brand } | FieldType::Struct { id, brand } => {
+            if missing(*id) {
+                return Some(*id);
+            }
+            brand_missing(brand, missing)
+        }
+        FieldType::List(t) => first_missing(t, missing),
+        _ => None,
+    }
+}
+
+fn brand_missing(brand: &Brand, missing: &impl Fn(u64) -> bool) -> Option<u64> {
+    brand.scopes.iter().find_map(|s| match &s.bindings {
+        Bindings::Bind(types) => types
+            .iter()
+            .flatten()
+            .find_map(|t| first_missing(t, missing)),
+        Bindings::Inherit => None,
+    })
 }
 
 /// An interface may not extend itself, directly or through others.

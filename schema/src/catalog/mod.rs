@@ -40,6 +40,11 @@ pub struct MethodInfo {
     pub params: u64,
     /// The id of its results struct.
     pub results: u64,
+    /// The type arguments of its params struct (a generic interface's implicit structs
+    /// inherit the interface's).
+    pub param_brand: Brand,
+    /// The type arguments of its results struct.
+    pub result_brand: Brand,
 }
 
 /// A struct (or group) of the schema, by the types of its fields.
@@ -65,21 +70,39 @@ pub struct FieldInfo {
 }
 
 /// A field's type, as far as capabilities are concerned.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum FieldType {
-    /// A capability of this interface.
-    Interface(u64),
-    /// A struct or group of this id.
-    Struct(u64),
+    /// A capability of this interface, with its type arguments if it is generic.
+    Interface {
+        /// The interface's id.
+        id: u64,
+        /// Its type arguments (empty when it is not generic, or left unbound).
+        brand: Brand,
+    },
+    /// A struct or group of this id, with its type arguments if it is generic.
+    Struct {
+        /// The struct's id.
+        id: u64,
+        /// Its type arguments.
+        brand: Brand,
+    },
     /// A list of these.
     List(Box<FieldType>),
     /// `AnyPointer` (or `AnyStruct`, `AnyList`): may hold any capability.
     AnyPointer,
     /// `Capability`: some capability, of no declared interface.
     Capability,
-    /// A generic parameter: whatever the user of the generic type binds it to.
-    Parameter,
+    /// A type parameter of a generic scope: whatever the user of the generic binds it to.
+    Parameter {
+        /// The id of the generic struct or interface that declares the parameter.
+        scope_id: u64,
+        /// Its position in that scope's parameter list.
+        index: u16,
+    },
+    /// A method's own type parameter (`get[T] () -> (item :T)`): the caller names it per
+    /// call, so the schema does not constrain it.
+    MethodParameter,
     /// Data without capabilities (numbers, text, data, enums).
     Data,
 }
@@ -88,11 +111,39 @@ impl FieldType {
     /// The node this type refers to, if any.
     pub fn target(&self) -> Option<u64> {
         match self {
-            FieldType::Interface(id) | FieldType::Struct(id) => Some(*id),
+            FieldType::Interface { id, .. } | FieldType::Struct { id, .. } => Some(*id),
             FieldType::List(t) => t.target(),
             _ => None,
         }
     }
+}
+
+/// The type arguments of a generic type where it is used (`Box(Secret)`), per scope: the
+/// generic itself and each generic it is nested in. The parameters of a scope not listed
+/// are unbound (`AnyPointer`), as in the schema language.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Brand {
+    /// The scopes given, in the order the compiler wrote them.
+    pub scopes: Vec<BrandScope>,
+}
+
+/// One scope of a [`Brand`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct BrandScope {
+    /// The id of the generic struct or interface whose parameters these are.
+    pub scope_id: u64,
+    /// What they are bound to.
+    pub bindings: Bindings,
+}
+
+/// How a scope's parameters are bound.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Bindings {
+    /// To these types, by parameter index (`None`: left unbound).
+    Bind(Vec<Option<FieldType>>),
+    /// To whatever the enclosing use binds them to (a generic interface's implicit params
+    /// and results structs inherit the interface's arguments).
+    Inherit,
 }
 
 /// A method as calls address it: the id of the interface that *declares* it and its ordinal.

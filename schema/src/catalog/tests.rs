@@ -2,6 +2,7 @@ use super::*;
 
 const VAULT: &[u8] = include_bytes!("../../fixtures/vault.cgr");
 const OTHER: &[u8] = include_bytes!("../../fixtures/other.cgr");
+const AUDIT: &[u8] = include_bytes!("../../fixtures/audit.cgr");
 
 fn vault() -> Catalog {
     Catalog::from_code_generator_request(VAULT).unwrap()
@@ -93,13 +94,90 @@ fn a_user_schema_gives_nested_inherited_and_generic_interfaces() {
     let results = c.struct_by_id(open.results).unwrap();
     assert_eq!(
         results.fields[0].ty,
-        FieldType::Interface(c.interface("Box").unwrap().id)
+        FieldType::Interface {
+            id: c.interface("Box").unwrap().id,
+            brand: Brand::default()
+        }
     );
     let grant = &c.interface("Vault.Admin").unwrap().methods[1];
     assert_eq!(
         c.struct_by_id(grant.results).unwrap().fields[0].ty,
         FieldType::Capability
     );
+}
+
+/// The type of the only field of `Interface.method`'s results.
+fn result_type(c: &Catalog, interface: &str, method: &str) -> FieldType {
+    let m = c
+        .resolve(&format!("{interface}.{method}"))
+        .unwrap()
+        .unwrap()[0];
+    let info = &c.by_id(m.interface_id).unwrap().methods[usize::from(m.method_id)];
+    c.struct_by_id(info.results).unwrap().fields[0].ty.clone()
+}
+
+#[test]
+fn generic_uses_carry_their_type_arguments() {
+    let c = Catalog::from_code_generator_request(AUDIT).unwrap();
+    let id = |name: &str| c.interface(name).unwrap().id;
+    let FieldType::Struct { id: box_id, brand } = result_type(&c, "Gate", "secret") else {
+        panic!("Gate.secret returns a struct");
+    };
+    // `Box(Secret)`: the scope of `Box` binds its one parameter to the interface.
+    assert_eq!(
+        brand.scopes,
+        [BrandScope {
+            scope_id: box_id,
+            bindings: Bindings::Bind(vec![Some(FieldType::Interface {
+                id: id("Secret"),
+                brand: Brand::default()
+            })])
+        }]
+    );
+    let fields = &c.struct_by_id(box_id).unwrap().fields;
+    assert_eq!(
+        fields[0].ty,
+        FieldType::Parameter {
+            scope_id: box_id,
+            index: 0
+        }
+    );
+    // `Shelf(Room)` binds; a bare `Shelf` leaves its parameter unbound (no scope listed).
+    let FieldType::Interface { brand, .. } = result_type(&c, "Gate", "shelf") else {
+        panic!("Gate.shelf returns an interface");
+    };
+    assert_eq!(
+        brand.scopes[0].bindings,
+        Bindings::Bind(vec![Some(FieldType::Interface {
+            id: id("Room"),
+            brand: Brand::default()
+        })])
+    );
+    assert_eq!(
+        result_type(&c, "Gate", "anyShelf"),
+        FieldType::Interface {
+            id: id("Shelf"),
+            brand: Brand::default()
+        }
+    );
+    // A generic interface's methods take their results' arguments from the interface's use.
+    let get = &c.interface("Shelf").unwrap().methods[0];
+    assert_eq!(
+        get.result_brand.scopes,
+        [BrandScope {
+            scope_id: id("Shelf"),
+            bindings: Bindings::Inherit
+        }]
+    );
+    assert_eq!(
+        result_type(&c, "Shelf", "get"),
+        FieldType::Parameter {
+            scope_id: id("Shelf"),
+            index: 0
+        }
+    );
+    assert_eq!(result_type(&c, "Gate", "raw"), FieldType::AnyPointer);
+    assert_eq!(result_type(&c, "Room", "grant"), FieldType::Capability);
 }
 
 #[test]
@@ -203,6 +281,33 @@ fn hand_made_requests_are_refused_with_the_node_named() {
             .to_string(),
         "invalid code generator request: two nodes share the id 0x0000000000000001 (the \
          second is `x.capnp:B`)"
+    );
+    // A type argument naming a node the request lacks is refused like a field's type.
+    let unknown_argument = request(|mut nodes| {
+        interface(nodes.reborrow().get(0), 1, "x.capnp:A", &[], Some((2, 2)));
+        let mut s = nodes.reborrow().get(1);
+        s.set_id(2);
+        s.set_display_name("x.capnp:S");
+        let mut f = s.init_struct().init_fields(1).get(0);
+        f.set_name("f");
+        let mut t = f.init_slot().init_type().init_struct();
+        t.set_type_id(2);
+        let mut scope = t.init_brand().init_scopes(1).get(0);
+        scope.set_scope_id(2);
+        scope
+            .init_bind(1)
+            .get(0)
+            .init_type()
+            .init_interface()
+            .set_type_id(77);
+        interface(nodes.reborrow().get(2), 3, "x.capnp:C", &[], None);
+    });
+    assert_eq!(
+        Catalog::from_code_generator_request(&unknown_argument)
+            .unwrap_err()
+            .to_string(),
+        "invalid code generator request: field `x.capnp:S.f` has type 0x000000000000004d, \
+         which is not in the request"
     );
     let not_an_interface = request(|mut nodes| {
         interface(nodes.reborrow().get(0), 1, "x.capnp:A", &[2], None);
