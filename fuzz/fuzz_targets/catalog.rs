@@ -1,7 +1,9 @@
 //! Arbitrary bytes as a CodeGeneratorRequest: the catalog must refuse or accept them without
-//! panicking, and every name it accepts must resolve back to its own interface.
+//! panicking, every name it accepts must resolve back to its own interface, and the policy
+//! audit must walk it from any interface without panicking (or running away).
 #![no_main]
 
+use capgate_policy::Policy;
 use capgate_schema::Catalog;
 use libfuzzer_sys::fuzz_target;
 
@@ -15,5 +17,10 @@ fuzz_target!(|data: &[u8]| {
             let _ = catalog.resolve(&format!("{}.{name}", i.name));
         }
         let _ = catalog.resolve(&format!("{}:{}.*", i.file, i.name));
+    }
+    let policy = Policy::allow_all();
+    for i in catalog.interfaces().iter().take(8) {
+        let report = capgate_policy::audit(&policy, &catalog, i);
+        let _ = report.to_string();
     }
 });

@@ -201,8 +201,8 @@ impl Client {
 
     /// Closes the connection.
     pub async fn shutdown(self) -> Result<(), capnp::Error> {
-        self.control.abort(capnp::Error::disconnected(
-            "capgate: the client closed the connection".into(),
+        self.control.abort(crate::AbortReason::Closed(
+            "the client closed the connection",
         ));
         self.done.clone().await
     }

@@ -26,7 +26,7 @@ use capnp_rpc::rpc_capnp::{call, cap_descriptor, exception, message, message_tar
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 
-use crate::Metrics;
+use crate::{AbortReason, Metrics};
 
 mod methods;
 mod reply;
@@ -58,7 +58,7 @@ pub enum Verdict {
     /// of exactly their size (empty when the message is only consumed).
     Reply(Box<[u8]>),
     /// Close the connection; the reason goes to the peer in an `Abort`.
-    Abort(String),
+    Abort(AbortReason),
 }
 
 impl std::fmt::Debug for Verdict {
@@ -392,15 +392,15 @@ impl Guard {
 
     fn reuse(&self, q: u32) -> Option<Verdict> {
         self.answers.get(q).map(|a| {
-            Verdict::Abort(format!(
-                "protocol violation: question id {q} reused while its previous use is still open ({})",
-                match a {
+            Verdict::Abort(AbortReason::QuestionReused {
+                id: q,
+                state: match a {
                     Answer::Running(_) => "call in flight",
                     Answer::Returned => "returned, not finished",
                     Answer::Cancelled => "cancelled",
                     Answer::Denied(_) => "denied, not finished",
-                }
-            ))
+                },
+            })
         })
     }
 
@@ -410,13 +410,11 @@ impl Guard {
             .saturating_mul(2)
             .saturating_add(16);
         (self.answers.len() >= hard_cap).then(|| {
-            Verdict::Abort(format!(
-                "max_open_answers = {} exceeded: the peer keeps {} answers open without \
-                 sending Finish (client \"{}\")",
-                self.class.quotas().max_open_answers,
-                self.answers.len(),
-                self.class.name()
-            ))
+            Verdict::Abort(AbortReason::OpenAnswers {
+                limit: self.class.quotas().max_open_answers,
+                open: self.answers.len(),
+                class: self.class.name().to_string(),
+            })
         })
     }
 
@@ -424,18 +422,18 @@ impl Guard {
     /// into a Release per capability, delivering would fill capnp-rpc's import table.
     fn too_many_caps(
         &self,
-        what: &str,
+        what: &'static str,
         table: capnp::Result<capnp::struct_list::Reader<'_, cap_descriptor::Owned>>,
     ) -> Option<Verdict> {
         let n = table.map_or(0, |t| t.len());
         let max = self.class.quotas().max_caps_per_message;
         (n > max).then(|| {
-            Verdict::Abort(format!(
-                "max_caps_per_message = {max} exceeded: a {what} carries {n} capabilities in \
-                 its cap table (client \"{}\"); raise max_caps_per_message in the policy if \
-                 that many are meant",
-                self.class.name()
-            ))
+            Verdict::Abort(AbortReason::TooManyCaps {
+                what,
+                count: n,
+                limit: max,
+                class: self.class.name().to_string(),
+            })
         })
     }
 
@@ -629,7 +627,7 @@ impl Guard {
     /// Accounts for an outgoing message. An error means the connection must be aborted
     /// (rule 8: outgoing messages are never rewritten): the peer holds more capabilities
     /// from us than `max_exports`.
-    pub fn outgoing(&mut self, msg: message::Reader<'_>) -> Result<(), String> {
+    pub fn outgoing(&mut self, msg: message::Reader<'_>) -> Result<(), AbortReason> {
         match msg.which() {
             Ok(message::Return(Ok(ret))) => {
                 let q = ret.get_answer_id();
@@ -674,14 +672,13 @@ impl Guard {
             }
             _ => return Ok(()),
         }
-        let max = self.class.quotas().max_exports as usize;
-        if self.exports.len() > max {
-            return Err(format!(
-                "max_exports = {max} exceeded: the peer holds {} capabilities from this server \
-                 (client \"{}\"); release capabilities you no longer use",
-                self.exports.len(),
-                self.class.name()
-            ));
+        let max = self.class.quotas().max_exports;
+        if self.exports.len() > max as usize {
+            return Err(AbortReason::Exports {
+                limit: max,
+                held: self.exports.len(),
+                class: self.class.name().to_string(),
+            });
         }
         Ok(())
     }

@@ -7,6 +7,7 @@
 
 mod client;
 mod clients;
+mod core;
 mod error;
 mod framing;
 mod guard;
@@ -22,6 +23,7 @@ mod quota_store;
 mod server;
 pub mod tls;
 
+pub use crate::core::{AbortReason, BudgetScope};
 pub use capgate_policy::{
     parse_bytes, parse_duration, AllowRule, ClientClass, Decision, Matcher, MethodQuota,
     MethodRate, PeerView, Policy, PolicyError, PolicyErrors, Quotas,

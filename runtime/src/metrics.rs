@@ -29,6 +29,11 @@ struct DenialLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AbortLabel {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct MethodDenialLabels {
     class: String,
     rule: String,
@@ -59,6 +64,7 @@ pub struct Metrics {
     calls: Family<CallLabels, Counter>,
     denials: Family<DenialLabels, Counter>,
     pub(crate) method_denials: MethodDenials,
+    aborts: Family<AbortLabel, Counter>,
     pub(crate) inflight_calls: Gauge,
     pub(crate) inflight_bytes: Gauge,
     pub(crate) bytes_in: Counter,
@@ -76,6 +82,7 @@ impl Default for Metrics {
             calls: Family::default(),
             denials: Family::default(),
             method_denials: Family::default(),
+            aborts: Family::default(),
             inflight_calls: Gauge::default(),
             inflight_bytes: Gauge::default(),
             bytes_in: Counter::default(),
@@ -105,6 +112,12 @@ impl Default for Metrics {
             "Calls denied by a per-method rule, by client class, rule (as the policy names it) \
              and quota (calls_per_second, max_inflight_calls)",
             m.method_denials.clone(),
+        );
+        registry.register(
+            "aborts",
+            "Connections closed, by reason (frame_limit, idle_timeout, not_reading, \
+             peer_aborted, shutdown, ...)",
+            m.aborts.clone(),
         );
         registry.register(
             "inflight_calls",
@@ -168,6 +181,11 @@ impl Metrics {
     /// Registers the shared quota store's metrics (`capgate_quota_store_*`).
     pub(crate) fn quota_store(&mut self) -> crate::quota_store::StoreMetrics {
         crate::quota_store::StoreMetrics::register(&mut self.registry)
+    }
+
+    /// The counter of connections closed for `reason` (an `AbortReason::label`).
+    pub(crate) fn aborts(&self, reason: &'static str) -> Counter {
+        self.aborts.get_or_create_owned(&AbortLabel { reason })
     }
 
     /// The denials counter of a class and reason.

@@ -7,13 +7,12 @@
 //! the connection of that scope holding the most is cut off; it may be on another thread, so
 //! it is flagged and its blocked writer woken.
 
+use crate::{AbortReason, BudgetScope};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use futures::task::AtomicWaker;
-
-use crate::limits::fmt_bytes;
 
 /// The granularity of reservations.
 const CHUNK_BYTES: usize = 16 * 1024;
@@ -40,7 +39,7 @@ pub(crate) struct OutgoingAccount {
     client_label: Box<str>,
     reserved: AtomicUsize,
     cut: AtomicBool,
-    reason: Mutex<Option<String>>,
+    reason: Mutex<Option<AbortReason>>,
     waker: AtomicWaker,
 }
 
@@ -100,7 +99,7 @@ impl ClientOutgoing {
 impl OutgoingAccount {
     /// Makes sure `queued` bytes are covered by this connection's reservation. An error is
     /// the reason to cut this connection off (it holds the most in a budget now exceeded).
-    pub(crate) fn reserve(&self, queued: usize) -> Result<(), String> {
+    pub(crate) fn reserve(&self, queued: usize) -> Result<(), AbortReason> {
         let reserved = self.reserved.load(Ordering::Relaxed);
         if queued <= reserved {
             return Ok(());
@@ -143,7 +142,7 @@ impl OutgoingAccount {
 
     /// `scope`'s budget is exceeded (`now` > `max`): cut off its largest connection, unless
     /// connections already cut off will free enough.
-    fn enforce(&self, scope: Scope, now: usize, max: usize) -> Result<(), String> {
+    fn enforce(&self, scope: Scope, now: usize, max: usize) -> Result<(), AbortReason> {
         // Collected first: an account dropped while the map is locked would deadlock.
         let accounts: Vec<Arc<OutgoingAccount>> = lock(&self.server.accounts)
             .values()
@@ -165,23 +164,14 @@ impl OutgoingAccount {
         }
         let victim = largest.map_or(self.id, |a| a.id);
         let held = largest.map_or(0, |a| a.reserved.load(Ordering::Relaxed));
-        let reason = match scope {
-            Scope::Client => format!(
-                "capgate: peer is not reading: client {} has {} queued across its connections, \
-                 over max_client_outgoing_bytes = {}; its connection holding the most ({}) is \
-                 cut off",
-                self.client_label,
-                fmt_bytes(now as u64),
-                fmt_bytes(max as u64),
-                fmt_bytes(held as u64)
-            ),
-            Scope::Server => format!(
-                "capgate: peer is not reading: the server has {} queued for its peers, over \
-                 max_total_outgoing_bytes = {}; the connection holding the most ({}) is cut off",
-                fmt_bytes(now as u64),
-                fmt_bytes(max as u64),
-                fmt_bytes(held as u64)
-            ),
+        let reason = AbortReason::NotReading {
+            scope: match scope {
+                Scope::Client => BudgetScope::Client(self.client_label.to_string()),
+                Scope::Server => BudgetScope::Server,
+            },
+            queued: now,
+            limit: max,
+            held,
         };
         match largest {
             Some(a) if victim != self.id => {
@@ -192,14 +182,14 @@ impl OutgoingAccount {
         }
     }
 
-    fn cut_off(&self, reason: String) {
+    fn cut_off(&self, reason: AbortReason) {
         *lock(&self.reason) = Some(reason);
         self.cut.store(true, Ordering::Release);
         self.waker.wake();
     }
 
     /// Why another connection's push cut this one off, if it did.
-    pub(crate) fn cut_reason(&self) -> Option<String> {
+    pub(crate) fn cut_reason(&self) -> Option<AbortReason> {
         if self.cut.load(Ordering::Acquire) {
             lock(&self.reason).clone()
         } else {
@@ -282,7 +272,10 @@ mod tests {
         small.reserve(CHUNK_BYTES).unwrap();
         // small asks for more: the client is over, big holds the most and is cut.
         small.reserve(4 * CHUNK_BYTES).unwrap();
-        let reason = big.cut_reason().expect("the largest is cut off");
+        let reason = big
+            .cut_reason()
+            .expect("the largest is cut off")
+            .to_string();
         assert!(
             reason.contains("max_client_outgoing_bytes = 163840 bytes (160 KiB)"),
             "{reason}"
@@ -312,7 +305,7 @@ mod tests {
         let y = account(&b, &c2, usize::MAX);
         x.reserve(8 * CHUNK_BYTES).unwrap();
         y.reserve(3 * CHUNK_BYTES).unwrap();
-        let reason = x.cut_reason().expect("x holds the most");
+        let reason = x.cut_reason().expect("x holds the most").to_string();
         assert!(reason.contains("max_total_outgoing_bytes"), "{reason}");
         assert!(y.cut_reason().is_none());
     }

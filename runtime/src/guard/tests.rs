@@ -251,8 +251,8 @@ fn question_id_reuse_aborts() {
     ));
     match feed(&mut g, &call_msg(1, Target::Import(0), get, &[], false)) {
         Verdict::Abort(r) => assert_eq!(
-            r,
-            "protocol violation: question id 1 reused while its previous use is still open (call in flight)"
+            r.to_string(),
+            "capgate: protocol violation: question id 1 reused while its previous use is still open (call in flight)"
         ),
         v => panic!("{v:?}"),
     }
@@ -263,7 +263,7 @@ fn question_id_reuse_aborts() {
     ));
     assert!(matches!(
         feed(&mut g, &call_msg(2, Target::Import(0), get, &[], false)),
-        Verdict::Abort(r) if r.contains("(denied, not finished)")
+        Verdict::Abort(r) if r.to_string().contains("(denied, not finished)")
     ));
     // Finished: free to reuse.
     feed(&mut g, &finish_msg(2));
@@ -516,8 +516,8 @@ fn exports_are_mirrored_and_over_max_exports_aborts() {
         .outgoing(return_with_caps(3, &[15]).get_root_as_reader().unwrap())
         .unwrap_err();
     assert_eq!(
-        err,
-        "max_exports = 3 exceeded: the peer holds 4 capabilities from this server (client \"reader\"); release capabilities you no longer use"
+        err.to_string(),
+        "capgate: max_exports = 3 exceeded: the peer holds 4 capabilities from this server (client \"reader\"); release capabilities you no longer use"
     );
     // Release brings the count down.
     let mut rel = Builder::new_default();
@@ -595,8 +595,11 @@ fn bootstraps_count_against_max_open_answers_and_are_refused_at_the_limit() {
             break;
         }
     }
-    let r = aborted.expect("the answer table is bounded");
-    assert!(r.starts_with("max_open_answers = 3 exceeded"), "{r}");
+    let r = aborted.expect("the answer table is bounded").to_string();
+    assert!(
+        r.starts_with("capgate: max_open_answers = 3 exceeded"),
+        "{r}"
+    );
     assert!(g.open_answers() <= 2 * 3 + 16);
 }
 
@@ -613,8 +616,8 @@ fn a_cap_table_over_max_caps_per_message_aborts_before_any_reply() {
     ] {
         match feed(&mut g, &call_msg(1, Target::Import(0), m, &caps, yourself)) {
             Verdict::Abort(r) => assert_eq!(
-                r,
-                "max_caps_per_message = 4 exceeded: a Call carries 5 capabilities in its cap \
+                r.to_string(),
+                "capgate: max_caps_per_message = 4 exceeded: a Call carries 5 capabilities in its cap \
                  table (client \"reader\"); raise max_caps_per_message in the policy if that \
                  many are meant"
             ),

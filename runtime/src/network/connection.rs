@@ -2,7 +2,7 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 use capnp::capability::Promise;
-use capnp::message::{Builder, HeapAllocator, ReaderOptions};
+use capnp::message::{Builder, HeapAllocator};
 use capnp_rpc::rpc_twoparty_capnp::Side;
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -10,21 +10,24 @@ use super::outbox::{Message, Outbox, FIRST_SEGMENT_WORDS};
 use super::reader::{Lease, ReadState};
 use super::signal::Signal;
 use super::writer;
-use crate::framing::{Frame, FrameDecoder};
-use crate::guard::{Guard, Verdict};
-use crate::Limits;
+use crate::core::{ConnectionCore, Event};
+use crate::framing::Frame;
+use crate::guard::Guard;
+use crate::{AbortReason, Limits};
 
 /// State shared by the reader, the writer, outgoing messages and the connection's owner.
 pub(crate) struct ConnShared {
     /// Shared by the connections of a class (a pointer here, not a copy).
     pub(super) limits: std::sync::Arc<Limits>,
     pub(super) outbox: Outbox,
-    guard: RefCell<Guard>,
-    abort: RefCell<Option<capnp::Error>>,
+    /// Decoder, deadlines and guard (sans-IO); the shell around it is this module.
+    pub(super) core: RefCell<ConnectionCore>,
+    /// Why the connection closes, once known (the first reason wins).
+    abort: RefCell<Option<AbortReason>>,
     abort_signal: Signal,
     stats: RefCell<ConnectionStats>,
     /// The reason the peer gave in its `Abort`, if it sent one.
-    peer_abort: RefCell<Option<capnp::Error>>,
+    peer_abort: RefCell<Option<AbortReason>>,
     /// Bytes of incoming messages capnp-rpc still holds.
     held_bytes: Rc<Cell<usize>>,
     /// The server's metrics, when this connection reports to them.
@@ -53,14 +56,32 @@ pub struct ConnectionStats {
 }
 
 impl ConnShared {
-    /// Closes the connection with `error` as the reason (sent to the peer in an `Abort`).
-    /// The first reason wins.
-    pub(super) fn abort(&self, error: capnp::Error) {
+    /// Closes the connection with `reason` (sent to the peer in an `Abort`). The first
+    /// reason wins.
+    pub(super) fn abort(&self, reason: AbortReason) {
+        let _ = self.fail(reason);
+    }
+
+    /// Records why the connection closes (first wins; counted in metrics, a peer's own
+    /// reason kept) and returns the error to hand to capnp-rpc.
+    pub(super) fn fail(&self, reason: AbortReason) -> capnp::Error {
+        let error = reason.to_error();
+        if let Some(m) = &*self.metrics.borrow() {
+            if reason.is_framing() {
+                m.frame_aborts.inc();
+            }
+            m.aborts(reason.label()).inc();
+        }
+        if let AbortReason::PeerAborted { reason: text, .. } = &reason {
+            tracing::debug!(reason = %text, "the peer aborted the connection");
+            *self.peer_abort.borrow_mut() = Some(reason.clone());
+        }
         let mut slot = self.abort.borrow_mut();
         if slot.is_none() {
-            *slot = Some(error);
+            *slot = Some(reason);
             self.abort_signal.notify();
         }
+        error
     }
 
     /// Resolves once the connection is aborted. One waiter: the reader.
@@ -73,8 +94,9 @@ impl ConnShared {
     pub(super) fn abort_error(&self) -> capnp::Error {
         self.abort
             .borrow()
-            .clone()
-            .unwrap_or_else(|| capnp::Error::disconnected("capgate: connection closed".into()))
+            .as_ref()
+            .unwrap_or(&AbortReason::Closed("connection closed"))
+            .to_error()
     }
 
     /// Grows whenever bytes move in either direction (idle detection compares snapshots,
@@ -90,22 +112,18 @@ impl ConnShared {
 
     /// Our questions not answered yet (see [`Guard::awaiting_answers`]).
     pub(super) fn awaiting_answers(&self) -> u32 {
-        self.guard.borrow().awaiting_answers()
+        self.core.borrow().guard().awaiting_answers()
     }
 
     /// Calls the peer has sent us so far.
     pub(super) fn calls_received(&self) -> u64 {
-        self.guard.borrow().calls_received()
+        self.core.borrow().guard().calls_received()
     }
 
     pub(super) fn note_poll(&self, hit: bool) {
         let mut s = self.stats.borrow_mut();
         s.polls += 1;
         s.poll_hits += u64::from(hit);
-    }
-
-    pub(super) fn in_flight_calls(&self) -> usize {
-        self.guard.borrow().in_flight_calls()
     }
 
     pub(super) fn note_received(&self, bytes: usize) {
@@ -119,13 +137,6 @@ impl ConnShared {
     pub(super) fn note_cut_off(&self) {
         if let Some(m) = &*self.metrics.borrow() {
             m.outgoing_cutoffs.inc();
-        }
-    }
-
-    /// A framing violation (limit or deadline) is about to close the connection.
-    pub(super) fn note_frame_abort(&self) {
-        if let Some(m) = &*self.metrics.borrow() {
-            m.frame_aborts.inc();
         }
     }
 
@@ -143,14 +154,6 @@ impl ConnShared {
         drop(s);
         if let Some(m) = &*self.metrics.borrow() {
             m.bytes_out.inc_by(bytes as u64);
-        }
-    }
-
-    fn reader_options(&self, frame: &Frame) -> ReaderOptions {
-        let words = frame.size_in_words().max(64);
-        ReaderOptions {
-            traversal_limit_in_words: Some(words.saturating_mul(self.limits.traversal_factor)),
-            nesting_limit: self.limits.nesting_limit,
         }
     }
 }
@@ -205,16 +208,17 @@ impl capnp_rpc::OutgoingMessage for Outgoing {
     fn send(self: Box<Self>) -> (Promise<(), capnp::Error>, Rc<Builder<HeapAllocator>>) {
         let Self { message, shared } = *self;
         if let Ok(root) = message.get_root_as_reader() {
-            if let Err(reason) = shared.guard.borrow_mut().outgoing(root) {
+            let accounted = shared.core.borrow_mut().outgoing(root);
+            if let Err(reason) = accounted {
                 tracing::info!(%reason, "connection aborted");
-                shared.abort(capnp::Error::failed(format!("capgate: {reason}")));
+                shared.abort(reason);
             }
         }
         let message = Rc::new(message);
-        if let Err(e) = shared.outbox.push(Message::Built(message.clone())) {
-            tracing::info!(reason = %e, "connection cut off");
+        if let Err(reason) = shared.outbox.push(Message::Built(message.clone())) {
+            tracing::info!(%reason, "connection cut off");
             shared.note_cut_off();
-            shared.abort(e);
+            shared.abort(reason);
         }
         // Completion is tracked by the outbox's byte budget, not per message.
         (Promise::ok(()), message)
@@ -304,115 +308,41 @@ impl<R: AsyncRead + Unpin + 'static> capnp_rpc::Connection<Side> for GuardedConn
     }
 }
 
-/// Counts a received frame and passes it through the guard.
+/// Counts a received frame and passes it through the core: `Some` to hand it to capnp-rpc,
+/// `None` when the guard answered it itself.
 fn receive(
     shared: &Rc<ConnShared>,
     frame: Frame,
 ) -> Result<Option<Box<dyn capnp_rpc::IncomingMessage>>, capnp::Error> {
     shared.stats.borrow_mut().frames_in += 1;
-    let message = {
-        let options = shared.reader_options(&frame);
-        frame.into_reader(options)
-    };
-    deliver(shared, message)
-}
-
-/// Passes a message through the guard: `Some` to hand it to capnp-rpc, `None` when the guard
-/// answered it itself.
-fn deliver(
-    shared: &Rc<ConnShared>,
-    message: capnp::message::Reader<Frame>,
-) -> Result<Option<Box<dyn capnp_rpc::IncomingMessage>>, capnp::Error> {
-    use capnp_rpc::rpc_capnp::message;
-    let bytes = message.get_segments().wire_bytes();
-    let incoming = |message| {
-        shared.held_bytes.set(shared.held_bytes.get() + bytes);
-        shared.held(bytes as i64);
-        Box::new(Incoming {
-            message: Some(message),
-            shared: shared.clone(),
-            bytes,
-        }) as Box<dyn capnp_rpc::IncomingMessage>
-    };
-    let Ok(root) = message.get_root::<message::Reader<'_>>() else {
-        // Not an rpc message at all: capnp-rpc reports it to the peer.
-        return Ok(Some(incoming(message)));
-    };
-    // Checked by the union tag alone: the guard parses the message itself. Not delivered:
-    // capnp-rpc would echo the peer's reason, whatever its size, in its own Abort.
-    if root.has_abort() {
-        return Err(note_peer_abort(shared, root));
-    }
-    let verdict = {
-        let mut guard = shared.guard.borrow_mut();
-        guard.set_held_bytes(shared.held_bytes.get(), bytes);
-        guard.incoming(root)
-    };
-    match verdict {
-        Verdict::Deliver => Ok(Some(incoming(message))),
-        Verdict::Reply(frames) => {
+    let event = shared
+        .core
+        .borrow_mut()
+        .inspect(frame, shared.held_bytes.get());
+    match event.map_err(|reason| shared.fail(reason))? {
+        Event::Deliver {
+            message,
+            wire_bytes,
+        } => {
+            shared.held_bytes.set(shared.held_bytes.get() + wire_bytes);
+            shared.held(wire_bytes as i64);
+            Ok(Some(Box::new(Incoming {
+                message: Some(message),
+                shared: shared.clone(),
+                bytes: wire_bytes,
+            })))
+        }
+        Event::Reply(frames) => {
             if !frames.is_empty() {
-                if let Err(e) = shared.outbox.push(Message::Encoded(frames)) {
-                    tracing::info!(reason = %e, "connection cut off");
+                if let Err(reason) = shared.outbox.push(Message::Encoded(frames)) {
+                    tracing::info!(%reason, "connection cut off");
                     shared.note_cut_off();
-                    shared.abort(e.clone());
-                    return Err(e);
+                    return Err(shared.fail(reason));
                 }
             }
             Ok(None)
         }
-        Verdict::Abort(reason) => Err(capnp::Error::failed(format!("capgate: {reason}"))),
     }
-}
-
-/// Keeps (and logs) the reason the peer gave in its `Abort`, cut to `PEER_REASON_CHARS`
-/// and escaped; the connection closes with it.
-fn note_peer_abort(
-    shared: &ConnShared,
-    root: capnp_rpc::rpc_capnp::message::Reader<'_>,
-) -> capnp::Error {
-    use capnp_rpc::rpc_capnp::{exception, message};
-    let (kind, reason) = match root.which() {
-        Ok(message::Abort(Ok(e))) => (
-            e.get_type().ok(),
-            e.get_reason().map(|r| excerpt(r.as_bytes())).ok(),
-        ),
-        _ => (None, None),
-    };
-    let reason = reason.unwrap_or_else(|| "(no reason given)".into());
-    tracing::debug!(%reason, "the peer aborted the connection");
-    let text = format!("the peer aborted the connection: {reason}");
-    let error = match kind {
-        Some(exception::Type::Overloaded) => capnp::Error::overloaded(text),
-        Some(exception::Type::Disconnected) => capnp::Error::disconnected(text),
-        _ => capnp::Error::failed(text),
-    };
-    *shared.peer_abort.borrow_mut() = Some(error.clone());
-    error
-}
-
-/// Characters of a peer's abort reason kept for logs and errors.
-const PEER_REASON_CHARS: usize = 512;
-
-/// A peer's text fit for a log line: at most `PEER_REASON_CHARS` characters, control
-/// characters escaped, invalid UTF-8 replaced, and the full length said when cut.
-fn excerpt(bytes: &[u8]) -> String {
-    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(4 * PEER_REASON_CHARS)]);
-    let mut out: String = text
-        .chars()
-        .take(PEER_REASON_CHARS)
-        .flat_map(|c| {
-            let escaped = c.is_control().then(|| c.escape_default());
-            escaped
-                .into_iter()
-                .flatten()
-                .chain((!c.is_control()).then_some(c))
-        })
-        .collect();
-    if text.chars().count() > PEER_REASON_CHARS || bytes.len() > 4 * PEER_REASON_CHARS {
-        out.push_str(&format!("... ({} bytes in all)", bytes.len()));
-    }
-    out
 }
 
 /// capgate's `VatNetwork` for one connection (either side).
@@ -482,19 +412,19 @@ impl<R: AsyncRead + Unpin + 'static> LingerState for ReadState<R> {
 }
 
 impl ConnectionControl {
-    /// Closes the connection: the peer gets an `Abort` carrying `error`'s text.
-    pub fn abort(&self, error: capnp::Error) {
-        self.shared.abort(error);
+    /// Closes the connection: the peer gets an `Abort` with `reason`.
+    pub fn abort(&self, reason: AbortReason) {
+        self.shared.abort(reason);
     }
 
     /// Incoming calls delivered and neither returned nor finished.
     pub fn in_flight_calls(&self) -> usize {
-        self.shared.in_flight_calls()
+        self.shared.core.borrow().guard().in_flight_calls()
     }
 
     /// The connection's guard (class, accounting, denial counters).
     pub fn guard(&self) -> std::cell::Ref<'_, Guard> {
-        self.shared.guard.borrow()
+        std::cell::Ref::map(self.shared.core.borrow(), |c| c.guard())
     }
 
     /// Holds the connection to another class and rate budget from now on (policy reload).
@@ -504,7 +434,8 @@ impl ConnectionControl {
         rate: std::sync::Arc<dyn crate::RateLimit>,
         method_rates: Vec<Option<std::sync::Arc<dyn crate::RateLimit>>>,
     ) {
-        let mut guard = self.shared.guard.borrow_mut();
+        let mut core = self.shared.core.borrow_mut();
+        let guard = core.guard_mut();
         guard.set_class(class, rate);
         guard.set_method_rates(method_rates);
     }
@@ -516,18 +447,30 @@ impl ConnectionControl {
 
     /// Reports this connection's traffic, calls and in-flight work to `metrics` from now on.
     pub fn observe(&self, metrics: std::sync::Arc<crate::Metrics>) {
-        self.shared.guard.borrow_mut().observe(metrics.clone());
+        self.shared
+            .core
+            .borrow_mut()
+            .guard_mut()
+            .observe(metrics.clone());
         *self.shared.metrics.borrow_mut() = Some(metrics);
     }
 
     /// Counts this connection's denials into a class-wide registry from now on.
     pub fn count_denials_into(&self, counters: std::sync::Arc<crate::DenialCounters>) {
-        self.shared.guard.borrow_mut().count_denials_into(counters);
+        self.shared
+            .core
+            .borrow_mut()
+            .guard_mut()
+            .count_denials_into(counters);
     }
 
     /// The reason the peer gave when it aborted the connection, if it did.
     pub fn peer_abort(&self) -> Option<capnp::Error> {
-        self.shared.peer_abort.borrow().clone()
+        self.shared
+            .peer_abort
+            .borrow()
+            .as_ref()
+            .map(AbortReason::to_error)
     }
 
     /// Charges what this connection queues to a client's and the server's outgoing
@@ -574,7 +517,7 @@ where
     let limits = limits.into();
     let shared = Rc::new(ConnShared {
         outbox: Outbox::new(limits.max_outgoing_bytes),
-        guard: RefCell::new(guard),
+        core: RefCell::new(ConnectionCore::new(&limits, guard)),
         abort: RefCell::new(None),
         abort_signal: Signal::default(),
         stats: RefCell::new(ConnectionStats::default()),
@@ -583,11 +526,8 @@ where
         metrics: RefCell::new(None),
         limits,
     });
-    let decoder = FrameDecoder::new(shared.limits.frame_limits());
     // Boxed: a receive future leases the state by moving this pointer, not the state.
-    let read = Rc::new(RefCell::new(Some(Box::new(ReadState::new(
-        reader, decoder,
-    )))));
+    let read = Rc::new(RefCell::new(Some(Box::new(ReadState::new(reader)))));
     let peer_side = match side {
         Side::Client => Side::Server,
         Side::Server => Side::Client,

@@ -10,8 +10,8 @@ use capnp::message::{Builder, HeapAllocator};
 
 use super::signal::Signal;
 use crate::framing::encode_frame;
-use crate::limits::fmt_bytes;
 use crate::outgoing::OutgoingAccount;
+use crate::{AbortReason, BudgetScope};
 
 /// The largest first segment of an outgoing message, in words (512 B): room for a call with
 /// about 400 B of params. Larger params get a second segment sized to fit. Kept well under
@@ -114,7 +114,7 @@ impl Outbox {
 
     /// Queues a message. Returns an error (and fails the outbox) when a byte budget would
     /// be exceeded: the peer is not reading what we send.
-    pub(super) fn push(&self, msg: Message) -> Result<(), capnp::Error> {
+    pub(super) fn push(&self, msg: Message) -> Result<(), AbortReason> {
         if self.state.get() != State::Open {
             return Ok(());
         }
@@ -122,17 +122,17 @@ impl Outbox {
         let queued = self.queued_bytes.get();
         if queued > 0 && queued + bytes > self.max_bytes {
             self.fail();
-            return Err(capnp::Error::failed(format!(
-                "capgate: peer is not reading: {} queued for it would exceed \
-                 max_outgoing_bytes = {}; the connection is cut off",
-                fmt_bytes((queued + bytes) as u64),
-                fmt_bytes(self.max_bytes as u64)
-            )));
+            return Err(AbortReason::NotReading {
+                scope: BudgetScope::Connection,
+                queued: queued + bytes,
+                limit: self.max_bytes,
+                held: queued + bytes,
+            });
         }
         if let Some(account) = &*self.account.borrow() {
             if let Err(reason) = account.reserve(queued + bytes) {
                 self.fail();
-                return Err(capnp::Error::failed(reason));
+                return Err(reason);
             }
         }
         self.queued_bytes.set(queued + bytes);
@@ -155,7 +155,7 @@ impl Outbox {
 
     /// The reason this connection was cut off to keep its client or the server within
     /// their outgoing budgets, if it was.
-    pub(super) fn cut_off_reason(&self) -> Option<String> {
+    pub(super) fn cut_off_reason(&self) -> Option<AbortReason> {
         self.account.borrow().as_ref().and_then(|a| a.cut_reason())
     }
 

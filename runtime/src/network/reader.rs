@@ -10,38 +10,31 @@ use tokio::time::{Instant, Sleep};
 
 use super::connection::ConnShared;
 use super::pool::{self, READ_BUFFER_BYTES};
-use crate::framing::{Frame, FrameDecoder};
-use crate::limits::fmt_bytes;
+use crate::framing::Frame;
+use crate::AbortReason;
 
-/// The read side of a connection: the stream, the decoder and, while it holds undecoded
-/// bytes, a read buffer borrowed from the worker's pool (an idle connection holds none).
+/// The read side of a connection's shell: the stream and, while it holds undecoded bytes, a
+/// read buffer borrowed from the worker's pool (an idle connection holds none). Decoding and
+/// deadlines are the core's.
 pub(super) struct ReadState<R> {
     stream: R,
-    decoder: FrameDecoder,
     buf: Vec<u8>,
     pos: usize,
     end: usize,
-    /// When the reader first had to wait for the rest of the current frame.
-    frame_started: Option<Instant>,
-    /// One timer for both deadlines, armed lazily and re-armed only when it fires (or when a
-    /// frame deadline is earlier): no timer work per message.
+    /// One timer for both deadlines, armed lazily and moved only when the core's next
+    /// deadline is earlier or when it fires: no timer work per message.
     timer: Option<Pin<Box<Sleep>>>,
-    /// `ConnShared::activity` when the idle timer was armed.
-    idle_mark: u64,
     eof: bool,
 }
 
 impl<R: AsyncRead + Unpin> ReadState<R> {
-    pub(super) fn new(stream: R, decoder: FrameDecoder) -> Self {
+    pub(super) fn new(stream: R) -> Self {
         Self {
             stream,
-            decoder,
             buf: Vec::new(),
             pos: 0,
             end: 0,
-            frame_started: None,
             timer: None,
-            idle_mark: 0,
             eof: false,
         }
     }
@@ -52,16 +45,13 @@ impl<R: AsyncRead + Unpin> ReadState<R> {
         shared: &ConnShared,
     ) -> Result<Option<Frame>, capnp::Error> {
         while self.pos < self.end {
-            let (n, frame) = self
-                .decoder
-                .feed(&self.buf[self.pos..self.end])
-                .map_err(|e| {
-                    shared.note_frame_abort();
-                    capnp::Error::failed(format!("capgate: {e}"))
-                })?;
+            let fed = shared
+                .core
+                .borrow_mut()
+                .handle_bytes(&self.buf[self.pos..self.end]);
+            let (n, frame) = fed.map_err(|e| shared.fail(e))?;
             self.pos += n;
             if let Some(frame) = frame {
-                self.frame_started = None;
                 return Ok(Some(frame));
             }
         }
@@ -83,17 +73,11 @@ impl<R: AsyncRead + Unpin> ReadState<R> {
                 pool::give_read(std::mem::take(&mut self.buf));
             }
             if let Some(frame) = self.wait_and_read(shared).await? {
-                self.frame_started = None;
                 return Ok(Some(frame));
             }
             if self.eof {
-                return if self.decoder.in_frame() {
-                    Err(capnp::Error::disconnected(
-                        "capgate: the peer closed the connection in the middle of a frame".into(),
-                    ))
-                } else {
-                    Ok(None)
-                };
+                let end = shared.core.borrow().end_of_stream();
+                return end.map(|()| None).map_err(|e| shared.fail(e));
             }
         }
     }
@@ -101,25 +85,21 @@ impl<R: AsyncRead + Unpin> ReadState<R> {
     /// Waits for bytes (or a deadline, or an abort). Bytes of a large frame body go straight
     /// into the frame; a completed frame is returned.
     async fn wait_and_read(&mut self, shared: &ConnShared) -> Result<Option<Frame>, capnp::Error> {
-        let limits = &shared.limits;
         loop {
             self.arm_timer(shared);
-            let Self {
-                stream,
-                decoder,
-                timer,
-                ..
-            } = self;
+            let Self { stream, timer, .. } = self;
             // Large frame bodies are read straight into the frame; everything else into a
             // pooled buffer that is taken only for a poll that returns bytes.
             let read = std::future::poll_fn(|cx| {
-                if let Some(dst) = decoder.body_spare(READ_BUFFER_BYTES) {
+                let mut core = shared.core.borrow_mut();
+                if let Some(dst) = core.body_spare(READ_BUFFER_BYTES) {
                     let mut rb = ReadBuf::new(dst);
                     return match Pin::new(&mut *stream).poll_read(cx, &mut rb) {
                         Poll::Pending => Poll::Pending,
                         Poll::Ready(r) => Poll::Ready(r.map(|()| (rb.filled().len(), None))),
                     };
                 }
+                drop(core);
                 let mut buf = pool::take_read();
                 let mut rb = ReadBuf::new(&mut buf);
                 match Pin::new(&mut *stream).poll_read(cx, &mut rb) {
@@ -143,9 +123,8 @@ impl<R: AsyncRead + Unpin> ReadState<R> {
             match event {
                 Event::Aborted => return Err(shared.abort_error()),
                 Event::Read(r) => {
-                    let (n, buf) = r.map_err(|e| {
-                        capnp::Error::disconnected(format!("capgate: read failed: {e}"))
-                    })?;
+                    let (n, buf) =
+                        r.map_err(|e| shared.fail(AbortReason::ReadFailed(e.to_string())))?;
                     if n == 0 {
                         if let Some(buf) = buf {
                             pool::give_read(buf);
@@ -155,7 +134,7 @@ impl<R: AsyncRead + Unpin> ReadState<R> {
                     }
                     shared.note_received(n);
                     match buf {
-                        None => return Ok(self.decoder.advance_body(n)),
+                        None => return Ok(shared.core.borrow_mut().advance_body(n)),
                         Some(buf) => {
                             self.buf = buf;
                             self.end = n;
@@ -163,65 +142,34 @@ impl<R: AsyncRead + Unpin> ReadState<R> {
                         }
                     }
                 }
-                Event::Timer => self.on_timer(shared, limits)?,
+                Event::Timer => self.on_timer(shared)?,
             }
         }
     }
 
-    /// Makes sure the timer fires no later than the deadline that applies now.
+    /// Makes sure the timer fires no later than the core's next deadline.
     fn arm_timer(&mut self, shared: &ConnShared) {
-        let limits = &shared.limits;
-        if self.decoder.in_frame() && self.frame_started.is_none() {
-            self.frame_started = Some(Instant::now());
-        }
-        let frame_deadline = self.frame_started.map(|t| t + limits.frame_timeout);
-        match (&mut self.timer, frame_deadline) {
-            (None, _) => {
-                let idle = Instant::now() + limits.idle_timeout;
-                let at = frame_deadline.map_or(idle, |f| f.min(idle));
-                self.idle_mark = shared.activity();
-                self.timer = Some(Box::pin(tokio::time::sleep_until(at)));
-            }
-            (Some(t), Some(f)) if t.deadline() > f => t.as_mut().reset(f),
-            _ => {}
+        let mut core = shared.core.borrow_mut();
+        core.before_wait(|| Instant::now().into_std(), shared.activity());
+        let Some(at) = core.poll_timeout().map(Instant::from_std) else {
+            return;
+        };
+        match &mut self.timer {
+            None => self.timer = Some(Box::pin(tokio::time::sleep_until(at))),
+            Some(t) if t.deadline() > at => t.as_mut().reset(at),
+            Some(_) => {}
         }
     }
 
-    /// The timer fired: enforce the frame deadline, or close an idle connection, or re-arm.
-    fn on_timer(
-        &mut self,
-        shared: &ConnShared,
-        limits: &crate::Limits,
-    ) -> Result<(), capnp::Error> {
+    /// The timer fired: the core enforces its deadlines; the timer moves to the next one.
+    fn on_timer(&mut self, shared: &ConnShared) -> Result<(), capnp::Error> {
         let now = Instant::now();
-        match self.frame_started {
-            Some(t) if now >= t + limits.frame_timeout => {
-                shared.note_frame_abort();
-                return Err(capnp::Error::failed(format!(
-                    "capgate: frame not completed within {} (frame_timeout); \
-                     {} of it had arrived",
-                    fmt_duration(limits.frame_timeout),
-                    fmt_bytes(self.decoder.received_bytes() as u64),
-                )));
-            }
-            Some(_) => {}
-            None => {
-                let activity = shared.activity();
-                if activity == self.idle_mark && shared.in_flight_calls() == 0 {
-                    return Err(capnp::Error::disconnected(format!(
-                        "capgate: connection idle for {} (idle_timeout): no frames in \
-                         either direction and no calls in flight",
-                        fmt_duration(limits.idle_timeout),
-                    )));
-                }
-            }
-        }
-        self.idle_mark = shared.activity();
-        let mut at = now + limits.idle_timeout;
-        if let Some(t) = self.frame_started {
-            at = at.min(t + limits.frame_timeout);
-        }
-        if let Some(timer) = &mut self.timer {
+        let mut core = shared.core.borrow_mut();
+        let checked = core.handle_timeout(now.into_std(), shared.activity());
+        let next = core.poll_timeout().map(Instant::from_std);
+        drop(core);
+        checked.map_err(|e| shared.fail(e))?;
+        if let (Some(timer), Some(at)) = (&mut self.timer, next) {
             timer.as_mut().reset(at);
         }
         Ok(())
@@ -283,13 +231,5 @@ impl<R> Drop for Lease<R> {
         if let Some(state) = self.state.take() {
             *self.slot.borrow_mut() = Some(state);
         }
-    }
-}
-
-pub(crate) fn fmt_duration(d: Duration) -> String {
-    if d.as_millis() % 1000 == 0 {
-        format!("{} s", d.as_secs())
-    } else {
-        format!("{} ms", d.as_millis())
     }
 }

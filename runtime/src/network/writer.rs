@@ -10,6 +10,7 @@ use super::outbox::{Message, Outbox, State};
 use super::pool;
 use crate::framing::encode_header;
 use crate::poll::{may_poll, poll_round, PollBackoff, Polled, PollingMark};
+use crate::AbortReason;
 
 /// Messages larger than this skip the coalescing buffer (their segments are written as is).
 const DIRECT_WRITE_BYTES: usize = 64 * 1024;
@@ -33,17 +34,18 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
     shared: Rc<ConnShared>,
 ) -> Result<(), capnp::Error> {
     let result = write_loop(&mut stream, &shared).await;
-    if let Err(e) = &result {
-        shared.abort(e.clone());
-    }
     shared.outbox.set_done();
-    result
+    result.map_err(|reason| {
+        let e = reason.to_error();
+        shared.abort(reason);
+        e
+    })
 }
 
 async fn write_loop<W: AsyncWrite + Unpin>(
     stream: &mut W,
     shared: &ConnShared,
-) -> Result<(), capnp::Error> {
+) -> Result<(), AbortReason> {
     let outbox = &shared.outbox;
     let limits = &shared.limits;
     let mut buf: Vec<u8> = Vec::new();
@@ -172,11 +174,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             }
             Written::TimedOut => {
                 outbox.fail();
-                return Err(capnp::Error::failed(format!(
-                    "capgate: a write to the peer stalled for {:?} (write_timeout); \
-                     the connection is cut off",
-                    limits.write_timeout
-                )));
+                return Err(AbortReason::WriteTimeout {
+                    limit: limits.write_timeout,
+                });
             }
         }
         let wire_bytes = buf.len() + large.as_ref().map_or(0, |m| frame_len(m));
@@ -193,11 +193,11 @@ fn frame_len(m: &Builder<HeapAllocator>) -> usize {
 
 /// Another connection's push exceeded a shared outgoing budget and picked this one, the
 /// largest holder: drop what is queued and close with the reason.
-fn cut_off(shared: &ConnShared, reason: String) -> capnp::Error {
+fn cut_off(shared: &ConnShared, reason: AbortReason) -> AbortReason {
     tracing::info!(%reason, "connection cut off");
     shared.note_cut_off();
     shared.outbox.fail();
-    capnp::Error::failed(reason)
+    reason
 }
 
 enum Written {

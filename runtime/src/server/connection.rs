@@ -437,9 +437,7 @@ async fn drain(
     match finished {
         Some(r) => r,
         None => {
-            control.abort(capnp::Error::disconnected(
-                "capgate: the server is shutting down".into(),
-            ));
+            control.abort(crate::AbortReason::Shutdown);
             match tokio::time::timeout(write_timeout, &mut *rpc).await {
                 Ok(r) => r,
                 Err(_) => Ok(()),
@@ -519,12 +517,10 @@ fn serve_admitted(
                                 control.set_class(k.clone(), rate, method_rates);
                                 control.count_denials_into(shared.denial_counters(k.name()));
                             }
-                            None => control.abort(capnp::Error::failed(format!(
-                                "capgate: the policy was reloaded and no client class of it ({}) \
-                                 matches {} any more",
-                                policy.origin(),
-                                c.peer.addr
-                            ))),
+                            None => control.abort(crate::AbortReason::NoClassMatches {
+                                policy: policy.origin().to_string(),
+                                peer: c.peer.addr.to_string(),
+                            }),
                         }
                     }
                 },

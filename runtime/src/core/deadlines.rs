@@ -1,0 +1,171 @@
+//! The read side's deadlines, sans-IO: a frame must complete within `frame_timeout` of the
+//! first wait for its rest, and a connection with no frames either way and no call in flight
+//! for `idle_timeout` closes. The shell owns one timer, sets it to [`Deadlines::poll_timeout`]
+//! and calls [`Deadlines::handle_timeout`] when it fires; the clock is the shell's.
+//!
+//! Idle detection compares a count of bytes moved (the caller's `activity`) between two timer
+//! firings instead of stamping every message with the time, so the hot path reads no clock:
+//! an idle connection closes between `idle_timeout` and twice that after its last frame.
+
+use std::time::{Duration, Instant};
+
+use super::AbortReason;
+
+/// Frame and idle deadlines of one connection.
+#[derive(Debug)]
+pub(crate) struct Deadlines {
+    frame_timeout: Duration,
+    idle_timeout: Duration,
+    /// When the reader first waited for the rest of the current frame.
+    frame_started: Option<Instant>,
+    /// When the idle check runs next, and the activity count it compares against.
+    idle_check: Option<(Instant, u64)>,
+}
+
+impl Deadlines {
+    pub(crate) fn new(frame_timeout: Duration, idle_timeout: Duration) -> Self {
+        Self {
+            frame_timeout,
+            idle_timeout,
+            frame_started: None,
+            idle_check: None,
+        }
+    }
+
+    /// The reader is about to wait for bytes, inside a frame or not. `now` is read only when
+    /// a clock starts (the first wait of a frame, the first wait of the connection).
+    pub(crate) fn before_wait(&mut self, now: impl Fn() -> Instant, in_frame: bool, activity: u64) {
+        if in_frame && self.frame_started.is_none() {
+            self.frame_started = Some(now());
+        }
+        if self.idle_check.is_none() {
+            self.idle_check = Some((now() + self.idle_timeout, activity));
+        }
+    }
+
+    /// A frame completed: its clock stops.
+    pub(crate) fn frame_done(&mut self) {
+        self.frame_started = None;
+    }
+
+    /// When [`Deadlines::handle_timeout`] must run next (`None` before the first wait).
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        let frame = self.frame_started.map(|t| t + self.frame_timeout);
+        let idle = self.idle_check.map(|(t, _)| t);
+        match (frame, idle) {
+            (Some(f), Some(i)) => Some(f.min(i)),
+            (f, i) => f.or(i),
+        }
+    }
+
+    /// The timer fired at `now`: the frame deadline passed, or the connection has been idle
+    /// since the last check (no `activity`, nothing in flight), or the next check is armed.
+    /// `received` is what the current frame has of its bytes (for the reason).
+    pub(crate) fn handle_timeout(
+        &mut self,
+        now: Instant,
+        activity: u64,
+        in_flight: usize,
+        received: usize,
+    ) -> Result<(), AbortReason> {
+        match self.frame_started {
+            Some(t) if now >= t + self.frame_timeout => {
+                return Err(AbortReason::FrameTimeout {
+                    limit: self.frame_timeout,
+                    received,
+                })
+            }
+            Some(_) => {}
+            None => {
+                if let Some((at, mark)) = self.idle_check {
+                    if now < at {
+                        return Ok(());
+                    }
+                    if activity == mark && in_flight == 0 {
+                        return Err(AbortReason::Idle {
+                            limit: self.idle_timeout,
+                        });
+                    }
+                }
+            }
+        }
+        self.idle_check = Some((now + self.idle_timeout, activity));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FRAME: Duration = Duration::from_millis(500);
+    const IDLE: Duration = Duration::from_secs(10);
+
+    fn at(t0: Instant, ms: u64) -> Instant {
+        t0 + Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn a_frame_not_completed_in_time_aborts_with_what_had_arrived() {
+        let t0 = Instant::now();
+        let mut d = Deadlines::new(FRAME, IDLE);
+        d.before_wait(|| t0, true, 10);
+        assert_eq!(d.poll_timeout(), Some(at(t0, 500)));
+        // Waiting again inside the same frame does not move its deadline.
+        d.before_wait(|| at(t0, 400), true, 20);
+        assert_eq!(d.poll_timeout(), Some(at(t0, 500)));
+        assert_eq!(
+            d.handle_timeout(at(t0, 500), 20, 0, 12),
+            Err(AbortReason::FrameTimeout {
+                limit: FRAME,
+                received: 12
+            })
+        );
+    }
+
+    #[test]
+    fn a_completed_frame_stops_its_clock() {
+        let t0 = Instant::now();
+        let mut d = Deadlines::new(FRAME, IDLE);
+        d.before_wait(|| t0, true, 10);
+        d.frame_done();
+        assert_eq!(d.poll_timeout(), Some(at(t0, 10_000)));
+        d.before_wait(|| at(t0, 9_000), true, 30);
+        assert_eq!(d.poll_timeout(), Some(at(t0, 9_500)));
+    }
+
+    #[test]
+    fn idle_closes_only_without_activity_and_calls_in_flight() {
+        let t0 = Instant::now();
+        let mut d = Deadlines::new(FRAME, IDLE);
+        d.before_wait(|| t0, false, 100);
+        // Bytes moved since: re-armed one period on.
+        assert_eq!(d.handle_timeout(at(t0, 10_000), 150, 0, 0), Ok(()));
+        assert_eq!(d.poll_timeout(), Some(at(t0, 20_000)));
+        // No bytes, but a call in flight (a long poll): still open.
+        assert_eq!(d.handle_timeout(at(t0, 20_000), 150, 1, 0), Ok(()));
+        assert_eq!(
+            d.handle_timeout(at(t0, 30_000), 150, 0, 0),
+            Err(AbortReason::Idle { limit: IDLE })
+        );
+    }
+
+    #[test]
+    fn an_early_timer_changes_nothing() {
+        let t0 = Instant::now();
+        let mut d = Deadlines::new(FRAME, IDLE);
+        d.before_wait(|| t0, false, 0);
+        assert_eq!(d.handle_timeout(at(t0, 1), 0, 0, 0), Ok(()));
+        assert_eq!(d.poll_timeout(), Some(at(t0, 10_000)));
+    }
+
+    #[test]
+    fn inside_a_frame_the_idle_check_is_re_armed_not_applied() {
+        let t0 = Instant::now();
+        let mut d = Deadlines::new(Duration::from_secs(60), IDLE);
+        d.before_wait(|| t0, true, 0);
+        assert_eq!(d.poll_timeout(), Some(at(t0, 10_000)));
+        assert_eq!(d.handle_timeout(at(t0, 10_000), 0, 0, 4), Ok(()));
+        assert_eq!(d.poll_timeout(), Some(at(t0, 20_000)));
+    }
+}
