@@ -19,7 +19,7 @@ fuzz_target!(|data: &[u8]| {
         .and_then(|c| c.allow("Reader.*", Catalog::builtin()))
         .map(|c| c.with_quotas(q))
         .expect("valid allowlist");
-    let mut guard = Guard::new(Arc::new(class), Arc::new(Unlimited));
+    let mut guard = Guard::new(Arc::new(class), Arc::new(Unlimited), Catalog::builtin().clone());
     let mut decoder = FrameDecoder::new(FrameLimits {
         max_message_bytes: 1 << 16,
         max_segments: 16,

@@ -35,11 +35,11 @@ pub use error::Error;
 pub use framing::{
     encode_frame, encode_header, frame_len, Frame, FrameDecoder, FrameError, FrameLimits,
 };
-pub use guard::{DenialCounters, DenialCounts, Guard, RateLimit, Unlimited, Verdict};
+pub use guard::{DenialCounts, Guard, RateLimit, Unlimited, Verdict};
 pub use handle::ClientHandle;
 pub use latency::LatencyProxy;
 pub use limits::Limits;
-pub use metrics::Metrics;
+pub use metrics::{DenialCounters, Metrics};
 pub use network::{new_network, ConnectionControl, ConnectionStats, GuardedNetwork};
 pub use peer::{PeerAddr, PeerInfo};
 pub use quota_store::{Fallback, QuotaKey, QuotaStore, RedisStoreConfig};

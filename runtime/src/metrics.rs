@@ -3,13 +3,18 @@
 //! in and out, frame-limit aborts, TLS handshake failures; with a shared quota store, its
 //! health, errors, leases, fallbacks and latency (`quota_store/metrics.rs`).
 
+use std::collections::HashMap;
 use std::sync::Arc;
+
+use capgate_schema::{Catalog, MethodRef};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+
+use crate::guard::{DenialCounts, DenialReason, GuardObserver};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ClassLabel {
@@ -194,6 +199,84 @@ impl Metrics {
             class: class.to_string(),
             reason: reason.to_string(),
         })
+    }
+}
+
+/// Denials by reason across all connections of one client class (shared, lock-free; they
+/// are also the server's `capgate_denials_total` metric).
+#[derive(Debug)]
+pub struct DenialCounters {
+    by_reason: [Counter; DenialReason::ALL.len()],
+    /// By rule: `capgate_method_denials_total`.
+    by_rule: MethodDenials,
+    class: String,
+}
+
+impl DenialCounters {
+    /// The counters of `class` in `metrics`.
+    pub fn new(metrics: &Metrics, class: &str) -> Self {
+        Self {
+            by_reason: DenialReason::ALL.map(|r| metrics.denials(class, r.label())),
+            by_rule: metrics.method_denials.clone(),
+            class: class.to_string(),
+        }
+    }
+
+    fn add(&self, reason: DenialReason, rule: Option<(&str, &'static str)>) {
+        self.by_reason[reason as usize].inc();
+        if let Some((rule, quota)) = rule {
+            method_denial(&self.by_rule, &self.class, rule, quota).inc();
+        }
+    }
+
+    /// The counts so far.
+    pub fn snapshot(&self) -> DenialCounts {
+        let mut counts = DenialCounts::default();
+        for r in DenialReason::ALL {
+            *counts.of(r) = self.by_reason[r as usize].get();
+        }
+        counts
+    }
+}
+
+/// A connection's guard reporting to the server's metrics: calls by class and method, calls
+/// in flight, denials into its class's counters.
+pub(crate) struct MetricsObserver {
+    metrics: Arc<Metrics>,
+    denials: Arc<DenialCounters>,
+    calls: HashMap<MethodRef, Counter>,
+}
+
+impl MetricsObserver {
+    pub(crate) fn new(metrics: Arc<Metrics>, denials: Arc<DenialCounters>) -> Self {
+        Self {
+            metrics,
+            denials,
+            calls: HashMap::new(),
+        }
+    }
+}
+
+impl GuardObserver for MetricsObserver {
+    fn inflight(&mut self, delta: i64) {
+        self.metrics.inflight_calls.inc_by(delta);
+    }
+
+    fn delivered(&mut self, class: &str, catalog: &Catalog, m: MethodRef) {
+        let metrics = &self.metrics;
+        self.calls
+            .entry(m)
+            .or_insert_with(|| metrics.calls(class, catalog.name_of(m)))
+            .inc();
+    }
+
+    fn denied(&mut self, reason: DenialReason, rule: Option<(&str, &'static str)>) {
+        self.denials.add(reason, rule);
+    }
+
+    fn class_changed(&mut self) {
+        // Call counters are labelled by class.
+        self.calls.clear();
     }
 }
 

@@ -30,7 +30,14 @@ fn core() -> ConnectionCore {
         .unwrap()
         .allow("Reader.*", c)
         .unwrap();
-    ConnectionCore::new(&limits(), Guard::new(Arc::new(class), Arc::new(Unlimited)))
+    ConnectionCore::new(
+        &limits(),
+        Guard::new(
+            Arc::new(class),
+            Arc::new(Unlimited),
+            Catalog::builtin().clone(),
+        ),
+    )
 }
 
 fn framed(f: impl FnOnce(message::Builder<'_>)) -> Vec<u8> {

@@ -35,7 +35,11 @@ fn reader_class(quotas: Quotas) -> Arc<ClientClass> {
 }
 
 fn guard() -> Guard {
-    Guard::new(reader_class(Quotas::default()), Arc::new(Unlimited))
+    Guard::new(
+        reader_class(Quotas::default()),
+        Arc::new(Unlimited),
+        Catalog::builtin().clone(),
+    )
 }
 
 fn method(iface: &str, m: &str) -> MethodRef {
@@ -292,7 +296,11 @@ fn in_flight_and_open_answer_quotas_answer_overloaded() {
     let mut q = Quotas::default();
     q.max_inflight_calls = 2;
     q.max_open_answers = 3;
-    let mut g = Guard::new(reader_class(q), Arc::new(Unlimited));
+    let mut g = Guard::new(
+        reader_class(q),
+        Arc::new(Unlimited),
+        Catalog::builtin().clone(),
+    );
     let get = method("Reader", "get");
     for id in 0..2 {
         assert!(matches!(
@@ -345,6 +353,7 @@ fn over_rate_calls_answer_overloaded_and_denied_calls_do_not_spend_the_budget() 
     let mut g = Guard::new(
         reader_class(Quotas::default()),
         Arc::new(Budget(AtomicU32::new(2))),
+        Catalog::builtin().clone(),
     );
     let get = method("Reader", "get");
     let put = method("Namespace", "put");
@@ -495,7 +504,11 @@ fn return_with_caps(q: u32, caps: &[u32]) -> Builder<HeapAllocator> {
 fn exports_are_mirrored_and_over_max_exports_aborts() {
     let mut q = Quotas::default();
     q.max_exports = 3;
-    let mut g = Guard::new(reader_class(q), Arc::new(Unlimited));
+    let mut g = Guard::new(
+        reader_class(q),
+        Arc::new(Unlimited),
+        Catalog::builtin().clone(),
+    );
     let ns = method("Store", "namespace");
     feed(&mut g, &call_msg(1, Target::Import(0), ns, &[], false));
     g.outgoing(return_with_caps(1, &[10, 11]).get_root_as_reader().unwrap())
@@ -534,7 +547,11 @@ fn exports_are_mirrored_and_over_max_exports_aborts() {
 fn held_bytes_over_max_inflight_bytes_answer_overloaded() {
     let mut q = Quotas::default();
     q.max_inflight_bytes = 1000;
-    let mut g = Guard::new(reader_class(q), Arc::new(Unlimited));
+    let mut g = Guard::new(
+        reader_class(q),
+        Arc::new(Unlimited),
+        Catalog::builtin().clone(),
+    );
     g.set_held_bytes(900, 200);
     let (_, kind, reason, _) = denial(feed(
         &mut g,
@@ -568,7 +585,11 @@ fn bootstrap_msg(q: u32) -> Builder<HeapAllocator> {
 fn bootstraps_count_against_max_open_answers_and_are_refused_at_the_limit() {
     let mut q = Quotas::default();
     q.max_open_answers = 3;
-    let mut g = Guard::new(reader_class(q), Arc::new(Unlimited));
+    let mut g = Guard::new(
+        reader_class(q),
+        Arc::new(Unlimited),
+        Catalog::builtin().clone(),
+    );
     for i in 0..3 {
         assert!(matches!(feed(&mut g, &bootstrap_msg(i)), Verdict::Deliver));
     }
@@ -607,7 +628,11 @@ fn bootstraps_count_against_max_open_answers_and_are_refused_at_the_limit() {
 fn a_cap_table_over_max_caps_per_message_aborts_before_any_reply() {
     let mut q = Quotas::default();
     q.max_caps_per_message = 4;
-    let mut g = Guard::new(reader_class(q), Arc::new(Unlimited));
+    let mut g = Guard::new(
+        reader_class(q),
+        Arc::new(Unlimited),
+        Catalog::builtin().clone(),
+    );
     let caps: Vec<Cap> = (0..5).map(Cap::SenderHosted).collect();
     // Denied (sendResultsTo.yourself) and allowed calls alike.
     for (m, yourself) in [

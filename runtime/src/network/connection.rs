@@ -445,23 +445,20 @@ impl ConnectionControl {
         *self.shared.stats.borrow()
     }
 
-    /// Reports this connection's traffic, calls and in-flight work to `metrics` from now on.
-    pub fn observe(&self, metrics: std::sync::Arc<crate::Metrics>) {
+    /// Reports this connection's traffic, calls and in-flight work to `metrics`, and its
+    /// denials to its class's `denials`, from now on (again after a reload re-matched it).
+    pub fn observe(
+        &self,
+        metrics: std::sync::Arc<crate::Metrics>,
+        denials: std::sync::Arc<crate::DenialCounters>,
+    ) {
+        let observer = crate::metrics::MetricsObserver::new(metrics.clone(), denials);
         self.shared
             .core
             .borrow_mut()
             .guard_mut()
-            .observe(metrics.clone());
+            .set_observer(Box::new(observer));
         *self.shared.metrics.borrow_mut() = Some(metrics);
-    }
-
-    /// Counts this connection's denials into a class-wide registry from now on.
-    pub fn count_denials_into(&self, counters: std::sync::Arc<crate::DenialCounters>) {
-        self.shared
-            .core
-            .borrow_mut()
-            .guard_mut()
-            .count_denials_into(counters);
     }
 
     /// The reason the peer gave when it aborted the connection, if it did.

@@ -392,13 +392,12 @@ where
             }
         };
     let limits = shared.limits_for(q);
-    let mut guard = Guard::with_catalog(class.clone(), rate, shared.policy.catalog().clone());
+    let mut guard = Guard::new(class.clone(), rate, shared.policy.catalog().clone());
     guard.set_method_rates(shared.clients.method_rates(&slot, &class, &key));
-    guard.count_denials_into(shared.denial_counters(class.name()));
     let class_gauge = shared.metrics.connections(class.name());
     class_gauge.inc();
     let (network, control) = new_network(reader, writer, Side::Server, limits, guard);
-    control.observe(shared.metrics.clone());
+    control.observe(shared.metrics.clone(), shared.denial_counters(class.name()));
     control.share_outgoing(shared.outgoing.account(
         slot.outgoing(),
         q.max_client_outgoing_bytes,
@@ -515,7 +514,7 @@ fn serve_admitted(
                                 c.slots = (class_slot, slot, GaugeSlot(gauge), fleet_slot);
                                 tracing::info!(class = k.name(), "policy reloaded: connection re-matched");
                                 control.set_class(k.clone(), rate, method_rates);
-                                control.count_denials_into(shared.denial_counters(k.name()));
+                                control.observe(shared.metrics.clone(), shared.denial_counters(k.name()));
                             }
                             None => control.abort(crate::AbortReason::NoClassMatches {
                                 policy: policy.origin().to_string(),

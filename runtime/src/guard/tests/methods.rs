@@ -45,7 +45,7 @@ fn guard_with_clock(class: Arc<ClientClass>, clock: &FakeRelativeClock) -> Guard
             })
         })
         .collect();
-    let mut g = Guard::new(class, Arc::new(Unlimited));
+    let mut g = Guard::new(class, Arc::new(Unlimited), Catalog::builtin().clone());
     g.set_method_rates(rates);
     g
 }
@@ -91,6 +91,7 @@ fn max_inflight_calls_of_a_method_counts_until_return_or_finish() {
     let mut g = Guard::new(
         writer(vec![rule("Namespace.put").with_max_inflight_calls(2)]),
         Arc::new(Unlimited),
+        Catalog::builtin().clone(),
     );
     assert!(matches!(feed(&mut g, &put(1)), Verdict::Deliver));
     assert!(matches!(feed(&mut g, &put(2)), Verdict::Deliver));
@@ -116,6 +117,7 @@ fn a_wildcard_rule_is_one_budget_for_its_methods_and_names_itself_in_the_denial(
     let mut g = Guard::new(
         writer(vec![rule("Namespace.*").with_max_inflight_calls(1)]),
         Arc::new(Unlimited),
+        Catalog::builtin().clone(),
     );
     assert!(matches!(feed(&mut g, &put(1)), Verdict::Deliver));
     let (_, _, reason, _) = denial(feed(&mut g, &get(2)));
@@ -141,6 +143,7 @@ fn a_method_denial_takes_no_token_of_the_class_rate() {
     let mut g = Guard::new(
         writer(vec![rule("Namespace.put").with_max_inflight_calls(0)]),
         class_rate,
+        Catalog::builtin().clone(),
     );
     for q in 0..10 {
         assert!(matches!(feed(&mut g, &put(q)), Verdict::Reply(_)));
@@ -154,7 +157,11 @@ fn a_method_denial_takes_no_token_of_the_class_rate() {
 
 #[test]
 fn a_reload_counts_calls_in_flight_under_the_new_rules() {
-    let mut g = Guard::new(writer(vec![]), Arc::new(Unlimited));
+    let mut g = Guard::new(
+        writer(vec![]),
+        Arc::new(Unlimited),
+        Catalog::builtin().clone(),
+    );
     assert!(matches!(feed(&mut g, &put(1)), Verdict::Deliver));
     assert!(matches!(feed(&mut g, &put(2)), Verdict::Deliver));
     g.set_class(

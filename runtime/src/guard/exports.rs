@@ -1,0 +1,102 @@
+//! Outgoing accounting: the capabilities the peer holds from us (a mirror of capnp-rpc's
+//! export table, for `max_exports`) and our own questions awaiting answers.
+
+use capnp_rpc::rpc_capnp::{cap_descriptor, message};
+
+use super::{Answer, Guard};
+use crate::AbortReason;
+
+impl Guard {
+    /// Accounts for an outgoing message. An error means the connection must be aborted
+    /// (rule 8: outgoing messages are never rewritten): the peer holds more capabilities
+    /// from us than `max_exports`.
+    pub fn outgoing(&mut self, msg: message::Reader<'_>) -> Result<(), AbortReason> {
+        match msg.which() {
+            Ok(message::Return(Ok(ret))) => {
+                let q = ret.get_answer_id();
+                // capnp-rpc sets noFinishNeeded on results without capabilities: the peer
+                // will not send Finish, and the answer is gone once returned.
+                let done = ret.get_no_finish_needed();
+                match self.answers.get(q) {
+                    Some(&Answer::Running(m)) => {
+                        self.ended(m);
+                        if done {
+                            self.answers.remove(q);
+                        } else {
+                            self.answers.insert(q, Answer::Returned);
+                        }
+                    }
+                    Some(Answer::Cancelled) => {
+                        self.answers.remove(q);
+                    }
+                    _ => {}
+                }
+                if let Ok(capnp_rpc::rpc_capnp::return_::Results(Ok(payload))) = ret.which() {
+                    let ids = self.export_descriptors(payload.get_cap_table());
+                    if !ids.is_empty() {
+                        self.returned_caps.insert(q, ids);
+                    }
+                }
+            }
+            Ok(message::Call(Ok(c))) => {
+                self.awaiting = self.awaiting.saturating_add(1);
+                if let Ok(p) = c.get_params() {
+                    self.export_descriptors(p.get_cap_table());
+                }
+            }
+            Ok(message::Bootstrap(_)) => {
+                self.awaiting = self.awaiting.saturating_add(1);
+                return Ok(());
+            }
+            Ok(message::Resolve(Ok(r))) => {
+                if let Ok(capnp_rpc::rpc_capnp::resolve::Cap(Ok(d))) = r.which() {
+                    self.export_descriptor(d);
+                }
+            }
+            _ => return Ok(()),
+        }
+        let max = self.class.quotas().max_exports;
+        if self.exports.len() > max as usize {
+            return Err(AbortReason::Exports {
+                limit: max,
+                held: self.exports.len(),
+                class: self.class.name().to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    fn export_descriptors(
+        &mut self,
+        table: capnp::Result<capnp::struct_list::Reader<'_, cap_descriptor::Owned>>,
+    ) -> Vec<u32> {
+        let mut ids = Vec::new();
+        if let Ok(table) = table {
+            for d in table.iter() {
+                if let Some(id) = self.export_descriptor(d) {
+                    ids.push(id);
+                }
+            }
+        }
+        ids
+    }
+
+    fn export_descriptor(&mut self, d: cap_descriptor::Reader<'_>) -> Option<u32> {
+        match d.which() {
+            Ok(cap_descriptor::SenderHosted(id) | cap_descriptor::SenderPromise(id)) => {
+                *self.exports.entry(id).or_insert(0) += 1;
+                Some(id)
+            }
+            _ => None,
+        }
+    }
+
+    pub(super) fn release_export(&mut self, id: u32, count: u32) {
+        if let Some(n) = self.exports.get_mut(&id) {
+            *n = n.saturating_sub(count);
+            if *n == 0 {
+                self.exports.remove(&id);
+            }
+        }
+    }
+}
