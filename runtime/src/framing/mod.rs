@@ -3,9 +3,11 @@
 
 mod decoder;
 mod encoder;
+mod frame;
 
-pub use decoder::{Frame, FrameDecoder, FrameError, FrameLimits};
+pub use decoder::{FrameDecoder, FrameError, FrameLimits};
 pub use encoder::{encode_frame, encode_header, frame_len};
+pub use frame::Frame;
 
 #[cfg(test)]
 mod tests;

@@ -290,7 +290,7 @@ fn a_large_body_reuses_a_recycled_buffer() {
     let a = decode_direct(&mut dec, &wire, 4096).pop().unwrap();
     let a_ptr = a.get_segment(0).unwrap().as_ptr();
     a.recycle();
-    assert_eq!(decoder::recycled(), (128 * 1024, 1));
+    assert_eq!(frame::recycled(), (128 * 1024, 1));
     // A smaller large frame lands in the same buffer, with its own bytes only.
     let body: Vec<u8> = (0..100 * 1024).map(|i| (i % 251) as u8).collect();
     let mut wire = Vec::new();
@@ -299,13 +299,13 @@ fn a_large_body_reuses_a_recycled_buffer() {
     assert_eq!(b.get_segment(0).unwrap().as_ptr(), a_ptr, "buffer reused");
     assert_eq!(b.get_segment(0).unwrap(), &body[..]);
     assert_eq!(b.size_in_words(), 100 * 1024 / 8);
-    assert_eq!(decoder::recycled(), (0, 0));
+    assert_eq!(frame::recycled(), (0, 0));
     // Small frames neither take nor give buffers.
     let mut wire = Vec::new();
     encode_frame(&mut wire, &[&[1u8; 64]]);
     let c = decode_direct(&mut dec, &wire, 7).pop().unwrap();
     c.recycle();
-    assert_eq!(decoder::recycled(), (0, 0));
+    assert_eq!(frame::recycled(), (0, 0));
 }
 
 #[test]
@@ -323,7 +323,7 @@ fn recycling_is_bounded_per_thread() {
         })
         .collect();
     frames.into_iter().for_each(Frame::recycle);
-    let (bytes, buffers) = decoder::recycled();
+    let (bytes, buffers) = frame::recycled();
     assert!(
         bytes <= 8 << 20 && buffers <= 8,
         "{bytes} bytes in {buffers} buffers"
@@ -336,5 +336,5 @@ fn recycling_is_bounded_per_thread() {
     let (frames, err) = decode_all(&mut dec, &claim);
     assert!(frames.is_empty() && err.is_none());
     assert!(dec.committed_bytes() <= (1 << 20) + 4 * 16 + 8 * 1024 + 8);
-    assert_eq!(decoder::recycled().1, buffers - 1);
+    assert_eq!(frame::recycled().1, buffers - 1);
 }

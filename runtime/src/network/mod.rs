@@ -1,11 +1,16 @@
 //! capgate's own `capnp_rpc::VatNetwork`: hardened framing on the way in, the guard in the
 //! middle, a coalescing, byte-bounded writer on the way out.
 
-mod connection;
+mod control;
+mod messages;
 mod outbox;
 mod pool;
 mod reader;
+mod shared;
 mod signal;
+mod vat;
 mod writer;
 
-pub use connection::{new_network, ConnectionControl, ConnectionStats, GuardedNetwork};
+pub use control::ConnectionControl;
+pub use shared::ConnectionStats;
+pub use vat::{new_network, GuardedNetwork};

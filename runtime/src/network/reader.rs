@@ -8,8 +8,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 
 use tokio::time::{Instant, Sleep};
 
-use super::connection::ConnShared;
 use super::pool::{self, READ_BUFFER_BYTES};
+use super::shared::ConnShared;
 use crate::framing::Frame;
 use crate::AbortReason;
 

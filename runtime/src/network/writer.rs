@@ -5,9 +5,9 @@ use std::rc::Rc;
 use capnp::message::{Builder, HeapAllocator};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-use super::connection::ConnShared;
 use super::outbox::{Message, Outbox, State};
 use super::pool;
+use super::shared::ConnShared;
 use crate::framing::encode_header;
 use crate::poll::{may_poll, poll_round, PollBackoff, Polled, PollingMark};
 use crate::AbortReason;

@@ -2,9 +2,9 @@
 //! connections on a current-thread runtime with a `LocalSet`.
 
 mod builder;
-mod connection;
 mod events;
 mod log_throttle;
+mod session;
 mod worker;
 
 pub use builder::{BootstrapFactory, ServerBuilder};
@@ -286,7 +286,7 @@ impl Server {
         let events = std::rc::Rc::new(events::Events::default());
         // Subscribed before the connection is admitted: no reload can fall in between.
         let (stop, policy) = (self.shutdown.subscribe(), self.shared.policy.subscribe());
-        let conn = connection::run(reader, writer, peer, self.shared.clone(), &events);
+        let conn = session::run(reader, writer, peer, self.shared.clone(), &events);
         let follow = async {
             events.follow(stop, policy).await;
             // After shutdown the connection drains on its own.

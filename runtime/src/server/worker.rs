@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::events::Events;
-use super::{connection, ServerShared};
+use super::{session, ServerShared};
 use crate::Error;
 use crate::PeerInfo;
 
@@ -97,7 +97,7 @@ fn run(
             let load = LoadGuard(load, shared.clone());
             // The connection's future is built here and boxed, so the task itself stays a
             // few words (an idle connection's memory is mostly its futures).
-            let conn = connection::serve(accepted, shared, &events);
+            let conn = session::serve(accepted, shared, &events);
             tasks.push(tokio::task::spawn_local(async move {
                 let _load = load;
                 conn.await;

@@ -1,3 +1,6 @@
+//! One accepted connection from start to end: TLS handshake, admission (class, quotas,
+//! connection counts), the RPC system over the guarded network, policy reloads, shutdown.
+
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
