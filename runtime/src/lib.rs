@@ -1,8 +1,9 @@
 //! capgate runtime: capability-secured Cap'n Proto RPC over hardened transports.
 //!
-//! The path of one connection: socket -> [`FrameDecoder`] (limits checked before any
-//! allocation) -> [`Guard`] -> capnp-rpc `RpcSystem` -> your capability; and back through the
-//! guard's accounting to a coalescing, byte-bounded writer. See `DESIGN.md`.
+//! The path of one connection: socket -> a sans-IO connection core (the frame decoder, whose
+//! limits are checked before any allocation, the deadlines and the [`Guard`]) -> capnp-rpc
+//! `RpcSystem` -> your capability; and back through the guard's accounting to a coalescing,
+//! byte-bounded writer. See `docs/ARCHITECTURE.md`.
 #![forbid(unsafe_code)]
 
 mod client;

@@ -114,6 +114,7 @@ thread_local! {
     static CORES: std::cell::Cell<Option<(std::time::Instant, bool)>> =
         const { std::cell::Cell::new(None) };
     /// `/proc/loadavg`, kept open: one `pread` per reading instead of open, read, close.
+    #[cfg(target_os = "linux")]
     static LOADAVG: Option<std::fs::File> = std::fs::File::open("/proc/loadavg").ok();
 }
 
@@ -154,6 +155,7 @@ fn usable_cores() -> Option<usize> {
 
 /// Threads runnable on the machine now (this one included): the fourth field of
 /// `/proc/loadavg`, `running/total`.
+#[cfg(target_os = "linux")]
 fn runnable_threads() -> Option<usize> {
     use std::os::unix::fs::FileExt;
     let mut buf = [0u8; 128];
@@ -161,6 +163,13 @@ fn runnable_threads() -> Option<usize> {
     parse_running(std::str::from_utf8(&buf[..n]).ok()?)
 }
 
+/// Unknown elsewhere: polling is then governed by its budget and back-off alone.
+#[cfg(not(target_os = "linux"))]
+fn runnable_threads() -> Option<usize> {
+    None
+}
+
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 fn parse_running(loadavg: &str) -> Option<usize> {
     loadavg
         .split_whitespace()

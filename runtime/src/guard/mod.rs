@@ -3,7 +3,7 @@
 //! Every incoming message passes through [`Guard::incoming`], which delivers it, answers it
 //! itself (a denial: the `Return` plus the `Release`s the caller needs) or aborts the
 //! connection; every outgoing message passes through [`Guard::outgoing`] for accounting.
-//! The rules (`DESIGN.md` section 3) keep capnp-rpc's tables consistent:
+//! The rules keep capnp-rpc's tables consistent:
 //!
 //! 1. A denied call `Q` gets `Return{Q, exception, releaseParamCaps: false}` and one
 //!    `Release{id, 1}` per `senderHosted`/`senderPromise` descriptor of its params (capnp-rust
