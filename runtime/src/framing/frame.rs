@@ -83,7 +83,7 @@ impl Frame {
 
 impl Frame {
     /// Gives this frame's buffer back for a later large frame on this thread, when it is
-    /// large enough to be worth reusing (see [`FrameDecoder`]). Dropping a frame frees it.
+    /// large enough to be worth reusing (see [`crate::FrameDecoder`]). Dropping a frame frees it.
     pub fn recycle(self) {
         let words = self.words;
         if words.capacity() * 8 < RECYCLE_MIN_BYTES {

@@ -116,7 +116,7 @@ impl ConnectionControl {
 
     /// After the RPC system has finished: keep reading and discarding for a short, bounded
     /// time so the peer receives our `Abort` before the socket closes (see
-    /// [`Limits::linger_timeout`]).
+    /// [`crate::Limits::linger_timeout`]).
     pub async fn linger(&self) {
         if let Some(mut state) = self.linger.take() {
             let limits = &self.shared.limits;
