@@ -9,7 +9,7 @@ use super::outbox::{Message, Outbox, State};
 use super::pool;
 use super::shared::ConnShared;
 use crate::framing::encode_header;
-use crate::poll::{may_poll, poll_round, PollBackoff, Polled, PollingMark};
+use crate::poll::{may_poll, poll_for, PollBackoff, Polled, PollingMark};
 use crate::AbortReason;
 
 /// Messages larger than this skip the coalescing buffer (their segments are written as is).
@@ -209,35 +209,27 @@ enum Written {
 
 /// After a write: keeps the thread polling the socket instead of sleeping, until bytes
 /// arrive, something is queued to send, the outbox closes, `budget` has passed, or another
-/// thread needed the core. Each round yields to the runtime, which polls for I/O without
-/// blocking and runs whatever became ready: the reader sees the peer's answer as soon as it
-/// arrives, and other tasks are not held up.
+/// thread needed the core (`poll::poll_for`, which yields to the runtime each round: the
+/// reader sees the peer's answer as soon as it arrives, other tasks are not held up). Boxed,
+/// and only when it polls: inline, the poll's state would enlarge every connection's writer.
 async fn busy_poll(shared: &ConnShared, budget: std::time::Duration) -> Polled {
     let Some(_mark) = PollingMark::take() else {
         return Polled::Skipped;
     };
-    // Written out rather than through `poll::poll_for`: the generic version's future makes
-    // every connection's writer larger (58 B per idle connection, measured).
-    let deadline = std::time::Instant::now() + budget;
     let received = shared.bytes_received();
-    loop {
+    let outbox = &shared.outbox;
+    let check = || {
         if shared.bytes_received() != received {
-            return Polled::Hit;
+            Some(Polled::Hit)
+        } else if !outbox.queue.borrow().is_empty() || outbox.state.get() != State::Open {
+            Some(Polled::Interrupted)
+        } else {
+            None
         }
-        if !shared.outbox.queue.borrow().is_empty() || shared.outbox.state.get() != State::Open {
-            return Polled::Interrupted;
-        }
-        if std::time::Instant::now() >= deadline {
-            return Polled::Miss;
-        }
-        if !poll_round().await && !shared.limits.poll_when_busy {
-            // Unless that round brought what was waited for, the cores are busy: stop.
-            if shared.bytes_received() != received {
-                return Polled::Hit;
-            }
-            return Polled::Miss;
-        }
-    }
+    };
+    Box::pin(poll_for(budget, shared.limits.poll_when_busy, check))
+        .await
+        .unwrap_or(Polled::Miss)
 }
 
 /// Polls `write` until it completes, `cut` is signalled, or it has been blocked for
