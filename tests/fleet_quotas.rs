@@ -607,7 +607,7 @@ fn a_redis_300_ms_away_never_slows_a_call() {
             .build()
             .unwrap();
         rt.block_on(async move {
-            let p = capgate::LatencyProxy::start(target, Duration::from_millis(150))
+            let p = capgate::demo::LatencyProxy::start(target, Duration::from_millis(150))
                 .await
                 .unwrap();
             proxy_tx.send(p.local_addr()).unwrap();

@@ -11,7 +11,6 @@ mod error;
 mod framing;
 mod guard;
 mod handle;
-mod latency;
 mod limits;
 mod metrics;
 mod network;
@@ -35,7 +34,6 @@ pub use framing::{
 };
 pub use guard::{DenialCounters, DenialCounts, Guard, RateLimit, Unlimited, Verdict};
 pub use handle::ClientHandle;
-pub use latency::LatencyProxy;
 pub use limits::Limits;
 pub use metrics::Metrics;
 pub use network::{new_network, ConnectionControl, ConnectionStats, GuardedNetwork};
