@@ -6,7 +6,6 @@
 #![forbid(unsafe_code)]
 
 mod client;
-mod clients;
 mod error;
 mod framing;
 mod guard;
@@ -18,6 +17,7 @@ mod outgoing;
 mod peer;
 mod poll;
 mod quota_store;
+mod registry;
 mod server;
 pub mod tls;
 
@@ -27,7 +27,6 @@ pub use capgate_policy::{
 };
 pub use capgate_schema::{Catalog, MethodRef};
 pub use client::{Client, ClientBuilder};
-pub use clients::{CallRate, ClassSlot, ClientKey, ClientRegistry, ConnectionSlot};
 pub use error::Error;
 pub use framing::{
     encode_frame, encode_header, frame_len, Frame, FrameDecoder, FrameError, FrameLimits,
@@ -37,8 +36,9 @@ pub use handle::ClientHandle;
 pub use limits::Limits;
 pub use metrics::Metrics;
 pub use network::{new_network, ConnectionControl, ConnectionStats, GuardedNetwork};
-pub use peer::{PeerAddr, PeerInfo};
+pub use peer::{ClientKey, PeerAddr, PeerInfo};
 pub use quota_store::{Fallback, QuotaKey, QuotaStore, RedisStoreConfig};
+pub use registry::{CallRate, ClassSlot, ClientRegistry, ConnectionSlot};
 pub use server::{
     BootstrapFactory, ListenAddr, PolicyHandle, Server, ServerBuilder, ServerStats, ShutdownHandle,
 };

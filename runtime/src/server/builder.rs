@@ -169,7 +169,7 @@ impl ServerBuilder {
                 self.limits.max_message_bytes, self.limits.max_segments
             )));
         }
-        crate::clients::calibrate_clock();
+        crate::registry::calibrate_clock();
         let mut listeners = Vec::new();
         for addr in self.tcp {
             let l = std::net::TcpListener::bind(addr)

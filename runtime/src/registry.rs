@@ -1,12 +1,12 @@
-//! State shared by all connections of one client (one identity within a class), across
-//! worker threads: its call-rate budget and its connection count.
+//! The client registry: state shared by all connections of one client (one identity within a
+//! class, [`crate::ClientKey`]), across worker threads: its call-rate budget and its
+//! connection count.
 //!
 //! With the in-process quota store (the default) the budget is a [`CallRate`] and the count
 //! is this server's alone. With a shared store the budget is leased from it (see
 //! `quota_store`), and the fleet-wide connection count is checked at admission on top of
 //! this server's.
 
-use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,34 +21,7 @@ use governor::{Quota, RateLimiter};
 use crate::guard::RateLimit;
 use crate::outgoing::ClientOutgoing;
 use crate::quota_store::{Fleet, QuotaKey};
-use crate::{ClientClass, PeerAddr, PeerInfo};
-
-/// Who a client is within its class: two source addresses are two clients.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum ClientKey {
-    /// A TCP client, by source address (not port).
-    Ip(IpAddr),
-    /// A Unix-socket client, by user id.
-    Uid(u32),
-    /// A stream handed over by the application, by its label.
-    Stream(String),
-    /// A TLS client, by its certificate's public key (SHA-256, hex).
-    Cert(String),
-}
-
-impl ClientKey {
-    /// The identity of a peer.
-    pub fn of(peer: &PeerInfo) -> Self {
-        if let Some(id) = &peer.tls {
-            return ClientKey::Cert(id.spki_sha256.clone());
-        }
-        match &peer.addr {
-            PeerAddr::Tcp(a) => ClientKey::Ip(a.ip()),
-            PeerAddr::Unix { uid, .. } => ClientKey::Uid(*uid),
-            PeerAddr::Stream(label) => ClientKey::Stream(label.clone()),
-        }
-    }
-}
+use crate::{ClientClass, ClientKey};
 
 /// A GCRA call budget (governor), generic over the clock so tests can drive time.
 pub struct CallRate<C: Clock = DefaultClock> {
