@@ -51,12 +51,13 @@ fn serve_echo_pair(
         local(async move {
             let s = tokio::net::UnixStream::from_std(ours).unwrap();
             let (r, w) = s.into_split();
-            let (network, control) = capgate::new_network(
+            // One connection on its own, not a `Server`: its counters are what is checked.
+            let (network, control) = capgate_runtime::fuzzing::new_network(
                 r,
                 w,
                 capgate::Side::Server,
                 limits,
-                capgate::Guard::allow_all(),
+                capgate_runtime::fuzzing::Guard::allow_all(),
             );
             let echo: capgate::bench_capnp::echo::Client = capnp_rpc::new_client(SlowEcho(delay));
             let rpc = capnp_rpc::RpcSystem::new(Box::new(network), Some(echo.client));

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use capgate_policy::{ClientClass, Matcher, Quotas};
-use capgate_runtime::{FrameDecoder, FrameLimits, Guard, Unlimited, Verdict};
+use capgate_runtime::fuzzing::{FrameDecoder, FrameLimits, Guard, Unlimited, Verdict};
 use capgate_schema::Catalog;
 use capnp_rpc::rpc_capnp::message;
 use libfuzzer_sys::fuzz_target;

@@ -1,17 +1,36 @@
 //! capgate runtime: capability-secured Cap'n Proto RPC over hardened transports.
 //!
-//! The path of one connection: socket -> [`FrameDecoder`] (limits checked before any
-//! allocation) -> [`Guard`] -> capnp-rpc `RpcSystem` -> your capability; and back through the
-//! guard's accounting to a coalescing, byte-bounded writer. See `DESIGN.md`.
+//! The path of one connection: socket -> frame decoder ([`Limits`] checked before any
+//! allocation) -> guard ([`Policy`]: allowlist, quotas) -> capnp-rpc `RpcSystem` -> your
+//! capability; and back through the guard's accounting to a coalescing, byte-bounded writer.
+//! See `DESIGN.md`.
+//!
+//! Serve with [`Server::builder`], connect with [`Client::builder`] (or [`ClientHandle`] from
+//! other threads).
 #![forbid(unsafe_code)]
 
 mod client;
 mod error;
+// These modules' `pub` items are the `fuzzing` API; without that feature they are internal,
+// and what only fuzz targets and wire-level tests use goes unused.
+#[cfg_attr(
+    not(feature = "fuzzing"),
+    allow(unreachable_pub, dead_code, unused_imports)
+)]
 mod framing;
+#[cfg_attr(
+    not(feature = "fuzzing"),
+    allow(unreachable_pub, dead_code, unused_imports)
+)]
 mod guard;
 mod handle;
 mod limits;
+#[cfg_attr(not(feature = "fuzzing"), allow(unreachable_pub))]
 mod metrics;
+#[cfg_attr(
+    not(feature = "fuzzing"),
+    allow(unreachable_pub, dead_code, unused_imports)
+)]
 mod network;
 mod outgoing;
 mod peer;
@@ -28,21 +47,36 @@ pub use capgate_policy::{
 pub use capgate_schema::{Catalog, MethodRef};
 pub use client::{Client, ClientBuilder};
 pub use error::Error;
-pub use framing::{
-    encode_frame, encode_header, frame_len, Frame, FrameDecoder, FrameError, FrameLimits,
-};
-pub use guard::{DenialCounters, DenialCounts, Guard, RateLimit, Unlimited, Verdict};
+pub use guard::DenialCounts;
 pub use handle::ClientHandle;
 pub use limits::Limits;
-pub use metrics::Metrics;
-pub use network::{new_network, ConnectionControl, ConnectionStats, GuardedNetwork};
+pub use network::ConnectionStats;
 pub use peer::{ClientKey, PeerAddr, PeerInfo};
-pub use quota_store::{Fallback, QuotaKey, QuotaStore, RedisStoreConfig};
-pub use registry::{CallRate, ClassSlot, ClientRegistry, ConnectionSlot};
+pub use quota_store::{Fallback, QuotaStore, RedisStoreConfig};
 pub use server::{
     BootstrapFactory, ListenAddr, PolicyHandle, Server, ServerBuilder, ServerStats, ShutdownHandle,
 };
 pub use tls::CertIdentity;
+
+pub(crate) use framing::{encode_frame, FrameLimits};
+pub(crate) use guard::{DenialCounters, Guard, RateLimit};
+pub(crate) use metrics::Metrics;
+pub(crate) use network::ConnectionControl;
+pub(crate) use quota_store::QuotaKey;
+pub(crate) use registry::{CallRate, ClassSlot, ClientRegistry, ConnectionSlot};
+
+/// The sans-IO pieces under the server, for fuzz targets and wire-level tests: the frame
+/// decoder and encoder, the guard, one guarded connection. Not a stable API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::framing::{
+        encode_frame, encode_header, frame_len, Frame, FrameDecoder, FrameError, FrameLimits,
+    };
+    pub use crate::guard::{DenialCounters, Guard, RateLimit, Unlimited, Verdict};
+    pub use crate::metrics::Metrics;
+    pub use crate::network::{new_network, ConnectionControl, GuardedNetwork};
+}
 
 /// Re-exported so users name the same `Side` type capgate uses.
 pub use capnp_rpc::rpc_twoparty_capnp::Side;

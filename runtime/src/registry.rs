@@ -24,7 +24,7 @@ use crate::quota_store::{Fleet, QuotaKey};
 use crate::{ClientClass, ClientKey};
 
 /// A GCRA call budget (governor), generic over the clock so tests can drive time.
-pub struct CallRate<C: Clock = DefaultClock> {
+pub(crate) struct CallRate<C: Clock = DefaultClock> {
     limiter: RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<C::Instant>>,
 }
 
@@ -37,14 +37,14 @@ pub(crate) fn calibrate_clock() {
 
 impl CallRate<DefaultClock> {
     /// `per_second` sustained, `burst` at once.
-    pub fn new(per_second: NonZeroU32, burst: NonZeroU32) -> Self {
+    pub(crate) fn new(per_second: NonZeroU32, burst: NonZeroU32) -> Self {
         Self::with_clock(per_second, burst, &DefaultClock::default())
     }
 }
 
 impl<C: Clock + Clone> CallRate<C> {
     /// The same budget measured by `clock`.
-    pub fn with_clock(per_second: NonZeroU32, burst: NonZeroU32, clock: &C) -> Self {
+    pub(crate) fn with_clock(per_second: NonZeroU32, burst: NonZeroU32, clock: &C) -> Self {
         let quota = Quota::per_second(per_second).allow_burst(burst);
         Self {
             limiter: RateLimiter::direct_with_clock(quota, clock.clone()),
@@ -112,7 +112,7 @@ const SWEEP_MIN_CLIENTS: usize = 1024;
 /// after the last one ends; then it may be forgotten. So the registry holds the clients of
 /// roughly the last refill period, not every address that ever connected (a peer rotating
 /// through an IPv6 prefix cannot grow it without bound).
-pub struct ClientRegistry {
+pub(crate) struct ClientRegistry {
     clients: DashMap<(String, ClientKey), Arc<ClientEntry>>,
     classes: DashMap<String, Arc<AtomicUsize>>,
     /// The size at which the next sweep runs.
@@ -133,7 +133,7 @@ impl Default for ClientRegistry {
 }
 
 /// A connection's place in its class's count; given back when dropped.
-pub struct ClassSlot(Arc<AtomicUsize>);
+pub(crate) struct ClassSlot(Arc<AtomicUsize>);
 
 impl Drop for ClassSlot {
     fn drop(&mut self) {
@@ -142,7 +142,7 @@ impl Drop for ClassSlot {
 }
 
 /// A connection's slot in its client's count; gives it back when dropped.
-pub struct ConnectionSlot(Arc<ClientEntry>);
+pub(crate) struct ConnectionSlot(Arc<ClientEntry>);
 
 impl ConnectionSlot {
     /// What the client's connections have queued together.
@@ -238,14 +238,14 @@ impl ClientRegistry {
 
     /// Clients known now (connected, or recently enough that their rate budget is still
     /// refilling).
-    pub fn known_clients(&self) -> usize {
+    pub(crate) fn known_clients(&self) -> usize {
         self.clients.len()
     }
 
     /// Registers one more connection of this client, unless it already has
     /// `max_connections` on this server. Returns the slot and the client's (shared) rate
     /// budget.
-    pub fn connect(
+    pub(crate) fn connect(
         self: &Arc<Self>,
         class: &str,
         key: ClientKey,
@@ -267,7 +267,11 @@ impl ClientRegistry {
 
     /// Registers one more connection of the class, unless it already has `max`. The error is
     /// the current count.
-    pub fn connect_class(self: &Arc<Self>, class: &str, max: u32) -> Result<ClassSlot, usize> {
+    pub(crate) fn connect_class(
+        self: &Arc<Self>,
+        class: &str,
+        max: u32,
+    ) -> Result<ClassSlot, usize> {
         let entry = self.classes.entry(class.to_string()).or_default();
         let n = entry.load(Ordering::Relaxed);
         if n >= max as usize {
@@ -280,7 +284,7 @@ impl ClientRegistry {
     /// client there (not checked against a maximum: the connection exists already), and the
     /// client's rate budget under the class's quotas (replaced if they changed). Take the new
     /// slots before dropping the old ones.
-    pub fn rematch(
+    pub(crate) fn rematch(
         self: &Arc<Self>,
         class: &str,
         key: ClientKey,
@@ -295,7 +299,8 @@ impl ClientRegistry {
     }
 
     /// Connections of this client now.
-    pub fn connections(&self, class: &str, key: &ClientKey) -> usize {
+    #[cfg(test)]
+    pub(crate) fn connections(&self, class: &str, key: &ClientKey) -> usize {
         self.clients
             .get(&(class.to_string(), key.clone()))
             .map_or(0, |e| e.connections.load(Ordering::Relaxed))
@@ -326,7 +331,7 @@ impl ClientRegistry {
     /// in): one per rule, in order, `None` for rules without a rate. Budgets are shared by the
     /// client's connections and kept while a rule's rate is unchanged (a reload that leaves a
     /// rule alone does not refill it); rules the class no longer has are dropped.
-    pub fn method_rates(
+    pub(crate) fn method_rates(
         &self,
         slot: &ConnectionSlot,
         class: &ClientClass,
