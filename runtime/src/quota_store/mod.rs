@@ -145,8 +145,8 @@ impl RedisStoreConfig {
     /// `rediss://` for TLS (verified against the system's roots; see
     /// [`RedisStoreConfig::with_tls_ca`]). Nothing is connected yet.
     pub fn new(url: &str) -> Result<Self, Error> {
-        let client = ::redis::Client::open(url)
-            .map_err(|e| Error::Config(format!("quota store URL: {e}")))?;
+        let client =
+            ::redis::Client::open(url).map_err(|e| Error::setting("quota store URL", e))?;
         Ok(Self::with_client(client))
     }
 
@@ -160,7 +160,7 @@ impl RedisStoreConfig {
                 root_cert: Some(ca_pem),
             },
         )
-        .map_err(|e| Error::Config(format!("quota store URL with TLS: {e}")))?;
+        .map_err(|e| Error::setting("quota store URL with TLS", e))?;
         Ok(Self::with_client(client))
     }
 
