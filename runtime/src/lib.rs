@@ -36,6 +36,7 @@ mod outgoing;
 mod peer;
 mod poll;
 mod quota_store;
+mod rate;
 mod registry;
 mod server;
 pub mod tls;
@@ -63,7 +64,8 @@ pub(crate) use guard::{DenialCounters, Guard, RateLimit};
 pub(crate) use metrics::Metrics;
 pub(crate) use network::ConnectionControl;
 pub(crate) use quota_store::QuotaKey;
-pub(crate) use registry::{CallRate, ClassSlot, ClientRegistry, ConnectionSlot};
+pub(crate) use rate::CallRate;
+pub(crate) use registry::{ClassSlot, ClientRegistry, ConnectionSlot};
 
 /// The sans-IO pieces under the server, for fuzz targets and wire-level tests: the frame
 /// decoder and encoder, the guard, one guarded connection. Not a stable API.
