@@ -22,7 +22,7 @@ use crate::{Client, ClientBuilder, Error};
 /// Where to connect.
 #[derive(Clone, Debug)]
 pub enum Target {
-    /// TCP (TLS if [`LoadConfig::tls`] is set).
+    /// TCP (TLS if [`LoadConfig::client`] has it, see [`ClientBuilder::tls`]).
     Tcp(SocketAddr),
     /// A Unix socket.
     Unix(PathBuf),
