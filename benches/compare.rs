@@ -764,7 +764,7 @@ fn pipeline_report(b: &Bench, tcp: SocketAddr) {
     let raw = start_twoparty(1, true);
     let gate = start_capgate(1, true, None);
     b.run(async {
-        let proxy = capgate::LatencyProxy::start(tcp, one_way).await.unwrap();
+        let proxy = capgate::demo::LatencyProxy::start(tcp, one_way).await.unwrap();
         let mut s = tokio::net::TcpStream::connect(proxy.local_addr()).await.unwrap();
         s.set_nodelay(true).unwrap();
         let mut rtt = Vec::new();
@@ -778,7 +778,7 @@ fn pipeline_report(b: &Bench, tcp: SocketAddr) {
         let rtt = median(&mut rtt[1..]);
         let mut rows = Vec::new();
         for (name, addr) in [("twoparty", raw), ("capgate", gate)] {
-            let proxy = capgate::LatencyProxy::start(addr, one_way).await.unwrap();
+            let proxy = capgate::demo::LatencyProxy::start(addr, one_way).await.unwrap();
             let (s, conn): (store::Client, Option<Client>) = if name == "twoparty" {
                 let client = twoparty_connect(proxy.local_addr()).await;
                 (store::Client { client }, None)

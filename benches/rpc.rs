@@ -419,14 +419,13 @@ fn rss_bytes() -> usize {
 /// process) that bootstrap once and go quiet.
 fn memory_report(s: &Setup, conns: usize) {
     use std::io::{Read, Write};
-    let mut bootstrap = Vec::new();
-    {
+    let bootstrap = {
         let mut m = capnp::message::Builder::new_default();
         m.init_root::<capnp_rpc::rpc_capnp::message::Builder>()
             .init_bootstrap()
             .set_question_id(0);
-        capgate::encode_frame(&mut bootstrap, &m.get_segments_for_output());
-    }
+        capnp::serialize::write_message_to_words(&m)
+    };
     println!("\nidle memory per server-side connection ({conns} connections, after bootstrap):");
     let mut per = Vec::new();
     for (name, addr) in [("twoparty", s.raw_addr), ("capgate", s.gate_addr)] {

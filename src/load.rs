@@ -22,7 +22,7 @@ use crate::{Client, ClientBuilder, Error};
 /// Where to connect.
 #[derive(Clone, Debug)]
 pub enum Target {
-    /// TCP (TLS if [`LoadConfig::tls`] is set).
+    /// TCP (TLS if [`LoadConfig::client`] has it, see [`ClientBuilder::tls`]).
     Tcp(SocketAddr),
     /// A Unix socket.
     Unix(PathBuf),
@@ -204,7 +204,10 @@ pub fn run(config: &LoadConfig, progress: Arc<Progress>) -> Result<LoadReport, E
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
-                    .map_err(|e| Error::Config(format!("starting a client runtime: {e}")))?;
+                    .map_err(|source| Error::Io {
+                        context: "starting a client runtime".into(),
+                        source,
+                    })?;
                 tokio::task::LocalSet::new().block_on(&rt, async move {
                     let mut clients = Vec::new();
                     let mut err = None;
@@ -232,7 +235,10 @@ pub fn run(config: &LoadConfig, progress: Arc<Progress>) -> Result<LoadReport, E
                     Ok(drive(&config, &clients, deadline, &progress).await)
                 })
             })
-            .map_err(|e| Error::Config(format!("starting a client thread: {e}")))?;
+            .map_err(|source| Error::Io {
+                context: "starting a client thread".into(),
+                source,
+            })?;
         handles.push(h);
     }
     // Connections are up (or failed): start the clock for everyone at once.

@@ -54,6 +54,12 @@ fn cpu_since(before: &std::collections::HashMap<String, u64>) -> Duration {
     Duration::from_nanos(ns)
 }
 
+/// Both tests measure time or CPU that the other's polling threads would take.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn busy(time: Duration) -> Limits {
     let mut l = Limits::default();
     l.busy_poll = time;
@@ -62,6 +68,7 @@ fn busy(time: Duration) -> Limits {
 
 #[test]
 fn busy_polling_connections_serve_calls_and_go_quiet_when_idle() {
+    let _serial = serial();
     let server = TestServer::start(busy(Duration::from_millis(20)));
     let addr = server.tcp;
     local(async move {
@@ -93,8 +100,9 @@ fn busy_polling_connections_serve_calls_and_go_quiet_when_idle() {
 
 #[test]
 fn a_polling_connection_does_not_hold_up_others_on_its_worker() {
-    // One worker, polling for up to 3 s after each write.
-    let server = TestServer::start_custom(busy(Duration::from_secs(3)), None, None, |b| {
+    let _serial = serial();
+    // One worker, polling for up to 10 s after each write.
+    let server = TestServer::start_custom(busy(Duration::from_secs(10)), None, None, |b| {
         b.workers(std::num::NonZeroUsize::new(1).unwrap())
     });
     let addr = server.tcp;
@@ -102,8 +110,9 @@ fn a_polling_connection_does_not_hold_up_others_on_its_worker() {
         // A's call leaves the worker polling for A's next request (which never comes).
         let (_a, sa) = store_client(addr).await;
         assert_eq!(put_get(&sa, "a").await, b"a");
-        // B, on the same worker, is served meanwhile: 20 calls in well under the 3 s that
-        // a thread held by A's polling would make even the first one wait.
+        // B, on the same worker, is served meanwhile: 20 calls in well under the 10 s that
+        // a thread held by A's polling would make even the first one wait (half of it
+        // leaves a loaded machine room).
         let (_b, sb) = store_client(addr).await;
         let t = Instant::now();
         for i in 0..20 {
@@ -112,7 +121,7 @@ fn a_polling_connection_does_not_hold_up_others_on_its_worker() {
         }
         let took = t.elapsed();
         assert!(
-            took < Duration::from_millis(1500),
+            took < Duration::from_secs(5),
             "20 calls of another client took {took:?}"
         );
     });

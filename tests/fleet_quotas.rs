@@ -408,30 +408,13 @@ fn a_method_rate_holds_across_the_fleet_like_the_class_rate() {
 /// A raw connection that bootstrapped (the server admitted it) and now idles; or the reason
 /// it was refused.
 fn open(addr: SocketAddr) -> Result<std::net::TcpStream, String> {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.write_all(&rpc_bootstrap(0)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     // A refusal is an Abort, then close; an admitted connection's first frame is the
     // bootstrap's Return.
-    let mut dec = capgate::FrameDecoder::new(capgate::FrameLimits {
-        max_message_bytes: 1 << 20,
-        max_segments: 64,
-    });
-    let mut buf = [0u8; 4096];
-    let f = 'frame: loop {
-        let n = s.read(&mut buf).unwrap();
-        assert!(n > 0, "closed before any frame");
-        let mut input = &buf[..n];
-        while !input.is_empty() {
-            let (used, f) = dec.feed(input).unwrap();
-            input = &input[used..];
-            if let Some(f) = f {
-                break 'frame f;
-            }
-        }
-    };
-    let reader = f.into_reader(Default::default());
+    let reader = capnp::serialize::read_message(&mut s, Default::default()).unwrap();
     let msg: capnp_rpc::rpc_capnp::message::Reader = reader.get_root().unwrap();
     match msg.which().unwrap() {
         capnp_rpc::rpc_capnp::message::Abort(e) => {
@@ -607,7 +590,7 @@ fn a_redis_300_ms_away_never_slows_a_call() {
             .build()
             .unwrap();
         rt.block_on(async move {
-            let p = capgate::LatencyProxy::start(target, Duration::from_millis(150))
+            let p = capgate::demo::LatencyProxy::start(target, Duration::from_millis(150))
                 .await
                 .unwrap();
             proxy_tx.send(p.local_addr()).unwrap();

@@ -194,8 +194,7 @@ fn valid_frame_with_a_non_rpc_root() {
             list.set(i, 0xDEAD_BEEF);
         }
     }
-    let mut bytes = Vec::new();
-    capgate::encode_frame(&mut bytes, &m.get_segments_for_output());
+    let bytes = frame(&m);
     let mut s = raw_send(server.tcp, &bytes);
     let out = observe(&mut s, Duration::from_secs(5));
     let abort = out.abort.expect("a list root is refused with an Abort");
@@ -213,8 +212,7 @@ fn valid_frame_with_a_non_rpc_root() {
         let st = m.init_root::<capnp_rpc::rpc_capnp::message::Builder>();
         st.init_bootstrap().set_question_id(7);
     }
-    let mut bytes = Vec::new();
-    capgate::encode_frame(&mut bytes, &m.get_segments_for_output());
+    let mut bytes = frame(&m);
     // Patch the union discriminant (first 16 bits of the data section) to an unknown value.
     bytes[16] = 0xEE;
     bytes[17] = 0x00;

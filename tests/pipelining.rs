@@ -5,8 +5,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use capgate::demo::LatencyProxy;
 use capgate::store_capnp::{namespace, reader, store};
-use capgate::{cast, Client, LatencyProxy};
+use capgate::{cast, Client};
 use common::*;
 
 const ONE_WAY: Duration = Duration::from_millis(10);

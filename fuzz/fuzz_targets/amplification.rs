@@ -79,7 +79,7 @@ fn frame(f: impl FnOnce(message::Builder)) -> Vec<u8> {
     let mut m = capnp::message::Builder::new_default();
     f(m.init_root());
     let mut out = Vec::new();
-    capgate_runtime::encode_frame(&mut out, &m.get_segments_for_output());
+    capgate_runtime::fuzzing::encode_frame(&mut out, &m.get_segments_for_output());
     out
 }
 

@@ -3,7 +3,7 @@
 //! committed for a partial frame must stay within four times what arrived plus a constant.
 #![no_main]
 
-use capgate_runtime::{FrameDecoder, FrameLimits};
+use capgate_runtime::fuzzing::{FrameDecoder, FrameLimits};
 use capnp_rpc::rpc_capnp::message;
 use libfuzzer_sys::fuzz_target;
 

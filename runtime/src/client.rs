@@ -54,7 +54,7 @@ impl ClientBuilder {
         server_name: &str,
     ) -> Result<Self, Error> {
         let name = rustls_pki_types::ServerName::try_from(server_name.to_string())
-            .map_err(|e| Error::Config(format!("TLS server name {server_name:?}: {e}")))?;
+            .map_err(|e| Error::setting(format!("TLS server name {server_name:?}"), e))?;
         self.tls = Some((config, name));
         Ok(self)
     }

@@ -14,6 +14,16 @@ pub enum Error {
     /// The configuration is incomplete or inconsistent.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// A setting was refused by what reads or checks it (a PEM file, rustls, a TLS server
+    /// name, a quota store URL): `context` says which setting, `source` why.
+    #[error("invalid configuration: {context}: {source}")]
+    Setting {
+        /// Which setting.
+        context: String,
+        /// The refusal, e.g. a `rustls::Error` or a `redis::RedisError`.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// The RPC layer failed.
     #[error(transparent)]
     Rpc(#[from] capnp::Error),
@@ -24,6 +34,16 @@ impl Error {
         Self::Io {
             context: context.into(),
             source,
+        }
+    }
+
+    pub(crate) fn setting(
+        context: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self::Setting {
+            context: context.into(),
+            source: Box::new(source),
         }
     }
 }

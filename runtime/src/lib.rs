@@ -1,26 +1,45 @@
 //! capgate runtime: capability-secured Cap'n Proto RPC over hardened transports.
 //!
 //! The path of one connection: socket -> a sans-IO connection core (the frame decoder, whose
-//! limits are checked before any allocation, the deadlines and the [`Guard`]) -> capnp-rpc
-//! `RpcSystem` -> your capability; and back through the guard's accounting to a coalescing,
-//! byte-bounded writer. See `docs/ARCHITECTURE.md`.
+//! limits ([`Limits`]) are checked before any allocation, the deadlines and the guard with its
+//! [`Policy`]: allowlist, quotas) -> capnp-rpc `RpcSystem` -> your capability; and back
+//! through the guard's accounting to a coalescing, byte-bounded writer. See
+//! `docs/ARCHITECTURE.md`.
+//!
+//! Serve with [`Server::builder`], connect with [`Client::builder`] (or [`ClientHandle`] from
+//! other threads).
 #![forbid(unsafe_code)]
 
 mod client;
-mod clients;
 mod core;
 mod error;
+// These modules' `pub` items are the `fuzzing` API; without that feature they are internal,
+// and what only fuzz targets and wire-level tests use goes unused.
+#[cfg_attr(
+    not(feature = "fuzzing"),
+    allow(unreachable_pub, dead_code, unused_imports)
+)]
 mod framing;
+#[cfg_attr(
+    not(feature = "fuzzing"),
+    allow(unreachable_pub, dead_code, unused_imports)
+)]
 mod guard;
 mod handle;
-mod latency;
 mod limits;
+#[cfg_attr(not(feature = "fuzzing"), allow(unreachable_pub))]
 mod metrics;
+#[cfg_attr(
+    not(feature = "fuzzing"),
+    allow(unreachable_pub, dead_code, unused_imports)
+)]
 mod network;
 mod outgoing;
 mod peer;
 mod poll;
 mod quota_store;
+mod rate;
+mod registry;
 mod server;
 pub mod tls;
 
@@ -31,23 +50,38 @@ pub use capgate_policy::{
 };
 pub use capgate_schema::{Catalog, MethodRef};
 pub use client::{Client, ClientBuilder};
-pub use clients::{CallRate, ClassSlot, ClientKey, ClientRegistry, ConnectionSlot};
 pub use error::Error;
-pub use framing::{
-    encode_frame, encode_header, frame_len, Frame, FrameDecoder, FrameError, FrameLimits,
-};
-pub use guard::{DenialCounts, Guard, RateLimit, Unlimited, Verdict};
+pub use guard::DenialCounts;
 pub use handle::ClientHandle;
-pub use latency::LatencyProxy;
 pub use limits::Limits;
-pub use metrics::{DenialCounters, Metrics};
-pub use network::{new_network, ConnectionControl, ConnectionStats, GuardedNetwork};
-pub use peer::{PeerAddr, PeerInfo};
-pub use quota_store::{Fallback, QuotaKey, QuotaStore, RedisStoreConfig};
+pub use network::ConnectionStats;
+pub use peer::{ClientKey, PeerAddr, PeerInfo};
+pub use quota_store::{Fallback, QuotaStore, RedisStoreConfig};
 pub use server::{
     BootstrapFactory, ListenAddr, PolicyHandle, Server, ServerBuilder, ServerStats, ShutdownHandle,
 };
 pub use tls::CertIdentity;
+
+pub(crate) use framing::{encode_frame, FrameLimits};
+pub(crate) use guard::{Guard, RateLimit};
+pub(crate) use metrics::{DenialCounters, Metrics};
+pub(crate) use network::ConnectionControl;
+pub(crate) use quota_store::QuotaKey;
+pub(crate) use rate::CallRate;
+pub(crate) use registry::{ClassSlot, ClientRegistry, ConnectionSlot};
+
+/// The sans-IO pieces under the server, for fuzz targets and wire-level tests: the frame
+/// decoder and encoder, the guard, one guarded connection. Not a stable API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::framing::{
+        encode_frame, encode_header, frame_len, Frame, FrameDecoder, FrameError, FrameLimits,
+    };
+    pub use crate::guard::{Guard, RateLimit, Unlimited, Verdict};
+    pub use crate::metrics::{DenialCounters, Metrics};
+    pub use crate::network::{new_network, ConnectionControl, GuardedNetwork};
+}
 
 /// Re-exported so users name the same `Side` type capgate uses.
 pub use capnp_rpc::rpc_twoparty_capnp::Side;

@@ -120,7 +120,7 @@ impl Default for Limits {
 
 impl Limits {
     /// The framing limits of this configuration.
-    pub fn frame_limits(&self) -> crate::FrameLimits {
+    pub(crate) fn frame_limits(&self) -> crate::FrameLimits {
         crate::FrameLimits {
             max_message_bytes: self.max_message_bytes,
             max_segments: self.max_segments,

@@ -183,9 +183,9 @@ impl Metrics {
         })
     }
 
-    /// Registers the shared quota store's metrics (`capgate_quota_store_*`).
-    pub(crate) fn quota_store(&mut self) -> crate::quota_store::StoreMetrics {
-        crate::quota_store::StoreMetrics::register(&mut self.registry)
+    /// Where other parts register their metrics (the quota store's `capgate_quota_store_*`).
+    pub(crate) fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
     }
 
     /// The counter of connections closed for `reason` (an `AbortReason::label`).

@@ -1,7 +1,7 @@
 //! Who is on the other end of a connection.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 /// The transport-level identity of a peer, as far as the transport can vouch for it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,5 +66,32 @@ impl fmt::Display for PeerInfo {
             write!(f, " ({id})")?;
         }
         Ok(())
+    }
+}
+
+/// Who a client is within its class: two source addresses are two clients.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ClientKey {
+    /// A TCP client, by source address (not port).
+    Ip(IpAddr),
+    /// A Unix-socket client, by user id.
+    Uid(u32),
+    /// A stream handed over by the application, by its label.
+    Stream(String),
+    /// A TLS client, by its certificate's public key (SHA-256, hex).
+    Cert(String),
+}
+
+impl ClientKey {
+    /// The identity of a peer.
+    pub fn of(peer: &PeerInfo) -> Self {
+        if let Some(id) = &peer.tls {
+            return ClientKey::Cert(id.spki_sha256.clone());
+        }
+        match &peer.addr {
+            PeerAddr::Tcp(a) => ClientKey::Ip(a.ip()),
+            PeerAddr::Unix { uid, .. } => ClientKey::Uid(*uid),
+            PeerAddr::Stream(label) => ClientKey::Stream(label.clone()),
+        }
     }
 }

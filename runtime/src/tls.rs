@@ -19,7 +19,7 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
     let certs: Vec<_> = CertificateDer::pem_file_iter(path)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| Error::Config(format!("reading certificates from {}: {e}", path.display())))?;
+        .map_err(|e| Error::setting(format!("reading certificates from {}", path.display()), e))?;
     if certs.is_empty() {
         return Err(Error::Config(format!(
             "no certificate in {}",
@@ -31,10 +31,10 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
 
 fn key(path: &Path) -> Result<PrivateKeyDer<'static>, Error> {
     PrivateKeyDer::from_pem_file(path).map_err(|e| {
-        Error::Config(format!(
-            "reading the private key from {}: {e}",
-            path.display()
-        ))
+        Error::setting(
+            format!("reading the private key from {}", path.display()),
+            e,
+        )
     })
 }
 
@@ -43,7 +43,7 @@ fn roots(path: &Path) -> Result<RootCertStore, Error> {
     for c in certs(path)? {
         roots
             .add(c)
-            .map_err(|e| Error::Config(format!("CA certificate in {}: {e}", path.display())))?;
+            .map_err(|e| Error::setting(format!("CA certificate in {}", path.display()), e))?;
     }
     Ok(roots)
 }
@@ -59,7 +59,7 @@ pub fn server_config(
 ) -> Result<Arc<ServerConfig>, Error> {
     let builder = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| Error::Config(format!("TLS: {e}")))?;
+        .map_err(|e| Error::setting("TLS", e))?;
     let builder = match client_ca {
         Some(ca) => {
             let v = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider());
@@ -70,7 +70,7 @@ pub fn server_config(
             };
             builder.with_client_cert_verifier(
                 v.build()
-                    .map_err(|e| Error::Config(format!("client CA {}: {e}", ca.display())))?,
+                    .map_err(|e| Error::setting(format!("client CA {}", ca.display()), e))?,
             )
         }
         None if require_client_cert => {
@@ -82,7 +82,7 @@ pub fn server_config(
     };
     let config = builder
         .with_single_cert(certs(cert)?, key(key_path)?)
-        .map_err(|e| Error::Config(format!("server certificate {}: {e}", cert.display())))?;
+        .map_err(|e| Error::setting(format!("server certificate {}", cert.display()), e))?;
     Ok(Arc::new(config))
 }
 
@@ -94,12 +94,12 @@ pub fn client_config(
 ) -> Result<Arc<ClientConfig>, Error> {
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| Error::Config(format!("TLS: {e}")))?
+        .map_err(|e| Error::setting("TLS", e))?
         .with_root_certificates(roots(ca)?);
     let config = match identity {
         Some((cert, k)) => builder
             .with_client_auth_cert(certs(cert)?, key(k)?)
-            .map_err(|e| Error::Config(format!("client certificate {}: {e}", cert.display())))?,
+            .map_err(|e| Error::setting(format!("client certificate {}", cert.display()), e))?,
         None => builder.with_no_client_auth(),
     };
     Ok(Arc::new(config))
@@ -163,5 +163,43 @@ impl fmt::Display for CertIdentity {
             Some(cn) => write!(f, "cn={cn}"),
             None => write!(f, "spki={}", &self.spki_sha256[..16]),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    #[test]
+    fn a_refused_setting_keeps_its_source() {
+        let dir = std::env::temp_dir().join(format!("capgate-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // A PEM block that is no certificate: rustls refuses it as a root.
+        let ca = dir.join("ca.pem");
+        std::fs::write(
+            &ca,
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let e = super::client_config(&ca, None).unwrap_err();
+        let source = e.source().expect("the refusal is kept");
+        assert!(
+            source.downcast_ref::<rustls::Error>().is_some(),
+            "{source:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "invalid configuration: CA certificate in {}: {source}",
+                ca.display()
+            )
+        );
+        // A file that is not there: the PEM reader's error.
+        let e = super::client_config(&dir.join("missing.pem"), None).unwrap_err();
+        assert!(e.source().is_some(), "{e}");
+        assert!(e
+            .to_string()
+            .starts_with("invalid configuration: reading certificates from "));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -5,9 +5,9 @@ use capnp::capability::Rc;
 use clap::Args;
 use tokio::sync::mpsc;
 
-use capgate::demo::Store;
+use capgate::demo::{LatencyProxy, Store};
 use capgate::store_capnp::{namespace, reader, store, watcher};
-use capgate::{Client, LatencyProxy, Limits, Server};
+use capgate::{Client, Limits, Server};
 
 #[derive(Args)]
 pub(crate) struct DemoArgs {

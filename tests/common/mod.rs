@@ -249,19 +249,15 @@ pub struct Outcome {
 
 /// Reads frames from a raw connection until the server closes it or `bound` passes.
 pub fn observe(stream: &mut std::net::TcpStream, bound: Duration) -> Outcome {
-    use capgate::{FrameDecoder, FrameLimits};
     use capnp_rpc::rpc_capnp::message;
     let start = Instant::now();
-    let mut dec = FrameDecoder::new(FrameLimits {
-        max_message_bytes: 1 << 20,
-        max_segments: 64,
-    });
     let mut out = Outcome {
         abort: None,
         others: Vec::new(),
         closed: false,
         elapsed: Duration::ZERO,
     };
+    let mut received = Vec::new();
     let mut buf = [0u8; 4096];
     while start.elapsed() < bound {
         stream
@@ -271,12 +267,12 @@ pub fn observe(stream: &mut std::net::TcpStream, bound: Duration) -> Outcome {
                     .max(Duration::from_millis(1)),
             ))
             .unwrap();
-        let n = match stream.read(&mut buf) {
+        match stream.read(&mut buf) {
             Ok(0) => {
                 out.closed = true;
                 break;
             }
-            Ok(n) => n,
+            Ok(n) => received.extend_from_slice(&buf[..n]),
             Err(e)
                 if e.kind() == std::io::ErrorKind::WouldBlock
                     || e.kind() == std::io::ErrorKind::TimedOut =>
@@ -287,26 +283,37 @@ pub fn observe(stream: &mut std::net::TcpStream, bound: Duration) -> Outcome {
                 out.closed = true;
                 break;
             }
-        };
-        let mut input = &buf[..n];
-        while !input.is_empty() {
-            let (used, frame) = dec.feed(input).expect("server frames are valid");
-            input = &input[used..];
-            if let Some(frame) = frame {
-                let reader = frame.into_reader(Default::default());
-                let msg: message::Reader = reader.get_root().unwrap();
-                match msg.which().unwrap() {
-                    message::Abort(e) => {
-                        out.abort = Some(e.unwrap().get_reason().unwrap().to_string().unwrap())
-                    }
-                    message::Unimplemented(_) => out.others.push("unimplemented".into()),
-                    message::Return(_) => out.others.push("return".into()),
-                    _ => out.others.push("other".into()),
-                }
-            }
         }
     }
     out.elapsed = start.elapsed();
+    // Decoded by capnp's own reader, not capgate's: what any peer would make of the bytes.
+    let mut input = &received[..];
+    while !input.is_empty() {
+        let reader =
+            match capnp::serialize::read_message_from_flat_slice(&mut input, Default::default()) {
+                Ok(r) => r,
+                // The bound fell within a frame.
+                Err(e)
+                    if matches!(
+                        e.kind,
+                        capnp::ErrorKind::MessageEndsPrematurely(..)
+                            | capnp::ErrorKind::PrematureEndOfFile
+                    ) =>
+                {
+                    break
+                }
+                Err(e) => panic!("server frames are valid: {e}"),
+            };
+        let msg: message::Reader = reader.get_root().unwrap();
+        match msg.which().unwrap() {
+            message::Abort(e) => {
+                out.abort = Some(e.unwrap().get_reason().unwrap().to_string().unwrap())
+            }
+            message::Unimplemented(_) => out.others.push("unimplemented".into()),
+            message::Return(_) => out.others.push("return".into()),
+            _ => out.others.push("other".into()),
+        }
+    }
     out
 }
 
@@ -373,9 +380,7 @@ pub fn rpc_echo_call(question_id: u32, payload_bytes: u32) -> Vec<u8> {
 }
 
 pub fn frame(m: &capnp::message::Builder<capnp::message::HeapAllocator>) -> Vec<u8> {
-    let mut out = Vec::new();
-    capgate::encode_frame(&mut out, &m.get_segments_for_output());
-    out
+    capnp::serialize::write_message_to_words(m)
 }
 
 /// Every method allowed, with room for many connections per client.

@@ -145,8 +145,8 @@ impl RedisStoreConfig {
     /// `rediss://` for TLS (verified against the system's roots; see
     /// [`RedisStoreConfig::with_tls_ca`]). Nothing is connected yet.
     pub fn new(url: &str) -> Result<Self, Error> {
-        let client = ::redis::Client::open(url)
-            .map_err(|e| Error::Config(format!("quota store URL: {e}")))?;
+        let client =
+            ::redis::Client::open(url).map_err(|e| Error::setting("quota store URL", e))?;
         Ok(Self::with_client(client))
     }
 
@@ -160,7 +160,7 @@ impl RedisStoreConfig {
                 root_cert: Some(ca_pem),
             },
         )
-        .map_err(|e| Error::Config(format!("quota store URL with TLS: {e}")))?;
+        .map_err(|e| Error::setting("quota store URL with TLS", e))?;
         Ok(Self::with_client(client))
     }
 
@@ -222,7 +222,7 @@ pub(crate) const EXPIRY_HEARTBEATS: u32 = 3;
 /// What a budget or a connection count is kept under, fleet-wide: a client class and a
 /// client in it, and (for per-method rates) a method.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct QuotaKey {
+pub(crate) struct QuotaKey {
     class: String,
     client: ClientKey,
     method: Option<String>,
@@ -230,7 +230,7 @@ pub struct QuotaKey {
 
 impl QuotaKey {
     /// The budget and connection count of `client` in `class`.
-    pub fn client(class: &str, client: ClientKey) -> Self {
+    pub(crate) fn client(class: &str, client: ClientKey) -> Self {
         Self {
             class: class.to_string(),
             client,
@@ -240,7 +240,7 @@ impl QuotaKey {
 
     /// A per-method budget of `client` in `class` (`method` as the policy spells it, e.g.
     /// `Namespace.put`): leased from the same store as the class-wide one, under its own key.
-    pub fn method(class: &str, client: ClientKey, method: &str) -> Self {
+    pub(crate) fn method(class: &str, client: ClientKey, method: &str) -> Self {
         Self {
             class: class.to_string(),
             client,
@@ -250,7 +250,7 @@ impl QuotaKey {
 
     /// The key as the store spells it: `class/client[/method]`, each part escaped so that no
     /// two keys spell the same (`%` and `/` are percent-encoded).
-    pub fn store_key(&self) -> String {
+    pub(crate) fn store_key(&self) -> String {
         let mut s = escape(&self.class);
         s.push('/');
         match &self.client {

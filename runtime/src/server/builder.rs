@@ -6,18 +6,12 @@ use std::sync::Arc;
 
 use capnp::capability::FromClientHook;
 
-use super::{Listener, PolicyHandle, Server, ServerShared, ShutdownHandle};
-use crate::quota_store::Fleet;
+use super::listener::Listener;
+use super::shared::{BootstrapFactory, PolicyHandle, ServerShared};
+use super::{Server, ShutdownHandle};
+use crate::quota_store::{Fleet, StoreMetrics};
 use crate::{ClientClass, ClientRegistry, Error, Matcher, Metrics, Policy, QuotaStore, Quotas};
 use crate::{Limits, PeerInfo};
-
-/// Makes the bootstrap capability for each connection. Called on the connection's worker
-/// thread (the capability it returns is `!Send` and lives there); the factory itself is
-/// shared by all workers.
-pub trait BootstrapFactory: Send + Sync + 'static {
-    /// The capability the peer gets when it asks for the bootstrap interface.
-    fn bootstrap(&self, peer: &PeerInfo) -> capnp::capability::Client;
-}
 
 struct FnFactory<F>(F);
 
@@ -28,6 +22,13 @@ where
 {
     fn bootstrap(&self, peer: &PeerInfo) -> capnp::capability::Client {
         capnp::capability::Client::new((self.0)(peer).into_client_hook())
+    }
+}
+
+impl Server {
+    /// Starts configuring a server.
+    pub fn builder() -> ServerBuilder {
+        ServerBuilder::new()
     }
 }
 
@@ -169,7 +170,7 @@ impl ServerBuilder {
                 self.limits.max_message_bytes, self.limits.max_segments
             )));
         }
-        crate::clients::calibrate_clock();
+        crate::rate::calibrate_clock();
         let mut listeners = Vec::new();
         for addr in self.tcp {
             let l = std::net::TcpListener::bind(addr)
@@ -226,7 +227,10 @@ impl ServerBuilder {
                     fleet_size = config.fleet_size,
                     "quota store: Redis"
                 );
-                Some(Fleet::redis(config, metrics.quota_store()))
+                Some(Fleet::redis(
+                    config,
+                    StoreMetrics::register(metrics.registry_mut()),
+                ))
             }
         };
         let clients = match &fleet {

@@ -3,24 +3,27 @@
 
 mod builder;
 mod events;
+mod listener;
 mod log_throttle;
 mod session;
+mod shared;
 mod worker;
 
-pub use builder::{BootstrapFactory, ServerBuilder};
+pub use builder::ServerBuilder;
+pub use listener::ListenAddr;
+pub use shared::{BootstrapFactory, PolicyHandle};
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::{ClientRegistry, DenialCounters, DenialCounts, Error, Metrics, Policy};
-
-use crate::{Limits, PeerAddr, PeerInfo};
-use worker::{Accepted, Worker};
+use crate::{DenialCounts, Error, PeerAddr};
+use listener::{Accepted, Listener};
+use shared::ServerShared;
+use worker::Worker;
 
 /// A bound, ready-to-run capgate server. Made by [`Server::builder`].
 pub struct Server {
@@ -29,26 +32,6 @@ pub struct Server {
     shared: Arc<ServerShared>,
     workers: usize,
     shutdown: ShutdownHandle,
-}
-
-pub(crate) struct ServerShared {
-    pub(crate) limits: Limits,
-    pub(crate) factory: Arc<dyn BootstrapFactory>,
-    next_connection_id: AtomicU64,
-    pub(crate) open_connections: AtomicUsize,
-    pub(crate) policy: PolicyHandle,
-    pub(crate) clients: Arc<ClientRegistry>,
-    /// The shared quota store, if any (`ServerBuilder::quota_store`).
-    pub(crate) fleet: Option<Arc<crate::quota_store::Fleet>>,
-    pub(crate) denials: dashmap::DashMap<String, Arc<DenialCounters>>,
-    pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
-    pub(crate) metrics: Arc<Metrics>,
-    /// Peer-driven log lines, summarised.
-    pub(crate) log_throttle: log_throttle::LogThrottle,
-    /// Bytes queued for all peers (`Limits::max_total_outgoing_bytes`).
-    pub(crate) outgoing: Arc<crate::outgoing::OutgoingBudget>,
-    /// The connection limits of each class's quotas, shared by its connections.
-    class_limits: std::sync::Mutex<Vec<Arc<Limits>>>,
 }
 
 /// Live counters of a server, readable from any thread.
@@ -96,97 +79,8 @@ impl ServerStats {
     }
 }
 
-/// At most this many distinct per-class limit sets are shared; beyond (many reloads with
-/// ever-changing quotas), a connection gets its own copy.
-const MAX_SHARED_LIMITS: usize = 64;
-
-impl ServerShared {
-    /// Whether to log a peer-driven event of `kind` now (see `log_throttle.rs`).
-    pub(crate) fn throttled(&self, kind: &'static str) -> Option<u64> {
-        self.log_throttle.admit(kind, std::time::Instant::now())
-    }
-
-    /// The server's limits with a class's quotas applied, shared by the connections that have
-    /// the same quotas. One precedence rule: built-in default < builder (or CLI flag) < a
-    /// value the class sets.
-    pub(crate) fn limits_for(&self, q: &capgate_policy::Quotas) -> Arc<Limits> {
-        let mut limits = self.limits.clone();
-        if let Some(v) = q.max_message_bytes {
-            limits.max_message_bytes = v;
-        }
-        if let Some(v) = q.idle_timeout {
-            limits.idle_timeout = v;
-        }
-        let mut cache = self
-            .class_limits
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(l) = cache.iter().find(|l| ***l == limits) {
-            return l.clone();
-        }
-        let limits = Arc::new(limits);
-        if cache.len() < MAX_SHARED_LIMITS {
-            cache.push(limits.clone());
-        }
-        limits
-    }
-
-    pub(crate) fn denial_counters(&self, class: &str) -> Arc<DenialCounters> {
-        self.denials
-            .entry(class.to_string())
-            .or_insert_with(|| Arc::new(DenialCounters::new(&self.metrics, class)))
-            .clone()
-    }
-}
-
-/// The server's current policy; replacing it applies the new classes and quotas to new and
-/// existing connections (each is re-matched; one that no class matches any more is closed).
-#[derive(Clone)]
-pub struct PolicyHandle {
-    tx: Arc<watch::Sender<Arc<Policy>>>,
-    catalog: crate::Catalog,
-}
-
-impl PolicyHandle {
-    pub(crate) fn new(policy: Policy, catalog: crate::Catalog) -> Self {
-        Self {
-            tx: Arc::new(watch::channel(Arc::new(policy)).0),
-            catalog,
-        }
-    }
-
-    /// The catalog the server names methods by; reloaded policies are checked against it.
-    pub fn catalog(&self) -> &crate::Catalog {
-        &self.catalog
-    }
-
-    /// The policy in force.
-    pub fn current(&self) -> Arc<Policy> {
-        self.tx.borrow().clone()
-    }
-
-    /// Puts `policy` in force, whole.
-    pub fn replace(&self, policy: Policy) {
-        tracing::info!(
-            origin = policy.origin(),
-            classes = policy.classes().len(),
-            "policy in force"
-        );
-        self.tx.send_replace(Arc::new(policy));
-    }
-
-    pub(crate) fn subscribe(&self) -> watch::Receiver<Arc<Policy>> {
-        self.tx.subscribe()
-    }
-}
-
-enum Listener {
-    Tcp(std::net::TcpListener, SocketAddr),
-    Unix(std::os::unix::net::UnixListener, PathBuf),
-}
-
 /// Stops a running server gracefully: no new connections; in-flight calls get up to
-/// [`Limits::shutdown_timeout`] to finish; then every connection is closed with an `Abort`
+/// [`crate::Limits::shutdown_timeout`] to finish; then every connection is closed with an `Abort`
 /// saying the server is shutting down. Cheap to clone, usable from any thread.
 #[derive(Clone)]
 pub struct ShutdownHandle {
@@ -210,30 +104,7 @@ impl ShutdownHandle {
     }
 }
 
-/// Where a server listens, for printing (`tcp://127.0.0.1:4000`, `unix:/run/x.sock`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ListenAddr {
-    /// A TCP listener's bound address (the real port when 0 was asked for).
-    Tcp(SocketAddr),
-    /// A Unix socket path.
-    Unix(PathBuf),
-}
-
-impl std::fmt::Display for ListenAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ListenAddr::Tcp(a) => write!(f, "tcp://{a}"),
-            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
-        }
-    }
-}
-
 impl Server {
-    /// Starts configuring a server.
-    pub fn builder() -> ServerBuilder {
-        ServerBuilder::new()
-    }
-
     /// The addresses the server is bound to, in the order they were added.
     pub fn local_addrs(&self) -> Vec<ListenAddr> {
         self.listeners
@@ -394,15 +265,6 @@ impl Server {
             f.put_driver(d);
         }
         Ok(())
-    }
-}
-
-impl ServerShared {
-    fn peer(&self, addr: PeerAddr) -> PeerInfo {
-        PeerInfo::new(
-            self.next_connection_id.fetch_add(1, Ordering::Relaxed) + 1,
-            addr,
-        )
     }
 }
 

@@ -11,8 +11,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::Instrument;
 
 use super::events::{Event, Events, Subscription};
-use super::worker::Accepted;
-use super::ServerShared;
+use super::listener::Accepted;
+use super::shared::ServerShared;
 use crate::network::new_network;
 use crate::{ClientKey, Guard, PeerAddr, PeerInfo, PeerView, Side};
 

@@ -5,15 +5,10 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::events::Events;
-use super::{session, ServerShared};
+use super::listener::Accepted;
+use super::session;
+use super::shared::ServerShared;
 use crate::Error;
-use crate::PeerInfo;
-
-/// A socket accepted by a listener, on its way to a worker.
-pub(super) enum Accepted {
-    Tcp(std::net::TcpStream, PeerInfo),
-    Unix(std::os::unix::net::UnixStream, PeerInfo),
-}
 
 /// One worker thread: a current-thread runtime with a `LocalSet` running its connections.
 pub(super) struct Worker {

@@ -1,92 +1,24 @@
-//! State shared by all connections of one client (one identity within a class), across
-//! worker threads: its call-rate budget and its connection count.
+//! The client registry: state shared by all connections of one client (one identity within a
+//! class, [`crate::ClientKey`]), across worker threads: its call-rate budget and its
+//! connection count.
 //!
 //! With the in-process quota store (the default) the budget is a [`CallRate`] and the count
 //! is this server's alone. With a shared store the budget is leased from it (see
 //! `quota_store`), and the fleet-wide connection count is checked at admission on top of
 //! this server's.
 
-use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use governor::clock::{Clock, DefaultClock};
-use governor::middleware::NoOpMiddleware;
-use governor::state::{InMemoryState, NotKeyed};
-use governor::{Quota, RateLimiter};
 
 use crate::guard::RateLimit;
 use crate::outgoing::ClientOutgoing;
 use crate::quota_store::{Fleet, QuotaKey};
-use crate::{ClientClass, PeerAddr, PeerInfo};
-
-/// Who a client is within its class: two source addresses are two clients.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum ClientKey {
-    /// A TCP client, by source address (not port).
-    Ip(IpAddr),
-    /// A Unix-socket client, by user id.
-    Uid(u32),
-    /// A stream handed over by the application, by its label.
-    Stream(String),
-    /// A TLS client, by its certificate's public key (SHA-256, hex).
-    Cert(String),
-}
-
-impl ClientKey {
-    /// The identity of a peer.
-    pub fn of(peer: &PeerInfo) -> Self {
-        if let Some(id) = &peer.tls {
-            return ClientKey::Cert(id.spki_sha256.clone());
-        }
-        match &peer.addr {
-            PeerAddr::Tcp(a) => ClientKey::Ip(a.ip()),
-            PeerAddr::Unix { uid, .. } => ClientKey::Uid(*uid),
-            PeerAddr::Stream(label) => ClientKey::Stream(label.clone()),
-        }
-    }
-}
-
-/// A GCRA call budget (governor), generic over the clock so tests can drive time.
-pub struct CallRate<C: Clock = DefaultClock> {
-    limiter: RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<C::Instant>>,
-}
-
-/// Makes the rate limiter's clock ready. The first clock of a process calibrates itself
-/// against the system clock (quanta: about 10M instructions, ~3 ms, kept for the process);
-/// done when the server is built, that is not paid on a worker during a client's first call.
-pub(crate) fn calibrate_clock() {
-    let _ = DefaultClock::default();
-}
-
-impl CallRate<DefaultClock> {
-    /// `per_second` sustained, `burst` at once.
-    pub fn new(per_second: NonZeroU32, burst: NonZeroU32) -> Self {
-        Self::with_clock(per_second, burst, &DefaultClock::default())
-    }
-}
-
-impl<C: Clock + Clone> CallRate<C> {
-    /// The same budget measured by `clock`.
-    pub fn with_clock(per_second: NonZeroU32, burst: NonZeroU32, clock: &C) -> Self {
-        let quota = Quota::per_second(per_second).allow_burst(burst);
-        Self {
-            limiter: RateLimiter::direct_with_clock(quota, clock.clone()),
-        }
-    }
-}
-
-impl<C: Clock + Clone + Send + Sync> RateLimit for CallRate<C>
-where
-    C::Instant: Send + Sync,
-{
-    fn try_call(&self) -> bool {
-        self.limiter.check().is_ok()
-    }
-}
+use crate::rate::CallRate;
+use crate::{ClientClass, ClientKey};
 
 /// A client's call budget and the quotas it was made for.
 struct Budget {
@@ -139,7 +71,7 @@ const SWEEP_MIN_CLIENTS: usize = 1024;
 /// after the last one ends; then it may be forgotten. So the registry holds the clients of
 /// roughly the last refill period, not every address that ever connected (a peer rotating
 /// through an IPv6 prefix cannot grow it without bound).
-pub struct ClientRegistry {
+pub(crate) struct ClientRegistry {
     clients: DashMap<(String, ClientKey), Arc<ClientEntry>>,
     classes: DashMap<String, Arc<AtomicUsize>>,
     /// The size at which the next sweep runs.
@@ -160,7 +92,7 @@ impl Default for ClientRegistry {
 }
 
 /// A connection's place in its class's count; given back when dropped.
-pub struct ClassSlot(Arc<AtomicUsize>);
+pub(crate) struct ClassSlot(Arc<AtomicUsize>);
 
 impl Drop for ClassSlot {
     fn drop(&mut self) {
@@ -169,7 +101,7 @@ impl Drop for ClassSlot {
 }
 
 /// A connection's slot in its client's count; gives it back when dropped.
-pub struct ConnectionSlot(Arc<ClientEntry>);
+pub(crate) struct ConnectionSlot(Arc<ClientEntry>);
 
 impl ConnectionSlot {
     /// What the client's connections have queued together.
@@ -265,14 +197,14 @@ impl ClientRegistry {
 
     /// Clients known now (connected, or recently enough that their rate budget is still
     /// refilling).
-    pub fn known_clients(&self) -> usize {
+    pub(crate) fn known_clients(&self) -> usize {
         self.clients.len()
     }
 
     /// Registers one more connection of this client, unless it already has
     /// `max_connections` on this server. Returns the slot and the client's (shared) rate
     /// budget.
-    pub fn connect(
+    pub(crate) fn connect(
         self: &Arc<Self>,
         class: &str,
         key: ClientKey,
@@ -294,7 +226,11 @@ impl ClientRegistry {
 
     /// Registers one more connection of the class, unless it already has `max`. The error is
     /// the current count.
-    pub fn connect_class(self: &Arc<Self>, class: &str, max: u32) -> Result<ClassSlot, usize> {
+    pub(crate) fn connect_class(
+        self: &Arc<Self>,
+        class: &str,
+        max: u32,
+    ) -> Result<ClassSlot, usize> {
         let entry = self.classes.entry(class.to_string()).or_default();
         let n = entry.load(Ordering::Relaxed);
         if n >= max as usize {
@@ -307,7 +243,7 @@ impl ClientRegistry {
     /// client there (not checked against a maximum: the connection exists already), and the
     /// client's rate budget under the class's quotas (replaced if they changed). Take the new
     /// slots before dropping the old ones.
-    pub fn rematch(
+    pub(crate) fn rematch(
         self: &Arc<Self>,
         class: &str,
         key: ClientKey,
@@ -322,7 +258,8 @@ impl ClientRegistry {
     }
 
     /// Connections of this client now.
-    pub fn connections(&self, class: &str, key: &ClientKey) -> usize {
+    #[cfg(test)]
+    pub(crate) fn connections(&self, class: &str, key: &ClientKey) -> usize {
         self.clients
             .get(&(class.to_string(), key.clone()))
             .map_or(0, |e| e.connections.load(Ordering::Relaxed))
@@ -353,7 +290,7 @@ impl ClientRegistry {
     /// in): one per rule, in order, `None` for rules without a rate. Budgets are shared by the
     /// client's connections and kept while a rule's rate is unchanged (a reload that leaves a
     /// rule alone does not refill it); rules the class no longer has are dropped.
-    pub fn method_rates(
+    pub(crate) fn method_rates(
         &self,
         slot: &ConnectionSlot,
         class: &ClientClass,
@@ -404,24 +341,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use governor::clock::FakeRelativeClock;
     use std::time::Duration;
 
     fn nz(n: u32) -> NonZeroU32 {
         NonZeroU32::new(n).unwrap()
-    }
-
-    #[test]
-    fn burst_of_ten_lets_exactly_ten_through_then_refills_at_the_rate() {
-        let clock = FakeRelativeClock::default();
-        let rate = CallRate::with_clock(nz(100), nz(10), &clock);
-        let passed = (0..1000).filter(|_| rate.try_call()).count();
-        assert_eq!(passed, 10);
-        clock.advance(Duration::from_millis(10)); // one call's worth at 100/s
-        assert!(rate.try_call());
-        assert!(!rate.try_call());
-        clock.advance(Duration::from_millis(50));
-        assert_eq!((0..100).filter(|_| rate.try_call()).count(), 5);
     }
 
     #[test]
