@@ -7,7 +7,21 @@ use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 
-use crate::guard::RateLimit;
+/// Decides whether a call may go ahead under the client's shared rate limit.
+pub trait RateLimit: Send + Sync {
+    /// Takes one call from the budget; false when the client is over its rate.
+    fn try_call(&self) -> bool;
+}
+
+/// No rate limit.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Unlimited;
+
+impl RateLimit for Unlimited {
+    fn try_call(&self) -> bool {
+        true
+    }
+}
 
 /// A GCRA call budget (governor), generic over the clock so tests can drive time.
 pub(crate) struct CallRate<C: Clock = DefaultClock> {

@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 
-use crate::guard::RateLimit;
 use crate::outgoing::ClientOutgoing;
 use crate::quota_store::{Fleet, QuotaKey};
 use crate::rate::CallRate;
+use crate::rate::RateLimit;
 use crate::{ClientClass, ClientKey};
 
 /// A client's call budget and the quotas it was made for.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use capgate_policy::ClientClass;
 use capgate_schema::MethodRef;
 
-use super::RateLimit;
+use crate::rate::RateLimit;
 use crate::CallRate;
 
 /// Which quota of a method rule refused a call.

@@ -36,21 +36,7 @@ pub use observer::DenialCounts;
 pub(crate) use observer::{DenialReason, GuardObserver};
 use table::IdTable;
 
-/// Decides whether a call may go ahead under the client's shared rate limit.
-pub trait RateLimit: Send + Sync {
-    /// Takes one call from the budget; false when the client is over its rate.
-    fn try_call(&self) -> bool;
-}
-
-/// No rate limit.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Unlimited;
-
-impl RateLimit for Unlimited {
-    fn try_call(&self) -> bool {
-        true
-    }
-}
+pub use crate::rate::{RateLimit, Unlimited};
 
 /// What to do with one incoming message.
 pub enum Verdict {
