@@ -38,6 +38,8 @@ mod outgoing;
 mod peer;
 mod poll;
 mod quota_store;
+// `RateLimit` and `Unlimited` are public through the `fuzzing` API only.
+#[cfg_attr(not(feature = "fuzzing"), allow(unreachable_pub))]
 mod rate;
 mod registry;
 mod server;
