@@ -1,6 +1,7 @@
 //! The server: listeners, an acceptor per listener, N worker threads each running its
 //! connections on a current-thread runtime with a `LocalSet`.
 
+mod admission;
 mod builder;
 mod events;
 mod listener;
