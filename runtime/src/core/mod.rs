@@ -11,12 +11,17 @@
 
 mod abort;
 mod deadlines;
+mod outbox;
+mod signal;
 
+use std::rc::Rc;
 use std::time::Instant;
 
 use capnp::message::ReaderOptions;
 
 pub use abort::{AbortReason, BudgetScope};
+pub(crate) use outbox::{Message, Outbox, State, FIRST_SEGMENT_WORDS};
+pub(crate) use signal::Signal;
 
 use deadlines::Deadlines;
 
@@ -39,6 +44,9 @@ pub(crate) enum Event {
 /// The state machine of one connection's incoming side and its accounting.
 pub(crate) struct ConnectionCore {
     decoder: FrameDecoder,
+    /// What this side queued for the peer, bounded in bytes; shared with the shell's writer
+    /// and capnp-rpc's outgoing messages, which push and drain it without borrowing the core.
+    outbox: Rc<Outbox>,
     deadlines: Deadlines,
     guard: Guard,
     traversal_factor: usize,
@@ -49,6 +57,7 @@ impl ConnectionCore {
     pub(crate) fn new(limits: &Limits, guard: Guard) -> Self {
         Self {
             decoder: FrameDecoder::new(limits.frame_limits()),
+            outbox: Rc::new(Outbox::new(limits.max_outgoing_bytes)),
             deadlines: Deadlines::new(limits.frame_timeout, limits.idle_timeout),
             guard,
             traversal_factor: limits.traversal_factor,
@@ -165,6 +174,11 @@ impl ConnectionCore {
         let received = self.decoder.received_bytes();
         self.deadlines
             .handle_timeout(now, activity, in_flight, received)
+    }
+
+    /// The outgoing queue (see [`Outbox::poll_transmit`]).
+    pub(crate) fn outbox(&self) -> &Rc<Outbox> {
+        &self.outbox
     }
 
     pub(crate) fn guard(&self) -> &Guard {

@@ -6,9 +6,9 @@ use std::rc::Rc;
 use capnp::capability::Promise;
 use capnp::message::{Builder, HeapAllocator};
 
-use super::outbox::Message;
 use super::shared::ConnShared;
 use crate::core::Event;
+use crate::core::Message;
 use crate::framing::Frame;
 
 /// An incoming message as capnp-rpc sees it. Its bytes count as held (for

@@ -3,11 +3,9 @@
 
 mod control;
 mod messages;
-mod outbox;
 mod pool;
 mod reader;
 mod shared;
-mod signal;
 mod vat;
 mod writer;
 

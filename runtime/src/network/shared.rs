@@ -4,16 +4,16 @@
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
-use super::outbox::Outbox;
-use super::signal::Signal;
 use crate::core::ConnectionCore;
+use crate::core::{Outbox, Signal};
 use crate::{AbortReason, Limits};
 
 /// State shared by the reader, the writer, outgoing messages and the connection's owner.
 pub(crate) struct ConnShared {
     /// Shared by the connections of a class (a pointer here, not a copy).
     pub(super) limits: std::sync::Arc<Limits>,
-    pub(super) outbox: Outbox,
+    /// The core's outgoing queue (shared, so the writer never borrows the core across a write).
+    pub(super) outbox: Rc<Outbox>,
     /// Decoder, deadlines and guard (sans-IO); the shell around it is this module.
     pub(super) core: RefCell<ConnectionCore>,
     /// Why the connection closes, once known (the first reason wins).

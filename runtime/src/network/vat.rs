@@ -11,12 +11,12 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::control::ConnectionControl;
 use super::messages::{receive, Outgoing};
-use super::outbox::{Outbox, FIRST_SEGMENT_WORDS};
 use super::reader::{Lease, ReadState};
 use super::shared::{ConnShared, ConnectionStats};
-use super::signal::Signal;
 use super::writer;
 use crate::core::ConnectionCore;
+use crate::core::Signal;
+use crate::core::FIRST_SEGMENT_WORDS;
 use crate::guard::Guard;
 use crate::Limits;
 
@@ -145,9 +145,10 @@ where
     W: AsyncWrite + Unpin + 'static,
 {
     let limits = limits.into();
+    let core = ConnectionCore::new(&limits, guard);
     let shared = Rc::new(ConnShared {
-        outbox: Outbox::new(limits.max_outgoing_bytes),
-        core: RefCell::new(ConnectionCore::new(&limits, guard)),
+        outbox: core.outbox().clone(),
+        core: RefCell::new(core),
         abort: RefCell::new(None),
         abort_signal: Signal::default(),
         stats: RefCell::new(ConnectionStats::default()),

@@ -5,18 +5,13 @@ use std::rc::Rc;
 use capnp::message::{Builder, HeapAllocator};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-use super::outbox::{Message, Outbox, State};
 use super::pool;
 use super::shared::ConnShared;
+use crate::core::{Outbox, State};
 use crate::framing::encode_header;
 use crate::poll::{may_poll, poll_for, PollBackoff, Polled, PollingMark};
 use crate::AbortReason;
 
-/// Messages larger than this skip the coalescing buffer (their segments are written as is).
-const DIRECT_WRITE_BYTES: usize = 64 * 1024;
-/// One write coalesces at most about this much: the buffer is a copy of what it carries, so
-/// copying a whole long queue would double what the queue holds.
-const MAX_BATCH_BYTES: usize = 256 * 1024;
 /// The writer gathers (yields to producers) at most this many times per write...
 const GATHER_MAX_YIELDS: usize = 16;
 /// ...and stops once this many frames or bytes are queued.
@@ -76,29 +71,14 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         if queued {
             batches = batches.wrapping_add(1);
         }
-        let mut batch_charge = 0usize;
-        let mut batch_frames = 0u64;
-        let mut large: Option<Rc<Builder<HeapAllocator>>> = None;
-        {
-            let mut q = outbox.queue.borrow_mut();
-            if buf.capacity() == 0 && !q.is_empty() {
-                buf = pool::take_write();
-            }
-            while buf.len() < MAX_BATCH_BYTES {
-                let Some((msg, charge)) = q.pop_front() else {
-                    break;
-                };
-                batch_charge += charge;
-                batch_frames += 1;
-                if let Message::Built(m) = &msg {
-                    if charge >= DIRECT_WRITE_BYTES {
-                        large = Some(m.clone());
-                        break;
-                    }
-                }
-                msg.encode(&mut buf);
-            }
+        if buf.capacity() == 0 && !outbox.queue.borrow().is_empty() {
+            buf = pool::take_write();
         }
+        let transmit = outbox.poll_transmit(&mut buf);
+        let (batch_charge, batch_frames, large) = match transmit {
+            Some(t) => (t.charge, t.frames, t.large),
+            None => (0, 0, None),
+        };
         if batch_charge == 0 {
             if outbox.state.get() == State::Closing {
                 // Boxed: its timer would otherwise enlarge every connection's writer.

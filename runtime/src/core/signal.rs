@@ -5,7 +5,7 @@ use std::task::{Context, Poll, Waker};
 /// A wake-up for one waiting task on the same thread: a flag plus the waiter's waker. No
 /// locks, no allocation once the waker is stored (unlike a general-purpose `Notify`).
 #[derive(Default)]
-pub(super) struct Signal {
+pub(crate) struct Signal {
     set: Cell<bool>,
     waker: RefCell<Option<Waker>>,
 }
@@ -13,7 +13,7 @@ pub(super) struct Signal {
 impl Signal {
     /// Sets the flag and wakes the waiter, if any. A signal sent while nobody waits is kept
     /// for the next wait.
-    pub(super) fn notify(&self) {
+    pub(crate) fn notify(&self) {
         self.set.set(true);
         if let Some(w) = self.waker.borrow_mut().take() {
             w.wake();
@@ -21,11 +21,11 @@ impl Signal {
     }
 
     /// Waits for the next signal (or consumes a pending one).
-    pub(super) async fn wait(&self) {
+    pub(crate) async fn wait(&self) {
         poll_fn(|cx| self.poll_wait(cx)).await;
     }
 
-    pub(super) fn poll_wait(&self, cx: &mut Context<'_>) -> Poll<()> {
+    pub(crate) fn poll_wait(&self, cx: &mut Context<'_>) -> Poll<()> {
         if self.set.replace(false) {
             return Poll::Ready(());
         }

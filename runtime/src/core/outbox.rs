@@ -18,13 +18,29 @@ use crate::{AbortReason, BudgetScope};
 /// glibc's large-bin threshold (1008 B): `HeapAllocator` zero-allocates with `calloc`, which
 /// skips the thread cache, and a large-bin request first merges every freed fast-bin chunk.
 /// With 128 words (1 KiB) that cost the client 2-3% of its instructions per call (callgrind).
-pub(super) const FIRST_SEGMENT_WORDS: u32 = 64;
+pub(crate) const FIRST_SEGMENT_WORDS: u32 = 64;
+
+/// Messages larger than this skip the coalescing buffer (their segments are written as is).
+const DIRECT_WRITE_BYTES: usize = 64 * 1024;
+/// One write coalesces at most about this much: the buffer is a copy of what it carries, so
+/// copying a whole long queue would double what the queue holds.
+const MAX_BATCH_BYTES: usize = 256 * 1024;
+
+/// One write's worth of queued messages (see [`Outbox::poll_transmit`]).
+pub(crate) struct Transmit {
+    /// What the messages were charged, to give back once written.
+    pub(crate) charge: usize,
+    /// Frames in it.
+    pub(crate) frames: u64,
+    /// A large message to write after the buffer, from its own segments.
+    pub(crate) large: Option<Rc<Builder<HeapAllocator>>>,
+}
 
 /// What a queued message costs beyond its buffers (its queue slot, the builder's bookkeeping).
 const MESSAGE_OVERHEAD_BYTES: usize = 64;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(super) enum State {
+pub(crate) enum State {
     Open,
     /// Shutdown requested: flush what is queued, then close.
     Closing,
@@ -33,7 +49,7 @@ pub(super) enum State {
 }
 
 /// One queued message.
-pub(super) enum Message {
+pub(crate) enum Message {
     /// Built by capnp-rpc (which may keep a reference: a Return's results serve pipelined
     /// calls until the peer's Finish).
     Built(Rc<Builder<HeapAllocator>>),
@@ -43,7 +59,7 @@ pub(super) enum Message {
 
 impl Message {
     /// Bytes it holds in memory: the segments as allocated, not as used.
-    pub(super) fn charge(&self) -> usize {
+    pub(crate) fn charge(&self) -> usize {
         MESSAGE_OVERHEAD_BYTES
             + match self {
                 Message::Built(m) => 8 * allocated_words(&m.get_segments_for_output()),
@@ -52,7 +68,7 @@ impl Message {
     }
 
     /// Appends its frames to `out`.
-    pub(super) fn encode(&self, out: &mut Vec<u8>) {
+    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
         match self {
             Message::Built(m) => encode_frame(out, &m.get_segments_for_output()),
             Message::Encoded(b) => out.extend_from_slice(b),
@@ -64,7 +80,7 @@ impl Message {
 /// built with a first segment of at most `FIRST_SEGMENT_WORDS`. It sizes each segment as
 /// `max(needed, next)`, `next` growing by every segment's size, and a segment holds at least
 /// what it was allocated for, so `max(used, next)` bounds each one.
-pub(super) fn allocated_words(segments: &[&[u8]]) -> usize {
+pub(crate) fn allocated_words(segments: &[&[u8]]) -> usize {
     let mut next = FIRST_SEGMENT_WORDS as usize;
     let mut total = 0usize;
     for s in segments {
@@ -76,15 +92,15 @@ pub(super) fn allocated_words(segments: &[&[u8]]) -> usize {
 }
 
 /// The outgoing queue of one connection, bounded in bytes.
-pub(super) struct Outbox {
-    pub(super) queue: RefCell<VecDeque<(Message, usize)>>,
+pub(crate) struct Outbox {
+    pub(crate) queue: RefCell<VecDeque<(Message, usize)>>,
     /// The charge of what is queued or being written.
-    pub(super) queued_bytes: Cell<usize>,
+    pub(crate) queued_bytes: Cell<usize>,
     max_bytes: usize,
-    pub(super) state: Cell<State>,
-    pub(super) wake: Signal,
+    pub(crate) state: Cell<State>,
+    pub(crate) wake: Signal,
     /// Signalled when the outbox fails: abandons a write in progress.
-    pub(super) cut: Signal,
+    pub(crate) cut: Signal,
     done: Cell<bool>,
     done_notify: tokio::sync::Notify,
     /// The connection's share of its client's and the server's outgoing budgets, if it
@@ -93,7 +109,7 @@ pub(super) struct Outbox {
 }
 
 impl Outbox {
-    pub(super) fn new(max_bytes: usize) -> Self {
+    pub(crate) fn new(max_bytes: usize) -> Self {
         Self {
             queue: RefCell::new(VecDeque::new()),
             queued_bytes: Cell::new(0),
@@ -108,13 +124,13 @@ impl Outbox {
     }
 
     /// Charges what this connection queues to `account` too, from now on.
-    pub(super) fn share(&self, account: Arc<OutgoingAccount>) {
+    pub(crate) fn share(&self, account: Arc<OutgoingAccount>) {
         *self.account.borrow_mut() = Some(account);
     }
 
     /// Queues a message. Returns an error (and fails the outbox) when a byte budget would
     /// be exceeded: the peer is not reading what we send.
-    pub(super) fn push(&self, msg: Message) -> Result<(), AbortReason> {
+    pub(crate) fn push(&self, msg: Message) -> Result<(), AbortReason> {
         if self.state.get() != State::Open {
             return Ok(());
         }
@@ -144,8 +160,39 @@ impl Outbox {
         Ok(())
     }
 
+    /// Moves queued messages into `buf`, encoded, for one write: until `buf` holds
+    /// `MAX_BATCH_BYTES`, or a message of `DIRECT_WRITE_BYTES` or more comes up, which is
+    /// returned to be written from its own segments after `buf` (no copy). `None` when nothing
+    /// is queued. Report the write with [`Outbox::sent`] and the transmit's `charge`.
+    pub(crate) fn poll_transmit(&self, buf: &mut Vec<u8>) -> Option<Transmit> {
+        let mut q = self.queue.borrow_mut();
+        if q.is_empty() {
+            return None;
+        }
+        let mut t = Transmit {
+            charge: 0,
+            frames: 0,
+            large: None,
+        };
+        while buf.len() < MAX_BATCH_BYTES {
+            let Some((msg, charge)) = q.pop_front() else {
+                break;
+            };
+            t.charge += charge;
+            t.frames += 1;
+            if let Message::Built(m) = &msg {
+                if charge >= DIRECT_WRITE_BYTES {
+                    t.large = Some(m.clone());
+                    break;
+                }
+            }
+            msg.encode(buf);
+        }
+        Some(t)
+    }
+
     /// A batch of `charge` bytes was written.
-    pub(super) fn sent(&self, charge: usize) {
+    pub(crate) fn sent(&self, charge: usize) {
         let q = self.queued_bytes.get().saturating_sub(charge);
         self.queued_bytes.set(q);
         if let Some(account) = &*self.account.borrow() {
@@ -155,24 +202,24 @@ impl Outbox {
 
     /// The reason this connection was cut off to keep its client or the server within
     /// their outgoing budgets, if it was.
-    pub(super) fn cut_off_reason(&self) -> Option<AbortReason> {
+    pub(crate) fn cut_off_reason(&self) -> Option<AbortReason> {
         self.account.borrow().as_ref().and_then(|a| a.cut_reason())
     }
 
     /// Lets a cut-off decided on another thread wake the writer blocked on this connection.
-    pub(super) fn register_cut_waker(&self, waker: &std::task::Waker) {
+    pub(crate) fn register_cut_waker(&self, waker: &std::task::Waker) {
         if let Some(account) = &*self.account.borrow() {
             account.register(waker);
         }
     }
 
     /// Bytes queued or being written.
-    pub(super) fn queued_bytes(&self) -> usize {
+    pub(crate) fn queued_bytes(&self) -> usize {
         self.queued_bytes.get()
     }
 
     /// Flush what is queued, then close the write side.
-    pub(super) fn close(&self) {
+    pub(crate) fn close(&self) {
         if self.state.get() == State::Open {
             self.state.set(State::Closing);
         }
@@ -180,7 +227,7 @@ impl Outbox {
     }
 
     /// Drop everything queued, abandon a write in progress, and close.
-    pub(super) fn fail(&self) {
+    pub(crate) fn fail(&self) {
         self.state.set(State::Failed);
         self.queue.borrow_mut().clear();
         self.queued_bytes.set(0);
@@ -192,7 +239,7 @@ impl Outbox {
     }
 
     /// Resolves once the writer has finished (any number of waiters).
-    pub(super) async fn finished(&self) {
+    pub(crate) async fn finished(&self) {
         loop {
             let mut notified = std::pin::pin!(self.done_notify.notified());
             notified.as_mut().enable();
@@ -203,7 +250,7 @@ impl Outbox {
         }
     }
 
-    pub(super) fn set_done(&self) {
+    pub(crate) fn set_done(&self) {
         self.done.set(true);
         self.done_notify.notify_waiters();
     }
@@ -234,5 +281,58 @@ mod tests {
     fn guard_frames_are_charged_their_length() {
         let m = Message::Encoded(vec![0u8; 40].into_boxed_slice());
         assert_eq!(m.charge(), 40 + MESSAGE_OVERHEAD_BYTES);
+    }
+
+    #[test]
+    fn a_transmit_coalesces_small_frames_and_hands_large_ones_over_uncopied() {
+        let outbox = Outbox::new(64 << 20);
+        for _ in 0..3 {
+            outbox
+                .push(Message::Encoded(vec![1u8; 100].into_boxed_slice()))
+                .unwrap();
+        }
+        let mut big = Builder::new_default();
+        big.initn_root::<capnp::data_list::Builder>(1)
+            .set(0, &vec![7u8; DIRECT_WRITE_BYTES]);
+        let big = Rc::new(big);
+        outbox.push(Message::Built(big.clone())).unwrap();
+        outbox
+            .push(Message::Encoded(vec![2u8; 100].into_boxed_slice()))
+            .unwrap();
+        let queued = outbox.queued_bytes();
+        let mut buf = Vec::new();
+        let t = outbox.poll_transmit(&mut buf).expect("queued");
+        assert_eq!(
+            buf.len(),
+            300,
+            "three small frames coalesced, the large one not copied"
+        );
+        assert_eq!(t.frames, 4);
+        assert!(t.large.as_ref().is_some_and(|m| Rc::ptr_eq(m, &big)));
+        outbox.sent(t.charge);
+        buf.clear();
+        let t = outbox.poll_transmit(&mut buf).expect("one left");
+        assert_eq!((buf.len(), t.frames, t.large.is_none()), (100, 1, true));
+        outbox.sent(t.charge);
+        assert_eq!(
+            outbox.queued_bytes(),
+            0,
+            "charged {queued} in all, all given back"
+        );
+        assert!(outbox.poll_transmit(&mut buf).is_none());
+    }
+
+    #[test]
+    fn a_transmit_stops_at_the_batch_bound() {
+        let outbox = Outbox::new(64 << 20);
+        for _ in 0..100 {
+            outbox
+                .push(Message::Encoded(vec![0u8; 10_000].into_boxed_slice()))
+                .unwrap();
+        }
+        let mut buf = Vec::new();
+        let t = outbox.poll_transmit(&mut buf).unwrap();
+        assert!(buf.len() >= MAX_BATCH_BYTES && buf.len() < MAX_BATCH_BYTES + 10_000);
+        assert_eq!(t.frames as usize, buf.len() / 10_000);
     }
 }
