@@ -1,5 +1,5 @@
 //! The messages the guard writes itself, encoded once into a right-sized buffer: what the
-//! outbox holds for them is what is charged for them (see `network/outbox.rs`), not a
+//! outbox holds for them is what is charged for them (see `core/outbox.rs`), not a
 //! message builder's default 8 KiB first segment per reply.
 
 use capnp::message::{Builder, HeapAllocator};
