@@ -3,6 +3,10 @@
 //! for `idle_timeout` closes. The shell owns one timer, sets it to [`Deadlines::poll_timeout`]
 //! and calls [`Deadlines::handle_timeout`] when it fires; the clock is the shell's.
 //!
+//! A write that blocks (the peer does not read) must complete within `write_timeout` of
+//! blocking: the writer, which has its own timer, asks [`Deadlines::write_blocked`] when to
+//! fire and [`Deadlines::check_write`] whether the deadline has passed.
+//!
 //! Idle detection compares a count of bytes moved (the caller's `activity`) between two timer
 //! firings instead of stamping every message with the time, so the hot path reads no clock:
 //! an idle connection closes between `idle_timeout` and twice that after its last frame.
@@ -20,15 +24,45 @@ pub(crate) struct Deadlines {
     frame_started: Option<Instant>,
     /// When the idle check runs next, and the activity count it compares against.
     idle_check: Option<(Instant, u64)>,
+    write_timeout: Duration,
+    /// Since when the current write has been blocked.
+    write_blocked: Option<Instant>,
 }
 
 impl Deadlines {
-    pub(crate) fn new(frame_timeout: Duration, idle_timeout: Duration) -> Self {
+    pub(crate) fn new(
+        frame_timeout: Duration,
+        idle_timeout: Duration,
+        write_timeout: Duration,
+    ) -> Self {
         Self {
             frame_timeout,
             idle_timeout,
             frame_started: None,
             idle_check: None,
+            write_timeout,
+            write_blocked: None,
+        }
+    }
+
+    /// The current write could not complete at once: its deadline (`now` is read when the
+    /// write first blocks).
+    pub(crate) fn write_blocked(&mut self, now: impl Fn() -> Instant) -> Instant {
+        *self.write_blocked.get_or_insert_with(now) + self.write_timeout
+    }
+
+    /// The current write completed (or was abandoned): its clock stops.
+    pub(crate) fn write_done(&mut self) {
+        self.write_blocked = None;
+    }
+
+    /// The writer's timer fired at `now`: whether the blocked write is past its deadline.
+    pub(crate) fn check_write(&self, now: Instant) -> Result<(), AbortReason> {
+        match self.write_blocked {
+            Some(t) if now >= t + self.write_timeout => Err(AbortReason::WriteTimeout {
+                limit: self.write_timeout,
+            }),
+            _ => Ok(()),
         }
     }
 
@@ -100,6 +134,7 @@ mod tests {
 
     const FRAME: Duration = Duration::from_millis(500);
     const IDLE: Duration = Duration::from_secs(10);
+    const WRITE: Duration = Duration::from_secs(2);
 
     fn at(t0: Instant, ms: u64) -> Instant {
         t0 + Duration::from_millis(ms)
@@ -108,7 +143,7 @@ mod tests {
     #[test]
     fn a_frame_not_completed_in_time_aborts_with_what_had_arrived() {
         let t0 = Instant::now();
-        let mut d = Deadlines::new(FRAME, IDLE);
+        let mut d = Deadlines::new(FRAME, IDLE, WRITE);
         d.before_wait(|| t0, true, 10);
         assert_eq!(d.poll_timeout(), Some(at(t0, 500)));
         // Waiting again inside the same frame does not move its deadline.
@@ -126,7 +161,7 @@ mod tests {
     #[test]
     fn a_completed_frame_stops_its_clock() {
         let t0 = Instant::now();
-        let mut d = Deadlines::new(FRAME, IDLE);
+        let mut d = Deadlines::new(FRAME, IDLE, WRITE);
         d.before_wait(|| t0, true, 10);
         d.frame_done();
         assert_eq!(d.poll_timeout(), Some(at(t0, 10_000)));
@@ -137,7 +172,7 @@ mod tests {
     #[test]
     fn idle_closes_only_without_activity_and_calls_in_flight() {
         let t0 = Instant::now();
-        let mut d = Deadlines::new(FRAME, IDLE);
+        let mut d = Deadlines::new(FRAME, IDLE, WRITE);
         d.before_wait(|| t0, false, 100);
         // Bytes moved since: re-armed one period on.
         assert_eq!(d.handle_timeout(at(t0, 10_000), 150, 0, 0), Ok(()));
@@ -153,7 +188,7 @@ mod tests {
     #[test]
     fn an_early_timer_changes_nothing() {
         let t0 = Instant::now();
-        let mut d = Deadlines::new(FRAME, IDLE);
+        let mut d = Deadlines::new(FRAME, IDLE, WRITE);
         d.before_wait(|| t0, false, 0);
         assert_eq!(d.handle_timeout(at(t0, 1), 0, 0, 0), Ok(()));
         assert_eq!(d.poll_timeout(), Some(at(t0, 10_000)));
@@ -162,10 +197,28 @@ mod tests {
     #[test]
     fn inside_a_frame_the_idle_check_is_re_armed_not_applied() {
         let t0 = Instant::now();
-        let mut d = Deadlines::new(Duration::from_secs(60), IDLE);
+        let mut d = Deadlines::new(Duration::from_secs(60), IDLE, WRITE);
         d.before_wait(|| t0, true, 0);
         assert_eq!(d.poll_timeout(), Some(at(t0, 10_000)));
         assert_eq!(d.handle_timeout(at(t0, 10_000), 0, 0, 4), Ok(()));
         assert_eq!(d.poll_timeout(), Some(at(t0, 20_000)));
+    }
+
+    #[test]
+    fn a_blocked_write_times_out_from_when_it_first_blocked_and_a_done_one_never() {
+        let t0 = Instant::now();
+        let mut d = Deadlines::new(FRAME, IDLE, WRITE);
+        assert_eq!(d.check_write(at(t0, 100_000)), Ok(()), "no write blocked");
+        assert_eq!(d.write_blocked(|| t0), at(t0, 2_000));
+        // Blocking again later (the write made some progress, then blocked) keeps the start.
+        assert_eq!(d.write_blocked(|| at(t0, 1_500)), at(t0, 2_000));
+        assert_eq!(d.check_write(at(t0, 1_999)), Ok(()));
+        assert_eq!(
+            d.check_write(at(t0, 2_000)),
+            Err(AbortReason::WriteTimeout { limit: WRITE })
+        );
+        d.write_done();
+        assert_eq!(d.check_write(at(t0, 9_000)), Ok(()));
+        assert_eq!(d.write_blocked(|| at(t0, 9_000)), at(t0, 11_000));
     }
 }

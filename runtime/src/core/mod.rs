@@ -58,7 +58,11 @@ impl ConnectionCore {
         Self {
             decoder: FrameDecoder::new(limits.frame_limits()),
             outbox: Rc::new(Outbox::new(limits.max_outgoing_bytes)),
-            deadlines: Deadlines::new(limits.frame_timeout, limits.idle_timeout),
+            deadlines: Deadlines::new(
+                limits.frame_timeout,
+                limits.idle_timeout,
+                limits.write_timeout,
+            ),
             guard,
             traversal_factor: limits.traversal_factor,
             nesting_limit: limits.nesting_limit,
@@ -174,6 +178,21 @@ impl ConnectionCore {
         let received = self.decoder.received_bytes();
         self.deadlines
             .handle_timeout(now, activity, in_flight, received)
+    }
+
+    /// A write could not complete at once: when it must have (see `deadlines.rs`).
+    pub(crate) fn write_blocked(&mut self, now: impl Fn() -> Instant) -> Instant {
+        self.deadlines.write_blocked(now)
+    }
+
+    /// The current write completed or was abandoned.
+    pub(crate) fn write_done(&mut self) {
+        self.deadlines.write_done();
+    }
+
+    /// The writer's timer fired at `now`: an error if the blocked write is past its deadline.
+    pub(crate) fn check_write(&self, now: Instant) -> Result<(), AbortReason> {
+        self.deadlines.check_write(now)
     }
 
     /// The outgoing queue (see [`Outbox::poll_transmit`]).

@@ -132,10 +132,12 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             // Polled in place (a helper `async fn` would hold a second copy of the write).
             let mut write = std::pin::pin!(write);
             let mut timer = None;
-            std::future::poll_fn(|cx| {
-                poll_with_deadline(write.as_mut(), cx, &mut timer, limits.write_timeout, outbox)
+            let written = std::future::poll_fn(|cx| {
+                poll_with_deadline(write.as_mut(), cx, &mut timer, shared)
             })
-            .await
+            .await;
+            shared.core.borrow_mut().write_done();
+            written
         };
         match written {
             Written::Done(Ok(())) => {}
@@ -152,11 +154,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                     None => Ok(()),
                 }
             }
-            Written::TimedOut => {
+            Written::TimedOut(reason) => {
                 outbox.fail();
-                return Err(AbortReason::WriteTimeout {
-                    limit: limits.write_timeout,
-                });
+                return Err(reason);
             }
         }
         let wire_bytes = buf.len() + large.as_ref().map_or(0, |m| frame_len(m));
@@ -184,7 +184,7 @@ enum Written {
     Done(std::io::Result<()>),
     /// The outbox failed meanwhile: the write was abandoned.
     Cut,
-    TimedOut,
+    TimedOut(AbortReason),
 }
 
 /// After a write: keeps the thread polling the socket instead of sleeping, until bytes
@@ -220,21 +220,40 @@ fn poll_with_deadline(
     write: std::pin::Pin<&mut impl Future<Output = std::io::Result<()>>>,
     cx: &mut std::task::Context<'_>,
     timer: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
-    timeout: std::time::Duration,
-    outbox: &Outbox,
+    shared: &ConnShared,
 ) -> std::task::Poll<Written> {
     use std::task::Poll;
     if let Poll::Ready(r) = write.poll(cx) {
         return Poll::Ready(Written::Done(r));
     }
     // Blocked: the peer is not reading. Another thread may pick this connection to cut off.
+    let outbox = &shared.outbox;
     outbox.register_cut_waker(cx.waker());
     if outbox.cut.poll_wait(cx).is_ready() || outbox.cut_off_reason().is_some() {
         return Poll::Ready(Written::Cut);
     }
-    let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+    // The core decides the deadline; the timer is armed only once a write blocks.
+    let timer = timer.get_or_insert_with(|| {
+        let now = || tokio::time::Instant::now().into_std();
+        let at = shared.core.borrow_mut().write_blocked(now);
+        Box::pin(tokio::time::sleep_until(at.into()))
+    });
     if timer.as_mut().poll(cx).is_ready() {
-        return Poll::Ready(Written::TimedOut);
+        let checked = shared
+            .core
+            .borrow()
+            .check_write(tokio::time::Instant::now().into_std());
+        if let Err(reason) = checked {
+            return Poll::Ready(Written::TimedOut(reason));
+        }
+        // Early by the core's clock: wait for the deadline it gives (the write's start is
+        // known, so no clock is read).
+        let at = shared
+            .core
+            .borrow_mut()
+            .write_blocked(std::time::Instant::now);
+        timer.as_mut().reset(at.into());
+        let _ = timer.as_mut().poll(cx);
     }
     Poll::Pending
 }
