@@ -128,6 +128,35 @@ impl Deadlines {
     }
 }
 
+/// After the connection closed with an error, the shell keeps reading and discarding what
+/// the peer still sends, so that closing does not reset the connection (which could destroy
+/// the `Abort` we sent before the peer reads it); bounded in time and in bytes.
+#[derive(Debug)]
+pub(crate) struct Linger {
+    until: Instant,
+    bytes_left: usize,
+}
+
+impl Linger {
+    pub(crate) fn new(now: Instant, time: Duration, max_bytes: usize) -> Self {
+        Self {
+            until: now + time,
+            bytes_left: max_bytes,
+        }
+    }
+
+    /// When to stop at the latest.
+    pub(crate) fn deadline(&self) -> Instant {
+        self.until
+    }
+
+    /// `n` bytes were read and dropped (0: end of stream): whether to read on.
+    pub(crate) fn discarded(&mut self, n: usize) -> bool {
+        self.bytes_left = self.bytes_left.saturating_sub(n);
+        n > 0 && self.bytes_left > 0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,5 +249,17 @@ mod tests {
         d.write_done();
         assert_eq!(d.check_write(at(t0, 9_000)), Ok(()));
         assert_eq!(d.write_blocked(|| at(t0, 9_000)), at(t0, 11_000));
+    }
+
+    #[test]
+    fn lingering_stops_at_its_deadline_its_byte_bound_or_the_end_of_stream() {
+        let t0 = Instant::now();
+        let mut l = Linger::new(t0, Duration::from_millis(200), 10_000);
+        assert_eq!(l.deadline(), at(t0, 200));
+        assert!(l.discarded(4096));
+        assert!(l.discarded(4096));
+        assert!(!l.discarded(4096), "10,000 bytes are enough");
+        let mut l = Linger::new(t0, Duration::from_millis(200), 10_000);
+        assert!(!l.discarded(0), "the peer closed");
     }
 }

@@ -24,6 +24,7 @@ pub(crate) use outbox::{Message, Outbox, State, FIRST_SEGMENT_WORDS};
 pub(crate) use signal::Signal;
 
 use deadlines::Deadlines;
+pub(crate) use deadlines::Linger;
 
 use crate::framing::{Frame, FrameDecoder};
 use crate::guard::{Guard, Verdict};
@@ -51,6 +52,9 @@ pub(crate) struct ConnectionCore {
     guard: Guard,
     traversal_factor: usize,
     nesting_limit: i32,
+    linger_timeout: std::time::Duration,
+    /// At most this much is read and dropped while lingering: a frame and some.
+    linger_bytes: usize,
 }
 
 impl ConnectionCore {
@@ -66,6 +70,8 @@ impl ConnectionCore {
             guard,
             traversal_factor: limits.traversal_factor,
             nesting_limit: limits.nesting_limit,
+            linger_timeout: limits.linger_timeout,
+            linger_bytes: limits.max_message_bytes + 64 * 1024,
         }
     }
 
@@ -193,6 +199,11 @@ impl ConnectionCore {
     /// The writer's timer fired at `now`: an error if the blocked write is past its deadline.
     pub(crate) fn check_write(&self, now: Instant) -> Result<(), AbortReason> {
         self.deadlines.check_write(now)
+    }
+
+    /// The connection closed with an error at `now`: how long and how much to drain.
+    pub(crate) fn linger(&self, now: Instant) -> Linger {
+        Linger::new(now, self.linger_timeout, self.linger_bytes)
     }
 
     /// The outgoing queue (see [`Outbox::poll_transmit`]).

@@ -7,6 +7,7 @@ use tokio::io::AsyncRead;
 
 use super::reader::ReadState;
 use super::shared::{ConnShared, ConnectionStats};
+use crate::core::Linger;
 use crate::guard::Guard;
 use crate::AbortReason;
 
@@ -21,11 +22,7 @@ pub(super) trait LingerRead {
 }
 
 pub(super) trait LingerState {
-    fn linger<'a>(
-        &'a mut self,
-        time: std::time::Duration,
-        max_bytes: usize,
-    ) -> futures::future::LocalBoxFuture<'a, ()>;
+    fn linger<'a>(&'a mut self, linger: Linger) -> futures::future::LocalBoxFuture<'a, ()>;
 }
 
 impl<R: AsyncRead + Unpin + 'static> LingerRead for Rc<RefCell<Option<Box<ReadState<R>>>>> {
@@ -35,12 +32,8 @@ impl<R: AsyncRead + Unpin + 'static> LingerRead for Rc<RefCell<Option<Box<ReadSt
 }
 
 impl<R: AsyncRead + Unpin + 'static> LingerState for ReadState<R> {
-    fn linger<'a>(
-        &'a mut self,
-        time: std::time::Duration,
-        max_bytes: usize,
-    ) -> futures::future::LocalBoxFuture<'a, ()> {
-        Box::pin(ReadState::linger(self, time, max_bytes))
+    fn linger<'a>(&'a mut self, linger: Linger) -> futures::future::LocalBoxFuture<'a, ()> {
+        Box::pin(ReadState::linger(self, linger))
     }
 }
 
@@ -119,10 +112,9 @@ impl ConnectionControl {
     /// [`crate::Limits::linger_timeout`]).
     pub async fn linger(&self) {
         if let Some(mut state) = self.linger.take() {
-            let limits = &self.shared.limits;
-            state
-                .linger(limits.linger_timeout, limits.max_message_bytes + 64 * 1024)
-                .await;
+            let now = tokio::time::Instant::now().into_std();
+            let linger = self.shared.core.borrow().linger(now);
+            state.linger(linger).await;
         }
     }
 }

@@ -1,6 +1,5 @@
 use std::cell::RefCell;
 use std::rc::Rc;
-use std::time::Duration;
 
 use std::pin::Pin;
 use std::task::Poll;
@@ -175,24 +174,23 @@ impl<R: AsyncRead + Unpin> ReadState<R> {
         Ok(())
     }
 
-    /// After the connection closed with an error: read and discard what the peer still sends,
-    /// for at most `time` or `max_bytes`, so that closing does not reset the connection (which
-    /// could destroy the `Abort` we sent before the peer reads it).
-    pub(super) async fn linger(&mut self, time: Duration, max_bytes: usize) {
+    /// After the connection closed with an error: read and discard what the peer still sends
+    /// while `linger` says so (see `core::Linger`).
+    pub(super) async fn linger(&mut self, mut linger: crate::core::Linger) {
         if self.eof {
             return;
         }
         let mut scratch = [0u8; 4096];
-        let mut left = max_bytes;
+        let deadline = Instant::from_std(linger.deadline());
         let drain = async {
-            while left > 0 {
-                match self.stream.read(&mut scratch).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => left = left.saturating_sub(n),
+            loop {
+                let n = self.stream.read(&mut scratch).await.unwrap_or(0);
+                if !linger.discarded(n) {
+                    break;
                 }
             }
         };
-        let _ = tokio::time::timeout(time, drain).await;
+        let _ = tokio::time::timeout_at(deadline, drain).await;
     }
 }
 
