@@ -12,15 +12,14 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+use super::backend::{Backend, Op, Reply, StoreError};
 use super::conns::{mark_dirty, AdmitRequest};
-use super::lease::Grant;
 use super::metrics::ErrorKind;
 use super::{ConnCount, Fallback, Fleet, LeasedRate, RedisStoreConfig, Work};
 
@@ -34,86 +33,6 @@ const MAX_WAIT: Duration = Duration::from_secs(60);
 const RETRY_AFTER_ERROR: Duration = Duration::from_secs(1);
 /// Bad replies are logged at most once per this period (they are all counted).
 const ERROR_LOG_PERIOD: Duration = Duration::from_secs(10);
-
-/// One operation of a round.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum Op {
-    /// Marks this server live until `now + expiry` and drops servers that are not. Replies
-    /// whether it was live already (if not, its entries may be gone: rewrite them).
-    Heartbeat,
-    /// Replaces all of this server's connection entries with these counts.
-    Resync(Vec<(String, u32)>),
-    /// Sets this server's count of `key` to `mine`, first admitting up to `admit` more
-    /// connections if the live servers' counts leave room under `max`.
-    Conns {
-        key: String,
-        mine: u32,
-        admit: u32,
-        max: u32,
-    },
-    /// Takes up to `n` tokens from the budget `key` (GCRA of `per_second` and `burst`).
-    Lease {
-        key: String,
-        per_second: u32,
-        burst: u32,
-        n: u32,
-    },
-    /// Removes this server's entries (clean shutdown).
-    Leave,
-}
-
-/// The store's answer to one [`Op`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum Reply {
-    /// To `Heartbeat`: whether this server was live already.
-    Alive(bool),
-    /// To `Resync` and `Leave`.
-    Done,
-    /// To `Conns`: connections admitted, and the live count of the other servers.
-    Conns { accepted: u32, others: u32 },
-    /// To `Lease`.
-    Lease(Grant),
-}
-
-/// A failed round or operation.
-#[derive(Debug)]
-pub(crate) struct StoreError {
-    pub(crate) kind: ErrorKind,
-    pub(crate) detail: String,
-}
-
-impl StoreError {
-    pub(crate) fn new(kind: ErrorKind, detail: impl Into<String>) -> Self {
-        Self {
-            kind,
-            detail: detail.into(),
-        }
-    }
-
-    pub(crate) fn reply(detail: impl Into<String>) -> Self {
-        Self::new(ErrorKind::Reply, detail)
-    }
-}
-
-impl std::fmt::Display for StoreError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.detail)
-    }
-}
-
-/// What a round's replies come back as: per operation, in order; `Err` for the round as a
-/// whole when it failed (connection lost): the store is down.
-pub(crate) type RoundResult = Result<Vec<Result<Reply, StoreError>>, StoreError>;
-
-/// A store the background task can talk to (Redis, or a fake one in tests).
-pub(crate) trait Backend: Send + 'static {
-    /// Connects (again); ready for rounds when it returns `Ok`.
-    fn connect(&mut self) -> impl Future<Output = Result<(), StoreError>> + Send;
-    /// Runs `ops` in order, in one round trip.
-    fn round(&mut self, ops: &[Op]) -> impl Future<Output = RoundResult> + Send;
-    /// Where the store is, for logs (no secrets).
-    fn describe(&self) -> String;
-}
 
 /// Whether the store is up, as last logged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -421,158 +340,6 @@ impl<B: Backend> Driver<B> {
         true
     }
 
-    /// Applies one operation's reply.
-    fn apply(&mut self, item: Item, reply: Result<Reply, StoreError>, now: Instant) {
-        match (item, reply) {
-            (Item::Heartbeat, Ok(Reply::Alive(alive))) => {
-                if !alive {
-                    // Its entries lapsed (Redis was flushed or restarted, or this server
-                    // was cut off longer than the expiry): write them all now.
-                    self.needs_resync = true;
-                    self.next_heartbeat = now;
-                }
-            }
-            (Item::Resync, Ok(Reply::Done)) => {}
-            (
-                Item::Conns {
-                    conns,
-                    mine,
-                    admits,
-                },
-                Ok(Reply::Conns { accepted, others }),
-            ) if accepted as usize <= admits.len() => {
-                let total = others.saturating_add(mine).saturating_add(accepted);
-                let mut recount = false;
-                for (i, a) in admits.into_iter().enumerate() {
-                    let admit = (i as u32) < accepted;
-                    // A waiter that gave up was decided by the fallback: the count the store
-                    // has may be off by it.
-                    recount |= !a.decide(&self.fleet, Some(admit), total) && admit;
-                }
-                if recount {
-                    mark_dirty(&self.fleet, &conns);
-                }
-            }
-            (Item::Lease { rate, n }, Ok(Reply::Lease(g)))
-                if g.granted <= n && g.wait <= MAX_WAIT =>
-            {
-                rate.degraded
-                    .store(false, std::sync::atomic::Ordering::Relaxed);
-                if g.granted > 0 {
-                    self.fleet.metrics.leases.inc();
-                    self.fleet.metrics.leased_calls.inc_by(u64::from(g.granted));
-                } else {
-                    *super::lock(&rate.not_before) = Some(now + g.wait);
-                }
-                rate.bucket.grant(g.granted);
-            }
-            (item, reply) => {
-                let e = match reply {
-                    Err(e) => e,
-                    Ok(r) => StoreError::reply(format!("unexpected reply {r:?}")),
-                };
-                self.op_error(item, &e, now);
-            }
-        }
-    }
-
-    /// One operation failed (the others stand): count it, let the fallback decide, try
-    /// again later.
-    fn op_error(&mut self, item: Item, e: &StoreError, now: Instant) {
-        self.fleet.metrics.error(e.kind);
-        let what = match item {
-            Item::Heartbeat => {
-                self.needs_resync = true;
-                "heartbeat"
-            }
-            Item::Resync => {
-                self.needs_resync = true;
-                "rewriting this server's connection counts"
-            }
-            Item::Conns { admits, .. } => {
-                for a in admits {
-                    a.decide(&self.fleet, None, 0);
-                }
-                self.needs_resync = true;
-                "connection count"
-            }
-            Item::Lease { rate, .. } => {
-                *super::lock(&rate.not_before) = Some(now + RETRY_AFTER_ERROR);
-                rate.degraded
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
-                rate.bucket.grant(0);
-                "lease"
-            }
-        };
-        let quiet = self
-            .last_error_log
-            .is_some_and(|t| now.duration_since(t) < ERROR_LOG_PERIOD);
-        if quiet {
-            self.errors_not_logged += 1;
-        } else {
-            tracing::warn!(
-                store = %self.backend.describe(),
-                cause = %e,
-                left_out = self.errors_not_logged,
-                "quota store: bad reply to a {what}; the fallback decides for it \
-                 (left_out: bad replies not logged in the {ERROR_LOG_PERIOD:?} before)"
-            );
-            self.last_error_log = Some(now);
-            self.errors_not_logged = 0;
-        }
-    }
-
-    /// The round failed as a whole: the store is down.
-    fn fail_round(&mut self, items: Vec<Item>, e: StoreError) {
-        self.fail_items(items);
-        self.connected = false;
-        self.needs_resync = true;
-        self.down(&e);
-    }
-
-    /// Gives every item back undecided.
-    fn fail_items(&mut self, items: Vec<Item>) {
-        for item in items {
-            match item {
-                Item::Conns { admits, .. } => {
-                    for a in admits {
-                        a.decide(&self.fleet, None, 0);
-                    }
-                }
-                Item::Lease { rate, .. } => rate.bucket.grant(0),
-                Item::Heartbeat | Item::Resync => {}
-            }
-        }
-    }
-
-    /// Everything queued is given back undecided (the fallback decides while the store is
-    /// down; calls queue nothing meanwhile).
-    fn refuse(&mut self, w: Work) {
-        match w {
-            Work::Lease(r) => r.bucket.grant(0),
-            Work::Admit(a) => {
-                a.decide(&self.fleet, None, 0);
-            }
-            // Written by the rewrite once the store is back.
-            Work::Dirty(c) => c.take_dirty(),
-        }
-    }
-
-    fn refuse_pending(&mut self) {
-        for r in std::mem::take(&mut self.leases) {
-            r.bucket.grant(0);
-        }
-        for Reverse(d) in std::mem::take(&mut self.deferred) {
-            d.rate.bucket.grant(0);
-        }
-        for a in std::mem::take(&mut self.admits) {
-            a.decide(&self.fleet, None, 0);
-        }
-        for c in std::mem::take(&mut self.dirty) {
-            c.take_dirty();
-        }
-    }
-
     fn down(&mut self, e: &StoreError) {
         self.fleet.metrics.error(e.kind);
         self.fleet.set_up(false);
@@ -662,5 +429,6 @@ fn timeout_error(what: &str) -> StoreError {
     )
 }
 
+mod replies;
 #[cfg(test)]
 mod tests;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::driver::{Backend, Op, Reply, RoundResult, StoreError};
+use super::backend::{Backend, Op, Reply, RoundResult, StoreError};
 use super::lease::Gcra;
 use super::metrics::ErrorKind;
 

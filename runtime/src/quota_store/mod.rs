@@ -16,6 +16,7 @@
 //! Budgets are keyed by [`QuotaKey`]: a class and client, or for a per-method rule's rate a
 //! class, client and rule ([`QuotaKey::method`]).
 
+mod backend;
 mod conns;
 mod driver;
 mod lease;

@@ -20,7 +20,7 @@ use ::redis::aio::MultiplexedConnection;
 use ::redis::{AsyncConnectionConfig, Value};
 use prometheus_client::metrics::counter::Counter;
 
-use super::driver::{Backend, Op, Reply, RoundResult, StoreError};
+use super::backend::{Backend, Op, Reply, RoundResult, StoreError};
 use super::lease::{Grant, EPOCH_SECS};
 use super::metrics::ErrorKind;
 use super::RedisStoreConfig;
