@@ -44,6 +44,7 @@ mod rate;
 mod registry;
 mod server;
 pub mod tls;
+mod upstream;
 
 pub use crate::core::{AbortReason, BudgetScope};
 pub use capgate_policy::{
@@ -60,11 +61,13 @@ pub use network::ConnectionStats;
 pub use peer::{ClientKey, PeerAddr, PeerInfo};
 pub use quota_store::{Fallback, QuotaStore, RedisStoreConfig};
 pub use server::{
-    BootstrapFactory, ListenAddr, PolicyHandle, Server, ServerBuilder, ServerStats, ShutdownHandle,
+    BootstrapFactory, Gateway, ListenAddr, PolicyHandle, Server, ServerBuilder, ServerStats,
+    ShutdownHandle,
 };
 pub use tls::CertIdentity;
+pub use upstream::{Upstream, DEFAULT_CONNECT_TIMEOUT};
 
-pub(crate) use framing::{encode_frame, FrameLimits};
+pub(crate) use framing::FrameLimits;
 pub(crate) use guard::{Guard, RateLimit};
 pub(crate) use metrics::{DenialCounters, Metrics};
 pub(crate) use network::ConnectionControl;

@@ -1,6 +1,7 @@
 //! Command-line interface.
 
 mod demo;
+mod gateway;
 mod load;
 mod policy;
 mod serve;
@@ -27,6 +28,10 @@ struct Cli {
 enum Command {
     /// Serve the demo Store until Ctrl-C / SIGTERM (then shut down gracefully).
     Serve(Box<serve::ServeArgs>),
+    /// Put the guard in front of an existing Cap'n Proto server (any language): every
+    /// client connection is relayed to its own upstream connection, with the policy, quotas
+    /// and limits of `serve`.
+    Gateway(Box<gateway::GatewayArgs>),
     /// Run a server and a client in one process and print a short report: pipelining,
     /// a callback, a remote exception, an oversized message refused.
     Demo(demo::DemoArgs),
@@ -132,6 +137,7 @@ pub(crate) fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Serve(args) => succeeded(serve::run(*args)),
+        Command::Gateway(args) => succeeded(gateway::run(*args)),
         Command::Demo(args) => succeeded(demo::run(args)),
         Command::Load(args) => succeeded(load::run(*args)),
         Command::Policy(cmd) => policy::run(cmd),

@@ -12,16 +12,27 @@ use super::LimitArgs;
 
 #[derive(Args)]
 pub(crate) struct ServeArgs {
+    /// Serve one connection on stdin/stdout (for a parent process that spawned this one);
+    /// exits when stdin closes.
+    #[arg(long, conflicts_with_all = ["listen", "unix"])]
+    stdio: bool,
+    /// The bootstrap capability: the demo `Store`, or `Echo` (returns its payload; for
+    /// `capgate load --method echo` and benchmarks).
+    #[arg(long, value_enum, default_value_t = Service::Store)]
+    service: Service,
+    #[command(flatten)]
+    common: ServerArgs,
+}
+
+/// What `serve` and `gateway` share: listeners, TLS, policy, metrics, quota store, limits.
+#[derive(Args)]
+pub(crate) struct ServerArgs {
     /// TCP address to listen on (repeatable), e.g. 127.0.0.1:4000 or 127.0.0.1:0.
     #[arg(long)]
     listen: Vec<SocketAddr>,
     /// Unix socket path to listen on (repeatable).
     #[arg(long)]
     unix: Vec<PathBuf>,
-    /// Serve one connection on stdin/stdout (for a parent process that spawned this one);
-    /// exits when stdin closes.
-    #[arg(long, conflicts_with_all = ["listen", "unix"])]
-    stdio: bool,
     /// Worker threads (default: available cores).
     #[arg(long)]
     workers: Option<NonZeroUsize>,
@@ -51,10 +62,6 @@ pub(crate) struct ServeArgs {
     /// Time a TLS client has to complete its handshake, e.g. "10s".
     #[arg(long, value_parser = capgate::parse_duration)]
     tls_handshake_timeout: Option<std::time::Duration>,
-    /// The bootstrap capability: the demo `Store`, or `Echo` (returns its payload; for
-    /// `capgate load --method echo` and benchmarks).
-    #[arg(long, value_enum, default_value_t = Service::Store)]
-    service: Service,
     #[command(flatten)]
     quota: QuotaStoreArgs,
     #[command(flatten)]
@@ -124,27 +131,13 @@ pub(crate) enum Service {
 }
 
 pub(crate) fn run(args: ServeArgs) -> Result<(), String> {
-    if args.listen.is_empty() && args.unix.is_empty() && !args.stdio {
+    let common = &args.common;
+    if common.listen.is_empty() && common.unix.is_empty() && !args.stdio {
         return Err(
             "nothing to listen on: pass --listen ADDR and/or --unix PATH, or --stdio".into(),
         );
     }
-    if args.tls_cert.is_none() && !args.insecure_plaintext {
-        if let Some(a) = args.listen.iter().find(|a| !a.ip().is_loopback()) {
-            return Err(format!(
-                "refusing to serve plaintext on {a}: it is not a loopback address, so anyone on \
-                 the network could read and alter the traffic. Serve TLS (--tls-cert/--tls-key, \
-                 see `capgate dev-certs`) or pass --insecure-plaintext if the network is trusted"
-            ));
-        }
-    }
-    let mut limits = args.limits.limits();
-    if let Some(t) = args.tls_handshake_timeout {
-        limits.tls_handshake_timeout = t;
-    }
-    let mut builder = Server::builder()
-        .limits(limits)
-        .quota_store(args.quota.store()?);
+    let mut builder = Server::builder();
     builder = match args.service {
         Service::Store => {
             // Each client (source IP, Unix uid or certificate) has its share of the store.
@@ -153,36 +146,7 @@ pub(crate) fn run(args: ServeArgs) -> Result<(), String> {
         }
         Service::Echo => builder.bootstrap_factory(|_peer| capgate::demo::EchoService.client()),
     };
-    for a in args.listen {
-        builder = builder.listen(a);
-    }
-    for p in args.unix {
-        builder = builder.listen_unix(p);
-    }
-    if let Some(n) = args.workers {
-        builder = builder.workers(n);
-    }
-    if let Some(m) = args.metrics {
-        builder = builder.metrics(m);
-    }
-    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
-        let config = capgate::tls::server_config(
-            cert,
-            key,
-            args.client_ca.as_deref(),
-            args.require_client_cert,
-        )
-        .map_err(|e| e.to_string())?;
-        builder = builder.tls(config);
-    }
-    if let Some(path) = &args.policy {
-        let policy = capgate::Policy::load(path, capgate::Catalog::builtin()).map_err(|e| {
-            eprintln!("{e}");
-            format!("policy {} rejected: fix the errors above", path.display())
-        })?;
-        builder = builder.policy(policy);
-    }
-    let server = builder.build().map_err(|e| e.to_string())?;
+    let server = common.build(builder, capgate::Catalog::builtin())?;
     if args.stdio {
         let handle = server.shutdown_handle();
         return super::block_on_local(async move {
@@ -196,31 +160,100 @@ pub(crate) fn run(args: ServeArgs) -> Result<(), String> {
             Ok(())
         })?;
     }
-    {
-        let mut out = std::io::stdout().lock();
-        for a in server.local_addrs() {
-            let _ = writeln!(out, "listening on {a}");
-        }
-        if let Some(m) = server.metrics_addr() {
-            tracing::info!("metrics on http://{m}/metrics");
-        }
-        let _ = out.flush();
+    common.serve(server)
+}
+
+impl ServerArgs {
+    pub(crate) fn has_listener(&self) -> bool {
+        !self.listen.is_empty() || !self.unix.is_empty()
     }
-    let handle = server.shutdown_handle();
-    let policy = server.policy_handle();
-    let policy_path = args.policy.clone();
-    super::block_on_local(async move {
-        tokio::task::spawn_local(async move {
-            wait_for_signal().await;
-            tracing::info!("shutting down: no new connections, finishing in-flight calls");
-            handle.shutdown();
-        });
-        if let Some(path) = policy_path {
-            tokio::task::spawn_local(reload_on_sighup(path, policy));
+
+    /// Checks the listeners, then configures `builder` with every shared option and binds.
+    /// The policy is checked against `catalog`.
+    pub(crate) fn build(
+        &self,
+        mut builder: capgate::ServerBuilder,
+        catalog: &capgate::Catalog,
+    ) -> Result<Server, String> {
+        if self.tls_cert.is_none() && !self.insecure_plaintext {
+            if let Some(a) = self.listen.iter().find(|a| !a.ip().is_loopback()) {
+                return Err(format!(
+                    "refusing to serve plaintext on {a}: it is not a loopback address, so anyone \
+                     on the network could read and alter the traffic. Serve TLS \
+                     (--tls-cert/--tls-key, see `capgate dev-certs`) or pass \
+                     --insecure-plaintext if the network is trusted"
+                ));
+            }
         }
-        server.serve().await
-    })?
-    .map_err(|e| e.to_string())
+        let mut limits = self.limits.limits();
+        if let Some(t) = self.tls_handshake_timeout {
+            limits.tls_handshake_timeout = t;
+        }
+        builder = builder
+            .limits(limits)
+            .quota_store(self.quota.store()?)
+            .catalog(catalog.clone());
+        for a in &self.listen {
+            builder = builder.listen(*a);
+        }
+        for p in &self.unix {
+            builder = builder.listen_unix(p);
+        }
+        if let Some(n) = self.workers {
+            builder = builder.workers(n);
+        }
+        if let Some(m) = self.metrics {
+            builder = builder.metrics(m);
+        }
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            let config = capgate::tls::server_config(
+                cert,
+                key,
+                self.client_ca.as_deref(),
+                self.require_client_cert,
+            )
+            .map_err(|e| e.to_string())?;
+            builder = builder.tls(config);
+        }
+        if let Some(path) = &self.policy {
+            let policy = capgate::Policy::load(path, catalog).map_err(|e| {
+                eprintln!("{e}");
+                format!("policy {} rejected: fix the errors above", path.display())
+            })?;
+            builder = builder.policy(policy);
+        }
+        builder.build().map_err(|e| e.to_string())
+    }
+
+    /// Prints one `listening on` line per listener, then serves until SIGTERM / Ctrl-C,
+    /// reloading the policy on SIGHUP and file changes.
+    pub(crate) fn serve(&self, server: Server) -> Result<(), String> {
+        {
+            let mut out = std::io::stdout().lock();
+            for a in server.local_addrs() {
+                let _ = writeln!(out, "listening on {a}");
+            }
+            if let Some(m) = server.metrics_addr() {
+                tracing::info!("metrics on http://{m}/metrics");
+            }
+            let _ = out.flush();
+        }
+        let handle = server.shutdown_handle();
+        let policy = server.policy_handle();
+        let policy_path = self.policy.clone();
+        super::block_on_local(async move {
+            tokio::task::spawn_local(async move {
+                wait_for_signal().await;
+                tracing::info!("shutting down: no new connections, finishing in-flight calls");
+                handle.shutdown();
+            });
+            if let Some(path) = policy_path {
+                tokio::task::spawn_local(reload_on_sighup(path, policy));
+            }
+            server.serve().await
+        })?
+        .map_err(|e| e.to_string())
+    }
 }
 
 async fn wait_for_signal() {

@@ -2,6 +2,9 @@
 //! LocalSet, raw-socket peers, and process memory readings.
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
+pub mod store_scenario;
+pub mod upstream;
+
 use std::future::Future;
 use std::io::{Read, Write};
 use std::net::SocketAddr;

@@ -140,6 +140,55 @@ pub enum AbortReason {
     /// The local side closed the connection (a client dropped, ...).
     #[error("capgate: {0}")]
     Closed(&'static str),
+    /// A gateway could not reach its upstream for this connection.
+    #[error("capgate: upstream {upstream} unreachable: {error}")]
+    UpstreamUnreachable {
+        /// The upstream's address (`tcp://...`, `unix:...`).
+        upstream: String,
+        /// What connecting said (or the connect timeout).
+        error: String,
+    },
+    /// A gateway's upstream closed its connection (between frames).
+    #[error("capgate: upstream {upstream} closed the connection")]
+    UpstreamClosed {
+        /// The upstream's address.
+        upstream: String,
+    },
+    /// A gateway's upstream sent an `Abort` (its reason cut and escaped).
+    #[error("capgate: upstream {upstream} aborted the connection: {reason}")]
+    UpstreamAborted {
+        /// The upstream's address.
+        upstream: String,
+        /// What the upstream called it.
+        kind: capnp::ErrorKind,
+        /// Its reason, at most 512 characters, control characters escaped.
+        reason: String,
+    },
+    /// A gateway's connection to its upstream broke a rule (a frame limit, a deadline, a
+    /// message the gateway does not relay) or failed.
+    #[error("capgate: upstream {upstream}: {}", strip_prefix(reason))]
+    Upstream {
+        /// The upstream's address.
+        upstream: String,
+        /// What happened on the upstream's side.
+        reason: Box<AbortReason>,
+    },
+    /// A message the gateway cannot account for, so does not relay (Level-3 forms:
+    /// provide, accept, join, third-party capabilities and answers).
+    #[error("capgate: {what} is not supported through the gateway (Level 3 RPC or unknown)")]
+    Unsupported {
+        /// The message form.
+        what: String,
+    },
+}
+
+/// An upstream-side reason without its own `capgate: ` (the gateway's text carries one).
+fn strip_prefix(reason: &AbortReason) -> String {
+    let text = reason.to_string();
+    match text.strip_prefix("capgate: ") {
+        Some(rest) => rest.to_string(),
+        None => text,
+    }
 }
 
 /// Which outgoing budget a peer that does not read exceeded.
@@ -186,8 +235,16 @@ impl AbortReason {
             | AbortReason::ClosedMidFrame
             | AbortReason::ReadFailed(_)
             | AbortReason::Shutdown
-            | AbortReason::Closed(_) => capnp::ErrorKind::Disconnected,
-            AbortReason::PeerAborted { kind, .. } => *kind,
+            | AbortReason::Closed(_)
+            | AbortReason::UpstreamUnreachable { .. }
+            | AbortReason::UpstreamClosed { .. } => capnp::ErrorKind::Disconnected,
+            AbortReason::PeerAborted { kind, .. } | AbortReason::UpstreamAborted { kind, .. } => {
+                *kind
+            }
+            AbortReason::Upstream { reason, .. } => match reason.kind() {
+                capnp::ErrorKind::Overloaded => capnp::ErrorKind::Overloaded,
+                _ => capnp::ErrorKind::Disconnected,
+            },
             _ => capnp::ErrorKind::Failed,
         }
     }
@@ -210,6 +267,11 @@ impl AbortReason {
             AbortReason::NoClassMatches { .. } => "no_class_matches",
             AbortReason::Shutdown => "shutdown",
             AbortReason::Closed(_) => "closed",
+            AbortReason::UpstreamUnreachable { .. } => "upstream_unreachable",
+            AbortReason::UpstreamClosed { .. } => "upstream_closed",
+            AbortReason::UpstreamAborted { .. } => "upstream_aborted",
+            AbortReason::Upstream { .. } => "upstream_fault",
+            AbortReason::Unsupported { .. } => "unsupported_message",
         }
     }
 

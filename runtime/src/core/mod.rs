@@ -120,17 +120,8 @@ impl ConnectionCore {
         held_bytes: usize,
     ) -> Result<Event, AbortReason> {
         use capnp_rpc::rpc_capnp::message;
-        let options = ReaderOptions {
-            traversal_limit_in_words: Some(
-                frame
-                    .size_in_words()
-                    .max(64)
-                    .saturating_mul(self.traversal_factor),
-            ),
-            nesting_limit: self.nesting_limit,
-        };
         let wire_bytes = frame.wire_bytes();
-        let message = frame.into_reader(options);
+        let message = self.open(frame);
         let Ok(root) = message.get_root::<message::Reader<'_>>() else {
             // Not an rpc message at all: the consumer reports it to the peer.
             return Ok(Event::Deliver {
@@ -152,6 +143,20 @@ impl ConnectionCore {
             Verdict::Reply(frames) => Ok(Event::Reply(frames)),
             Verdict::Abort(reason) => Err(reason),
         }
+    }
+
+    /// Opens a frame as a message with this connection's traversal and nesting limits.
+    pub(crate) fn open(&self, frame: Frame) -> capnp::message::Reader<Frame> {
+        let options = ReaderOptions {
+            traversal_limit_in_words: Some(
+                frame
+                    .size_in_words()
+                    .max(64)
+                    .saturating_mul(self.traversal_factor),
+            ),
+            nesting_limit: self.nesting_limit,
+        };
+        frame.into_reader(options)
     }
 
     /// Accounts for a message this side sends.
@@ -221,7 +226,7 @@ impl ConnectionCore {
 }
 
 /// The reason the peer gave in its `Abort`, cut to `PEER_REASON_CHARS` and escaped.
-fn peer_abort(root: capnp_rpc::rpc_capnp::message::Reader<'_>) -> AbortReason {
+pub(crate) fn peer_abort(root: capnp_rpc::rpc_capnp::message::Reader<'_>) -> AbortReason {
     use capnp_rpc::rpc_capnp::{exception, message};
     let (kind, reason) = match root.which() {
         Ok(message::Abort(Ok(e))) => (
@@ -262,6 +267,25 @@ fn excerpt(bytes: &[u8]) -> String {
         out.push_str(&format!("... ({} bytes in all)", bytes.len()));
     }
     out
+}
+
+/// One `Abort` frame carrying `error` (what a closing side sends its peer).
+pub(crate) fn abort_frame(error: &capnp::Error) -> Box<[u8]> {
+    use capnp_rpc::rpc_capnp::{exception, message};
+    let mut m = capnp::message::Builder::new_default();
+    {
+        let mut e = m.init_root::<message::Builder<'_>>().init_abort();
+        e.set_type(match error.kind {
+            capnp::ErrorKind::Overloaded => exception::Type::Overloaded,
+            capnp::ErrorKind::Disconnected => exception::Type::Disconnected,
+            capnp::ErrorKind::Unimplemented => exception::Type::Unimplemented,
+            _ => exception::Type::Failed,
+        });
+        e.set_reason(error.extra.as_str());
+    }
+    let mut frame = Vec::new();
+    crate::framing::encode_frame(&mut frame, &m.get_segments_for_output());
+    frame.into_boxed_slice()
 }
 
 #[cfg(test)]

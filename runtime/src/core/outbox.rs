@@ -9,7 +9,7 @@ use std::sync::Arc;
 use capnp::message::{Builder, HeapAllocator};
 
 use super::signal::Signal;
-use crate::framing::encode_frame;
+use crate::framing::{encode_frame, Frame};
 use crate::outgoing::OutgoingAccount;
 use crate::{AbortReason, BudgetScope};
 
@@ -55,6 +55,8 @@ pub(crate) enum Message {
     Built(Rc<Builder<HeapAllocator>>),
     /// Frames the guard wrote, already encoded (see `guard/reply.rs`).
     Encoded(Box<[u8]>),
+    /// A frame read from the other side of a relay, forwarded as read.
+    Relayed(Frame),
 }
 
 impl Message {
@@ -64,6 +66,7 @@ impl Message {
             + match self {
                 Message::Built(m) => 8 * allocated_words(&m.get_segments_for_output()),
                 Message::Encoded(b) => b.len(),
+                Message::Relayed(f) => f.heap_bytes(),
             }
     }
 
@@ -72,6 +75,7 @@ impl Message {
         match self {
             Message::Built(m) => encode_frame(out, &m.get_segments_for_output()),
             Message::Encoded(b) => out.extend_from_slice(b),
+            Message::Relayed(f) => f.encode(out),
         }
     }
 }
@@ -101,6 +105,9 @@ pub(crate) struct Outbox {
     pub(crate) wake: Signal,
     /// Signalled when the outbox fails: abandons a write in progress.
     pub(crate) cut: Signal,
+    /// Signalled when a write completed or the outbox failed: a relay paused on this
+    /// outbox's fill level looks again.
+    pub(crate) space: Signal,
     done: Cell<bool>,
     done_notify: tokio::sync::Notify,
     /// The connection's share of its client's and the server's outgoing budgets, if it
@@ -117,6 +124,7 @@ impl Outbox {
             state: Cell::new(State::Open),
             wake: Signal::default(),
             cut: Signal::default(),
+            space: Signal::default(),
             done: Cell::new(false),
             done_notify: tokio::sync::Notify::new(),
             account: RefCell::new(None),
@@ -187,6 +195,10 @@ impl Outbox {
                 }
             }
             msg.encode(buf);
+            // A relayed frame's buffer is reused by the next large frame read on this thread.
+            if let Message::Relayed(f) = msg {
+                f.recycle();
+            }
         }
         Some(t)
     }
@@ -198,6 +210,7 @@ impl Outbox {
         if let Some(account) = &*self.account.borrow() {
             account.settle(q);
         }
+        self.space.notify();
     }
 
     /// The reason this connection was cut off to keep its client or the server within
@@ -236,6 +249,7 @@ impl Outbox {
         }
         self.wake.notify();
         self.cut.notify();
+        self.space.notify();
     }
 
     /// Resolves once the writer has finished (any number of waiters).

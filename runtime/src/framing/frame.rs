@@ -72,6 +72,30 @@ impl Frame {
         self.ends.len()
     }
 
+    /// Bytes it holds in memory (its words as allocated and its segment table).
+    pub fn heap_bytes(&self) -> usize {
+        self.words.capacity() * 8 + self.ends.heap_bytes()
+    }
+
+    /// Appends the frame to `out` exactly as it was read: segment table, then segments (a
+    /// relay forwards frames this way, without re-encoding the message).
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        use capnp::message::ReaderSegments;
+        let n = self.ends.len();
+        out.reserve(self.wire_bytes());
+        out.extend_from_slice(&(n as u32).wrapping_sub(1).to_le_bytes());
+        for i in 0..n {
+            let len = self.get_segment(i as u32).map_or(0, |s| s.len() / 8);
+            out.extend_from_slice(&(len as u32).to_le_bytes());
+        }
+        if n % 2 == 0 {
+            out.extend_from_slice(&[0; 4]);
+        }
+        for i in 0..n {
+            out.extend_from_slice(self.get_segment(i as u32).unwrap_or_default());
+        }
+    }
+
     /// Opens the frame as a Cap'n Proto message.
     pub fn into_reader(
         self,

@@ -41,7 +41,10 @@ impl Guard {
             Ok(message::Call(Ok(c))) => {
                 self.awaiting = self.awaiting.saturating_add(1);
                 if let Ok(p) = c.get_params() {
-                    self.export_descriptors(p.get_cap_table());
+                    let ids = self.export_descriptors(p.get_cap_table());
+                    if !ids.is_empty() {
+                        self.param_caps.insert(c.get_question_id(), ids);
+                    }
                 }
             }
             Ok(message::Bootstrap(_)) => {
@@ -88,6 +91,18 @@ impl Guard {
                 Some(id)
             }
             _ => None,
+        }
+    }
+
+    /// The peer returned our call `q`: with `releaseParamCaps` (C++ callees may set it),
+    /// the capabilities our params carried are released with it.
+    pub(super) fn returned_to_us(&mut self, q: u32, release_param_caps: bool) {
+        if let Some(ids) = self.param_caps.remove(&q) {
+            if release_param_caps {
+                for id in ids {
+                    self.release_export(id, 1);
+                }
+            }
         }
     }
 

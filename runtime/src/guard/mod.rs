@@ -27,10 +27,12 @@ use capnp_rpc::rpc_capnp::{cap_descriptor, exception, message};
 
 mod calls;
 mod exports;
+mod foreign;
 mod methods;
 mod observer;
 mod reply;
 mod table;
+pub(crate) use foreign::unsupported;
 use methods::MethodLimits;
 pub use observer::DenialCounts;
 pub(crate) use observer::{DenialReason, GuardObserver};
@@ -98,6 +100,9 @@ pub struct Guard {
     exports: HashMap<u32, u32>,
     /// Export ids carried by each Return we sent, released by the peer's Finish.
     returned_caps: HashMap<u32, Vec<u32>>,
+    /// Export ids carried by the params of each call we sent, released by the peer's Return
+    /// when it says `releaseParamCaps`.
+    param_caps: HashMap<u32, Vec<u32>>,
     /// Who hears about calls and denials (the server's metrics), if anyone.
     observer: Option<Box<dyn GuardObserver>>,
     /// Our own questions (calls and bootstraps we sent) not yet answered by a Return. Only
@@ -123,6 +128,7 @@ impl Guard {
             message_bytes: 0,
             exports: HashMap::new(),
             returned_caps: HashMap::new(),
+            param_caps: HashMap::new(),
             observer: None,
             awaiting: 0,
         }
@@ -271,6 +277,7 @@ impl Guard {
             }
             Ok(message::Return(Ok(ret))) => {
                 self.awaiting = self.awaiting.saturating_sub(1);
+                self.returned_to_us(ret.get_answer_id(), ret.get_release_param_caps());
                 if let Ok(capnp_rpc::rpc_capnp::return_::Results(Ok(p))) = ret.which() {
                     if let Some(v) = self.too_many_caps("Return", p.get_cap_table()) {
                         return v;

@@ -5,10 +5,12 @@ mod control;
 mod messages;
 mod pool;
 mod reader;
+mod relay;
 mod shared;
 mod vat;
 mod writer;
 
 pub use control::ConnectionControl;
+pub(crate) use relay::{new_relay, RelayFuture};
 pub use shared::ConnectionStats;
 pub use vat::{new_network, GuardedNetwork};

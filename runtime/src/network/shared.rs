@@ -50,6 +50,20 @@ pub struct ConnectionStats {
 }
 
 impl ConnShared {
+    pub(super) fn new(limits: std::sync::Arc<Limits>, core: ConnectionCore) -> Rc<Self> {
+        Rc::new(ConnShared {
+            outbox: core.outbox().clone(),
+            core: RefCell::new(core),
+            abort: RefCell::new(None),
+            abort_signal: Signal::default(),
+            stats: RefCell::new(ConnectionStats::default()),
+            peer_abort: RefCell::new(None),
+            held_bytes: Rc::new(Cell::new(0)),
+            metrics: RefCell::new(None),
+            limits,
+        })
+    }
+
     /// Closes the connection with `reason` (sent to the peer in an `Abort`). The first
     /// reason wins.
     pub(super) fn abort(&self, reason: AbortReason) {

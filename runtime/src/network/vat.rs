@@ -1,7 +1,7 @@
 //! capgate's `VatNetwork` over one stream: capnp-rpc's view of a connection, and how one is
 //! built from a read half, a write half and a guard.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::rc::Rc;
 
 use capnp::capability::Promise;
@@ -12,10 +12,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::control::ConnectionControl;
 use super::messages::{receive, Outgoing};
 use super::reader::{Lease, ReadState};
-use super::shared::{ConnShared, ConnectionStats};
+use super::shared::ConnShared;
 use super::writer;
 use crate::core::ConnectionCore;
-use crate::core::Signal;
 use crate::core::FIRST_SEGMENT_WORDS;
 use crate::guard::Guard;
 use crate::Limits;
@@ -146,17 +145,7 @@ where
 {
     let limits = limits.into();
     let core = ConnectionCore::new(&limits, guard);
-    let shared = Rc::new(ConnShared {
-        outbox: core.outbox().clone(),
-        core: RefCell::new(core),
-        abort: RefCell::new(None),
-        abort_signal: Signal::default(),
-        stats: RefCell::new(ConnectionStats::default()),
-        peer_abort: RefCell::new(None),
-        held_bytes: Rc::new(Cell::new(0)),
-        metrics: RefCell::new(None),
-        limits,
-    });
+    let shared = ConnShared::new(limits, core);
     // Boxed: a receive future leases the state by moving this pointer, not the state.
     let read = Rc::new(RefCell::new(Some(Box::new(ReadState::new(reader)))));
     let peer_side = match side {

@@ -11,8 +11,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::events::{Events, Subscription};
 use super::session::serve_admitted;
-use super::shared::ServerShared;
-use crate::network::new_network;
+use super::shared::{Backend, ServerShared};
+use crate::network::{new_network, new_relay};
 use crate::{ClientKey, Guard, PeerAddr, PeerInfo, PeerView, Side};
 
 /// Gives a gauge back when the connection ends (panics included).
@@ -51,16 +51,7 @@ pub(super) async fn refuse<R, W>(
     W: AsyncWrite + Unpin,
 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut m = capnp::message::Builder::new_default();
-    {
-        let mut e = m
-            .init_root::<capnp_rpc::rpc_capnp::message::Builder>()
-            .init_abort();
-        e.set_type(capnp_rpc::rpc_capnp::exception::Type::Failed);
-        e.set_reason(reason.as_str());
-    }
-    let mut frame = Vec::new();
-    crate::encode_frame(&mut frame, &m.get_segments_for_output());
+    let frame = crate::core::abort_frame(&capnp::Error::failed(reason));
     let _ = tokio::time::timeout(limits.write_timeout, async {
         writer.write_all(&frame).await?;
         writer.shutdown().await
@@ -96,9 +87,30 @@ pub(super) struct Admitted {
     /// Shutdown and policy reloads.
     pub(super) events: Subscription,
     pub(super) control: crate::ConnectionControl,
-    pub(super) rpc: RpcSystem<Side>,
+    pub(super) serving: Serving,
     /// Released when the connection ends.
     pub(super) slots: Slots,
+}
+
+/// What serves an admitted connection: a local RPC system or a relay to the upstream. Runs
+/// until the connection ends.
+pub(super) enum Serving {
+    Rpc(RpcSystem<Side>),
+    Relay(crate::network::RelayFuture),
+}
+
+impl std::future::Future for Serving {
+    type Output = Result<(), capnp::Error>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match self.get_mut() {
+            Serving::Rpc(rpc) => std::pin::Pin::new(rpc).poll(cx),
+            Serving::Relay(relay) => relay.as_mut().poll(cx),
+        }
+    }
 }
 
 /// What a connection holds in the counts (given back when dropped): its class's, its
@@ -280,34 +292,54 @@ where
         rate,
     } = local;
     let q = class.quotas();
-    let bootstrap =
-        match std::panic::catch_unwind(AssertUnwindSafe(|| shared.factory.bootstrap(&peer))) {
-            Ok(b) => b,
-            Err(_) => {
-                tracing::error!("bootstrap factory panicked; closing the connection");
-                return Admission::Refused(Box::pin(async {}));
-            }
-        };
     let limits = shared.limits_for(q);
     let mut guard = Guard::new(class.clone(), rate, shared.policy.catalog().clone());
     guard.set_method_rates(shared.clients.method_rates(&slot, &class, &key));
+    let (serving, control) = match &shared.backend {
+        Backend::Local(factory) => {
+            let bootstrap =
+                match std::panic::catch_unwind(AssertUnwindSafe(|| factory.bootstrap(&peer))) {
+                    Ok(b) => b,
+                    Err(_) => {
+                        tracing::error!("bootstrap factory panicked; closing the connection");
+                        return Admission::Refused(Box::pin(async {}));
+                    }
+                };
+            let (network, control) = new_network(reader, writer, Side::Server, limits, guard);
+            let rpc = RpcSystem::new(Box::new(network), Some(bootstrap));
+            (Serving::Rpc(rpc), control)
+        }
+        Backend::Upstream(upstream) => {
+            let connect = {
+                let upstream = upstream.clone();
+                async move { upstream.connect().await }
+            };
+            let (relay, control) = new_relay(
+                reader,
+                writer,
+                limits,
+                guard,
+                upstream.shared_name(),
+                connect,
+            );
+            (Serving::Relay(relay), control)
+        }
+    };
     let class_gauge = shared.metrics.connections(class.name());
     class_gauge.inc();
-    let (network, control) = new_network(reader, writer, Side::Server, limits, guard);
     control.observe(shared.metrics.clone(), shared.denial_counters(class.name()));
     control.share_outgoing(shared.outgoing.account(
         slot.outgoing(),
         q.max_client_outgoing_bytes,
         format!("{} of class \"{}\"", peer.addr, class.name()),
     ));
-    let rpc = RpcSystem::new(Box::new(network), Some(bootstrap));
     tracing::debug!("connection open");
     Admission::Admitted(Admitted {
         peer,
         key,
         events,
         control,
-        rpc,
+        serving,
         slots: (class_slot, slot, GaugeSlot(class_gauge), fleet_slot),
     })
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use capnp::capability::FromClientHook;
 
 use super::listener::Listener;
-use super::shared::{BootstrapFactory, PolicyHandle, ServerShared};
+use super::shared::{Backend, BootstrapFactory, PolicyHandle, ServerShared};
 use super::{Server, ShutdownHandle};
 use crate::quota_store::{Fleet, StoreMetrics};
 use crate::{ClientClass, ClientRegistry, Error, Matcher, Metrics, Policy, QuotaStore, Quotas};
@@ -32,6 +32,21 @@ impl Server {
     }
 }
 
+/// A gateway: capgate's listeners, TLS, policy, quotas and limits in front of an existing
+/// Cap'n Proto server (any language), relaying each client connection to its own upstream
+/// connection without an RpcSystem in the middle. Built like a server:
+/// `Gateway::builder().upstream(Upstream::parse("unix:/run/app.sock")?).listen(..).build()`
+/// gives a [`Server`] that relays.
+pub struct Gateway(());
+
+impl Gateway {
+    /// Starts configuring a gateway: a [`ServerBuilder`] that needs
+    /// [`ServerBuilder::upstream`] instead of a bootstrap factory.
+    pub fn builder() -> ServerBuilder {
+        ServerBuilder::new()
+    }
+}
+
 /// Configures a [`Server`]. Nothing is defaulted silently where it matters for security:
 /// a server needs at least one listener and a bootstrap factory.
 #[must_use]
@@ -41,6 +56,7 @@ pub struct ServerBuilder {
     limits: Limits,
     workers: Option<NonZeroUsize>,
     factory: Option<Arc<dyn BootstrapFactory>>,
+    upstream: Option<crate::Upstream>,
     policy: Option<Policy>,
     catalog: Option<crate::Catalog>,
     tls: Option<Arc<rustls::ServerConfig>>,
@@ -56,6 +72,7 @@ impl ServerBuilder {
             limits: Limits::default(),
             workers: None,
             factory: None,
+            upstream: None,
             policy: None,
             catalog: None,
             tls: None,
@@ -159,11 +176,33 @@ impl ServerBuilder {
         self
     }
 
+    /// Relays every connection to `upstream` instead of serving it locally: a gateway (see
+    /// [`crate::Gateway`]). The policy, limits and quotas apply as for a local server.
+    pub fn upstream(mut self, upstream: crate::Upstream) -> Self {
+        self.upstream = Some(upstream);
+        self
+    }
+
     /// Binds every listener. Call [`Server::serve`] to start serving.
     pub fn build(self) -> Result<Server, Error> {
-        let factory = self.factory.ok_or_else(|| {
-            Error::Config("no bootstrap factory: call bootstrap_factory(..)".into())
-        })?;
+        let backend = match (self.factory, self.upstream) {
+            (Some(f), None) => Backend::Local(f),
+            (None, Some(u)) => Backend::Upstream(Arc::new(u)),
+            (None, None) => {
+                return Err(Error::Config(
+                    "no bootstrap factory: call bootstrap_factory(..) (or upstream(..) for a \
+                     gateway)"
+                        .into(),
+                ))
+            }
+            (Some(_), Some(_)) => {
+                return Err(Error::Config(
+                    "both a bootstrap factory and an upstream: a server serves one or relays \
+                     to the other"
+                        .into(),
+                ))
+            }
+        };
         if self.limits.max_message_bytes < 64 || self.limits.max_segments == 0 {
             return Err(Error::Config(format!(
                 "max_message_bytes ({}) must be at least 64 and max_segments ({}) at least 1",
@@ -246,7 +285,7 @@ impl ServerBuilder {
                     self.limits.max_total_outgoing_bytes,
                 ),
                 limits: self.limits,
-                factory,
+                backend,
                 next_connection_id: AtomicU64::new(0),
                 open_connections: AtomicUsize::new(0),
                 policy: PolicyHandle::new(

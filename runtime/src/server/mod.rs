@@ -10,7 +10,7 @@ mod session;
 mod shared;
 mod worker;
 
-pub use builder::ServerBuilder;
+pub use builder::{Gateway, ServerBuilder};
 pub use listener::ListenAddr;
 pub use shared::{BootstrapFactory, PolicyHandle};
 

@@ -4,16 +4,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use capnp_rpc::RpcSystem;
 use std::rc::Rc;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::Instrument;
 
-use super::admission::{admit, view, Admission, Admitted, GaugeSlot};
+use super::admission::{admit, view, Admission, Admitted, GaugeSlot, Serving};
 use super::events::{Event, Events};
 use super::listener::Accepted;
 use super::shared::ServerShared;
-use crate::{PeerInfo, Side};
+use crate::PeerInfo;
 /// How often a connection that is draining for shutdown checks for in-flight calls.
 const DRAIN_POLL: Duration = Duration::from_millis(10);
 
@@ -127,7 +126,7 @@ where
 /// close with an `Abort` saying why.
 async fn drain(
     control: &crate::ConnectionControl,
-    rpc: &mut RpcSystem<Side>,
+    rpc: &mut Serving,
     shutdown_timeout: Duration,
     write_timeout: Duration,
 ) -> Result<(), capnp::Error> {
@@ -170,7 +169,7 @@ pub(super) fn serve_admitted(
         let control = &c.control;
         let result = loop {
             tokio::select! {
-                r = &mut c.rpc => break Some(r),
+                r = &mut c.serving => break Some(r),
                 event = c.events.next() => match event {
                     Event::Stop => break None,
                     Event::PolicyChanged => {
@@ -224,7 +223,7 @@ fn close<'a>(
                 let limits = &shared.limits;
                 drain(
                     control,
-                    &mut c.rpc,
+                    &mut c.serving,
                     limits.shutdown_timeout,
                     limits.write_timeout,
                 )

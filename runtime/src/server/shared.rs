@@ -17,9 +17,17 @@ pub trait BootstrapFactory: Send + Sync + 'static {
     fn bootstrap(&self, peer: &PeerInfo) -> capnp::capability::Client;
 }
 
+/// What a connection is served by.
+pub(crate) enum Backend {
+    /// A local RpcSystem with this bootstrap (`capgate serve`).
+    Local(Arc<dyn BootstrapFactory>),
+    /// A relay to this upstream (`capgate gateway`).
+    Upstream(Arc<crate::Upstream>),
+}
+
 pub(crate) struct ServerShared {
     pub(crate) limits: Limits,
-    pub(crate) factory: Arc<dyn BootstrapFactory>,
+    pub(crate) backend: Backend,
     pub(super) next_connection_id: AtomicU64,
     pub(crate) open_connections: AtomicUsize,
     pub(crate) policy: PolicyHandle,
