@@ -219,3 +219,65 @@ impl Drop for TestGateway {
         self.shutdown.shutdown();
     }
 }
+
+/// A TCP relay that counts the bytes it carries toward `target` (what an upstream saw).
+pub struct CountingProxy {
+    pub addr: SocketAddr,
+    pub to_upstream: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl CountingProxy {
+    pub fn start(target: SocketAddr) -> Self {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let to_upstream = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let count = to_upstream.clone();
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(mut c) = c else { return };
+                let Ok(mut u) = std::net::TcpStream::connect(target) else {
+                    continue;
+                };
+                let (mut c2, mut u2) = (c.try_clone().unwrap(), u.try_clone().unwrap());
+                let count = count.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 16384];
+                    while let Ok(n) = c.read(&mut buf) {
+                        if n == 0 || u.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        count.fetch_add(n as u64, Ordering::SeqCst);
+                    }
+                    let _ = u.shutdown(std::net::Shutdown::Write);
+                });
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut u2, &mut c2);
+                    let _ = c2.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        Self { addr, to_upstream }
+    }
+
+    pub fn carried(&self) -> u64 {
+        self.to_upstream.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// A hostile upstream: each connection it accepts is handed to `behave` on its own thread.
+pub fn hostile_upstream(
+    behave: impl Fn(std::net::TcpStream) + Send + Sync + 'static,
+) -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let behave = std::sync::Arc::new(behave);
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            let behave = behave.clone();
+            std::thread::spawn(move || behave(c));
+        }
+    });
+    addr
+}

@@ -1,0 +1,200 @@
+//! Hostile input at the gateway, both sides: every hostile-frame case of
+//! `hostile_frames.rs` sent by a client (the upstream never sees it, the gateway stays
+//! small and keeps serving), and hostile upstreams (oversized frame, garbage, a frame left
+//! unfinished, closing mid-call).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use capgate::demo::Store;
+use capgate::store_capnp::store;
+use capgate::{Client, Upstream};
+use common::upstream::{hostile_upstream, CountingProxy, TestGateway, TwopartyUpstream, Where};
+use common::*;
+
+const MIB: usize = 1 << 20;
+
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The hostile cases, as `(bytes, what the Abort says)`.
+fn cases() -> Vec<(&'static str, Vec<u8>, &'static str)> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let garbage: Vec<u8> = (0..4096)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let mut list_root = capnp::message::Builder::new_default();
+    list_root
+        .init_root::<capnp::any_pointer::Builder>()
+        .initn_as::<capnp::primitive_list::Builder<u64>>(4);
+    let mut truncated = header(0, &[1000]);
+    truncated.extend_from_slice(&[0u8; 100]);
+    let mut unknown = capnp::message::Builder::new_default();
+    unknown
+        .init_root::<capnp_rpc::rpc_capnp::message::Builder>()
+        .init_bootstrap()
+        .set_question_id(7);
+    let mut unknown = frame(&unknown);
+    unknown[16] = 0xEE;
+    unknown[17] = 0x00;
+    vec![
+        (
+            "2^31 words",
+            header(0, &[1 << 31]),
+            "frame rejected: message of 17179869192 bytes (16.0 GiB) exceeds max_message_bytes",
+        ),
+        (
+            "512 segments",
+            header(511, &[1; 512]),
+            "frame rejected: 512 segments exceed max_segments = 64",
+        ),
+        (
+            "10000 segments",
+            header(9999, &[]),
+            "frame rejected: 10000 segments exceed max_segments = 64",
+        ),
+        (
+            "count 0xFFFFFFFF",
+            u32::MAX.to_le_bytes().to_vec(),
+            "segment count field 0xFFFFFFFF is invalid",
+        ),
+        ("garbage", garbage, "frame rejected"),
+        (
+            "truncated body",
+            truncated,
+            "(frame_timeout); 108 bytes of it had arrived",
+        ),
+        (
+            "list root",
+            frame(&list_root),
+            "a message that is not an rpc message",
+        ),
+        (
+            "unknown message kind",
+            unknown,
+            "message type 238 is not supported through the gateway",
+        ),
+    ]
+}
+
+#[test]
+fn hostile_client_frames_are_refused_at_the_gateway_and_never_reach_the_upstream() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let up = TwopartyUpstream::start(Store::new());
+    let Where::Tcp(at) = up.at.clone() else {
+        unreachable!()
+    };
+    let proxy = CountingProxy::start(at);
+    let gw = TestGateway::start(Upstream::tcp(proxy.addr.to_string()), quick_limits(), None);
+    assert_served(gw.addr);
+    for (name, bytes, reason) in cases() {
+        let before = rss_bytes();
+        let carried = proxy.carried();
+        let mut s = raw_send(gw.addr, &bytes);
+        let out = observe(&mut s, Duration::from_secs(5));
+        let abort = out
+            .abort
+            .clone()
+            .unwrap_or_else(|| panic!("{name}: no Abort received: {out:?}"));
+        assert!(abort.contains(reason), "{name}: {abort:?} lacks {reason:?}");
+        assert!(out.closed, "{name}: closed after the Abort");
+        assert_eq!(proxy.carried(), carried, "{name}: the upstream saw none of it");
+        let grown = rss_bytes().saturating_sub(before);
+        assert!(grown < MIB, "{name}: RSS grew by {grown} bytes");
+        assert_served(gw.addr);
+    }
+    gw.stop().unwrap();
+}
+
+/// A client call through a gateway whose upstream behaves as `behave`: the error it gets.
+fn call_error(upstream: SocketAddr) -> capnp::Error {
+    let gw = TestGateway::start(Upstream::tcp(upstream.to_string()), quick_limits(), None);
+    let e = local(async {
+        let c = Client::connect(gw.addr).await.unwrap();
+        let s: store::Client = c.bootstrap();
+        tokio::time::timeout(Duration::from_secs(10), s.namespaces_request().send().promise)
+            .await
+            .expect("answered within 10 s")
+            .err()
+            .expect("the upstream is hostile")
+    });
+    gw.stop().unwrap();
+    e
+}
+
+/// Reads what the gateway sends (the client's bootstrap) so the upstream's answer follows it.
+fn read_some(s: &mut std::net::TcpStream) {
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut b = [0u8; 64];
+    let _ = s.read(&mut b);
+}
+
+#[test]
+fn an_upstream_sending_an_oversized_frame_aborts_the_pair_with_the_reason() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let up = hostile_upstream(|mut s| {
+        read_some(&mut s);
+        let _ = s.write_all(&header(0, &[1 << 30]));
+        std::thread::sleep(Duration::from_secs(2));
+    });
+    let e = call_error(up);
+    assert!(
+        e.extra.contains(&format!(
+            "capgate: upstream tcp://{up}: frame rejected: message of 8589934600 bytes"
+        )),
+        "{e}"
+    );
+}
+
+#[test]
+fn an_upstream_sending_garbage_or_an_unfinished_frame_aborts_the_pair() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let up = hostile_upstream(|mut s| {
+        read_some(&mut s);
+        let _ = s.write_all(&[0xFFu8; 64]);
+        std::thread::sleep(Duration::from_secs(2));
+    });
+    let e = call_error(up);
+    assert!(
+        e.extra.contains(&format!("capgate: upstream tcp://{up}: frame rejected")),
+        "{e}"
+    );
+    let up = hostile_upstream(|mut s| {
+        read_some(&mut s);
+        let mut half = header(0, &[100]);
+        half.extend_from_slice(&[0u8; 16]);
+        let _ = s.write_all(&half);
+        std::thread::sleep(Duration::from_secs(3));
+    });
+    let e = call_error(up);
+    assert!(
+        e.extra.contains(&format!(
+            "capgate: upstream tcp://{up}: frame not completed within 500 ms (frame_timeout)"
+        )),
+        "{e}"
+    );
+}
+
+#[test]
+fn an_upstream_closing_mid_call_is_named() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let up = hostile_upstream(|mut s| {
+        read_some(&mut s);
+        // Gone without a word.
+    });
+    let e = call_error(up);
+    // A clean close, or a reset when it left bytes unread: either way named.
+    assert!(
+        e.extra.contains(&format!("capgate: upstream tcp://{up} closed the connection"))
+            || e.extra.contains(&format!("capgate: upstream tcp://{up}: read failed")),
+        "{e}"
+    );
+    assert_eq!(e.kind, capnp::ErrorKind::Disconnected);
+}
