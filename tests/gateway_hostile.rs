@@ -105,7 +105,11 @@ fn hostile_client_frames_are_refused_at_the_gateway_and_never_reach_the_upstream
             .unwrap_or_else(|| panic!("{name}: no Abort received: {out:?}"));
         assert!(abort.contains(reason), "{name}: {abort:?} lacks {reason:?}");
         assert!(out.closed, "{name}: closed after the Abort");
-        assert_eq!(proxy.carried(), carried, "{name}: the upstream saw none of it");
+        assert_eq!(
+            proxy.carried(),
+            carried,
+            "{name}: the upstream saw none of it"
+        );
         let grown = rss_bytes().saturating_sub(before);
         assert!(grown < MIB, "{name}: RSS grew by {grown} bytes");
         assert_served(gw.addr);
@@ -119,11 +123,14 @@ fn call_error(upstream: SocketAddr) -> capnp::Error {
     let e = local(async {
         let c = Client::connect(gw.addr).await.unwrap();
         let s: store::Client = c.bootstrap();
-        tokio::time::timeout(Duration::from_secs(10), s.namespaces_request().send().promise)
-            .await
-            .expect("answered within 10 s")
-            .err()
-            .expect("the upstream is hostile")
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            s.namespaces_request().send().promise,
+        )
+        .await
+        .expect("answered within 10 s")
+        .err()
+        .expect("the upstream is hostile")
     });
     gw.stop().unwrap();
     e
@@ -163,7 +170,8 @@ fn an_upstream_sending_garbage_or_an_unfinished_frame_aborts_the_pair() {
     });
     let e = call_error(up);
     assert!(
-        e.extra.contains(&format!("capgate: upstream tcp://{up}: frame rejected")),
+        e.extra
+            .contains(&format!("capgate: upstream tcp://{up}: frame rejected")),
         "{e}"
     );
     let up = hostile_upstream(|mut s| {
@@ -192,8 +200,11 @@ fn an_upstream_closing_mid_call_is_named() {
     let e = call_error(up);
     // A clean close, or a reset when it left bytes unread: either way named.
     assert!(
-        e.extra.contains(&format!("capgate: upstream tcp://{up} closed the connection"))
-            || e.extra.contains(&format!("capgate: upstream tcp://{up}: read failed")),
+        e.extra.contains(&format!(
+            "capgate: upstream tcp://{up} closed the connection"
+        )) || e
+            .extra
+            .contains(&format!("capgate: upstream tcp://{up}: read failed")),
         "{e}"
     );
     assert_eq!(e.kind, capnp::ErrorKind::Disconnected);
