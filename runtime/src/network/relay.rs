@@ -110,6 +110,8 @@ where
             let up_limits = Arc::new(Limits {
                 idle_timeout: UPSTREAM_IDLE,
                 max_outgoing_bytes: PAUSE_BYTES + limits.max_message_bytes + 64 * 1024,
+                // The client side polls for its next call (as in serve); the upstream side
+                // has no calls of its own to wait for.
                 busy_poll: Duration::ZERO,
                 answer_poll: Duration::ZERO,
                 call_poll: Duration::ZERO,
