@@ -53,7 +53,9 @@ pub(crate) struct ConnectionCore {
     traversal_factor: usize,
     nesting_limit: i32,
     linger_timeout: std::time::Duration,
-    /// At most this much is read and dropped while lingering: a frame and some.
+    /// At most this much is read and dropped while lingering: room for the rest of a frame
+    /// of up to twice the limit, so a peer still writing an oversized message reads our
+    /// Abort instead of a reset (the linger timeout bounds the time).
     linger_bytes: usize,
 }
 
@@ -71,7 +73,7 @@ impl ConnectionCore {
             traversal_factor: limits.traversal_factor,
             nesting_limit: limits.nesting_limit,
             linger_timeout: limits.linger_timeout,
-            linger_bytes: limits.max_message_bytes + 64 * 1024,
+            linger_bytes: limits.max_message_bytes.saturating_mul(2) + 64 * 1024,
         }
     }
 
