@@ -209,3 +209,91 @@ fn an_upstream_closing_mid_call_is_named() {
     );
     assert_eq!(e.kind, capnp::ErrorKind::Disconnected);
 }
+
+#[test]
+fn an_upstream_that_stops_reading_pauses_the_client_then_the_pair_is_closed() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // Accepts and never reads: what the gateway writes fills the socket buffers, then stalls.
+    let up = hostile_upstream(|s| {
+        std::thread::sleep(Duration::from_secs(20));
+        drop(s);
+    });
+    let mut limits = quick_limits();
+    limits.write_timeout = Duration::from_secs(1);
+    let gw = TestGateway::start(Upstream::tcp(up.to_string()), limits, None);
+    let before = rss_bytes();
+    let mut s = raw_send(gw.addr, &rpc_bootstrap(0));
+    // 48 calls of 1 MiB each, written from a thread (the gateway stops reading them).
+    let mut w = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        w.set_write_timeout(Some(Duration::from_secs(15))).unwrap();
+        let mut sent = 0usize;
+        for q in 1..=48 {
+            if w.write_all(&rpc_echo_call(q, 1 << 20)).is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        sent
+    });
+    let out = observe(&mut s, Duration::from_secs(15));
+    let abort = out
+        .abort
+        .clone()
+        .unwrap_or_else(|| panic!("no Abort: {out:?}"));
+    assert!(
+        abort.contains(&format!(
+            "capgate: upstream tcp://{up}: a write to the peer stalled for 1s (write_timeout)"
+        )),
+        "{abort}"
+    );
+    let sent = writer.join().unwrap();
+    assert!(
+        sent < 48,
+        "the client's stream was paused: it could send {sent} of 48 MiB"
+    );
+    let grown = rss_bytes().saturating_sub(before);
+    assert!(
+        grown < 8 * MIB,
+        "queued toward a stalled upstream: RSS grew by {grown} bytes"
+    );
+    gw.stop().unwrap();
+}
+
+#[test]
+fn a_silent_upstream_does_not_hold_up_shutdown_past_its_deadline() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let up = hostile_upstream(|mut s| {
+        // Reads everything, answers nothing.
+        let mut b = [0u8; 4096];
+        while matches!(s.read(&mut b), Ok(n) if n > 0) {}
+    });
+    let mut limits = quick_limits();
+    limits.shutdown_timeout = Duration::from_millis(500);
+    let gw = TestGateway::start(Upstream::tcp(up.to_string()), limits, None);
+    let addr = gw.addr;
+    let stop = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        let t = std::time::Instant::now();
+        gw.stop().unwrap();
+        t.elapsed()
+    });
+    let e = local(async {
+        let c = Client::connect(addr).await.unwrap();
+        let s: store::Client = c.bootstrap();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            s.namespaces_request().send().promise,
+        )
+        .await
+        .expect("ended by the shutdown")
+        .err()
+        .expect("never answered")
+    });
+    assert!(
+        e.extra.contains("capgate: the server is shutting down"),
+        "{e}"
+    );
+    let took = stop.join().unwrap();
+    assert!(took < Duration::from_secs(10), "shutdown took {took:?}");
+}
