@@ -40,6 +40,10 @@ fn start_upstream() -> SocketAddr {
 }
 
 fn start_gateway(upstream: SocketAddr) -> SocketAddr {
+    start_gateway_with(upstream, capgate::Limits::default())
+}
+
+fn start_gateway_with(upstream: SocketAddr, limits: capgate::Limits) -> SocketAddr {
     let policy = Policy::from_classes(vec![ClientClass::new("bench", Matcher::Any)
         .allow_all()
         .with_quotas(common::roomy_quotas())]);
@@ -47,6 +51,7 @@ fn start_gateway(upstream: SocketAddr) -> SocketAddr {
         .upstream(Upstream::tcp(upstream.to_string()))
         .listen("127.0.0.1:0".parse().unwrap())
         .workers(NonZeroUsize::new(1).unwrap())
+        .limits(limits)
         .policy(policy)
         .build()
         .unwrap();
@@ -118,9 +123,30 @@ fn idle_bytes_per_pair(upstream: SocketAddr, n: usize) -> f64 {
     per_pair
 }
 
-/// CPU (ns) per call of the gateway's worker and of the upstream, over `total` calls at 128
-/// in flight through the gateway.
-fn cpu_per_call(gateway: SocketAddr, total: usize) -> (f64, f64) {
+/// User and system CPU (clock ticks) of this process's threads named `prefix...`.
+fn threads_ticks(prefix: &str) -> (u64, u64) {
+    let mut total = (0, 0);
+    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+        for t in tasks.flatten() {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            if !comm.starts_with(prefix) {
+                continue;
+            }
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            // Fields after the command's closing parenthesis: utime and stime are 12 and 13.
+            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            total.0 += num(11);
+            total.1 += num(12);
+        }
+    }
+    total
+}
+
+/// Per call over `total` calls at 128 in flight through the gateway: CPU (ns) of the
+/// gateway's worker and of the upstream, and the user-space share of each.
+fn cpu_per_call(gateway: SocketAddr, total: usize) -> (f64, f64, f64, f64) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -133,14 +159,28 @@ fn cpu_per_call(gateway: SocketAddr, total: usize) -> (f64, f64) {
             common::threads_cpu_ns("capgate-worker"),
             common::threads_cpu_ns("gw-upstream"),
         );
+        let (gt0, ut0) = (
+            threads_ticks("capgate-worker"),
+            threads_ticks("gw-upstream"),
+        );
         common::throughput(&e, total).await;
         let (g1, u1) = (
             common::threads_cpu_ns("capgate-worker"),
             common::threads_cpu_ns("gw-upstream"),
         );
+        let (gt1, ut1) = (
+            threads_ticks("capgate-worker"),
+            threads_ticks("gw-upstream"),
+        );
+        let share = |a: (u64, u64), b: (u64, u64)| {
+            let (user, sys) = (b.0 - a.0, b.1 - a.1);
+            user as f64 / (user + sys).max(1) as f64
+        };
         (
             (g1 - g0) as f64 / total as f64,
             (u1 - u0) as f64 / total as f64,
+            share(gt0, gt1),
+            share(ut0, ut1),
         )
     })
 }
@@ -157,16 +197,25 @@ fn main() {
     let quick = std::env::args().any(|a| a == "--test");
     let upstream = start_upstream();
     let gateway = start_gateway(upstream);
+    let mut quiet = capgate::Limits::default();
+    quiet.call_poll = std::time::Duration::ZERO;
+    quiet.answer_poll = std::time::Duration::ZERO;
+    let no_poll = start_gateway_with(upstream, quiet);
     let (rounds, seq, total) = if quick {
         (1, 200, 2_000)
     } else {
         (7, 3_000, 60_000)
     };
     println!(
-        "== direct to a twoparty upstream vs through the gateway ({rounds} rounds, interleaved)"
+        "== direct to a twoparty upstream vs through the gateway, and through one without \
+         adaptive polling ({rounds} rounds, interleaved)"
     );
     let (lat, thr) = common::side_by_side(
-        &[("direct", upstream), ("gateway", gateway)],
+        &[
+            ("direct", upstream),
+            ("gateway", gateway),
+            ("gw-nopoll", no_poll),
+        ],
         rounds,
         seq,
         total,
@@ -174,10 +223,12 @@ fn main() {
     println!("gateway/direct: sequential p50 {lat:.2}x, 128-in-flight throughput {thr:.2}x");
     let mut gw = Vec::new();
     let mut up = Vec::new();
+    let mut shares = Vec::new();
     for _ in 0..rounds.max(3) {
-        let (g, u) = cpu_per_call(gateway, total);
+        let (g, u, gs, us) = cpu_per_call(gateway, total);
         gw.push(g);
         up.push(u);
+        shares.push((gs, us));
     }
     let (g, u) = (common::median(&mut gw), common::median(&mut up));
     println!(
@@ -187,6 +238,17 @@ fn main() {
         g / u,
         gw.iter().map(|v| (v / 100.0).round() / 10.0).collect::<Vec<_>>(),
         up.iter().map(|v| (v / 100.0).round() / 10.0).collect::<Vec<_>>(),
+    );
+    let mut gs: Vec<f64> = shares.iter().map(|s| s.0).collect();
+    let mut us: Vec<f64> = shares.iter().map(|s| s.1).collect();
+    let (gs, us) = (common::median(&mut gs), common::median(&mut us));
+    println!(
+        "  user-space share: gateway {:.0}%, upstream {:.0}%; user-space CPU per call: gateway {:.1} µs, upstream {:.1} µs: {:.2}x",
+        gs * 100.0,
+        us * 100.0,
+        g * gs / 1000.0,
+        u * us / 1000.0,
+        (g * gs) / (u * us)
     );
     let n = if quick { 40 } else { 400 };
     let mut per_pair: Vec<f64> = (0..if quick { 1 } else { 3 })
