@@ -222,11 +222,15 @@ impl DenialCounters {
         }
     }
 
-    fn add(&self, reason: DenialReason, rule: Option<(&str, &'static str)>) {
+    /// Counts a denial for `reason`.
+    fn add(&self, reason: DenialReason) {
         self.by_reason[reason as usize].inc();
-        if let Some((rule, quota)) = rule {
-            method_denial(&self.by_rule, &self.class, rule, quota).inc();
-        }
+    }
+
+    /// The denial counter of a method rule and its quota (a look-up in the family: callers
+    /// keep it).
+    fn rule_counter(&self, rule: &str, quota: &'static str) -> Counter {
+        method_denial(&self.by_rule, &self.class, rule, quota)
     }
 
     /// The counts so far.
@@ -245,6 +249,9 @@ pub(crate) struct MetricsObserver {
     metrics: Arc<Metrics>,
     denials: Arc<DenialCounters>,
     calls: HashMap<MethodRef, Counter>,
+    /// The method rules' denial counters this connection has used, by rule and quota (a
+    /// class has few rules: a scan, no label strings built and no family lock per refusal).
+    rule_denials: Vec<(Box<str>, &'static str, Counter)>,
 }
 
 impl MetricsObserver {
@@ -253,6 +260,7 @@ impl MetricsObserver {
             metrics,
             denials,
             calls: HashMap::new(),
+            rule_denials: Vec::new(),
         }
     }
 }
@@ -271,12 +279,24 @@ impl GuardObserver for MetricsObserver {
     }
 
     fn denied(&mut self, reason: DenialReason, rule: Option<(&str, &'static str)>) {
-        self.denials.add(reason, rule);
+        self.denials.add(reason);
+        let Some((rule, quota)) = rule else { return };
+        let cached = self
+            .rule_denials
+            .iter()
+            .position(|(r, q, _)| **r == *rule && *q == quota);
+        let i = cached.unwrap_or_else(|| {
+            let counter = self.denials.rule_counter(rule, quota);
+            self.rule_denials.push((rule.into(), quota, counter));
+            self.rule_denials.len() - 1
+        });
+        self.rule_denials[i].2.inc();
     }
 
     fn class_changed(&mut self) {
-        // Call counters are labelled by class.
+        // Both are labelled by class, and a reload brings the class's rules anew.
         self.calls.clear();
+        self.rule_denials.clear();
     }
 }
 
@@ -324,5 +344,45 @@ pub(crate) async fn serve_http(
             let _ = s.write_all(body.as_bytes()).await;
             let _ = s.shutdown().await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rule_denials_count_into_the_family_through_the_cached_counter() {
+        let metrics = Arc::new(Metrics::default());
+        let denials = Arc::new(DenialCounters::new(&metrics, "writer"));
+        let mut o = MetricsObserver::new(metrics.clone(), denials.clone());
+        let put = Some(("Namespace.put", "calls_per_second"));
+        o.denied(DenialReason::MethodRate, put);
+        o.denied(DenialReason::MethodRate, put);
+        o.denied(
+            DenialReason::MethodInflight,
+            Some(("Namespace.put", "max_inflight_calls")),
+        );
+        o.denied(DenialReason::Rate, None);
+        assert_eq!(o.rule_denials.len(), 2);
+        o.class_changed();
+        assert!(o.rule_denials.is_empty());
+        o.denied(DenialReason::MethodRate, put);
+        let text = metrics.encode();
+        for line in [
+            r#"capgate_method_denials_total{class="writer",rule="Namespace.put",quota="calls_per_second"} 3"#,
+            r#"capgate_method_denials_total{class="writer",rule="Namespace.put",quota="max_inflight_calls"} 1"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+        }
+        let counts = denials.snapshot();
+        assert_eq!(
+            (
+                counts.method_rate,
+                counts.method_inflight_calls,
+                counts.rate
+            ),
+            (3, 1, 1)
+        );
     }
 }
