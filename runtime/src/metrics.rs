@@ -12,7 +12,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 
 use crate::guard::{DenialCounts, DenialReason, GuardObserver};
 
@@ -79,84 +79,99 @@ pub struct Metrics {
     pub(crate) handshake_failures: Counter,
 }
 
+/// Registers `metric` in `registry` as `name` with `help`, and returns the handle to keep.
+pub(crate) fn registered<M: Metric + Clone>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    metric: M,
+) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("capgate");
-        let m = Metrics {
-            connections: Family::default(),
-            calls: Family::default(),
-            denials: Family::default(),
-            method_denials: Family::default(),
-            aborts: Family::default(),
-            inflight_calls: Gauge::default(),
-            inflight_bytes: Gauge::default(),
-            bytes_in: Counter::default(),
-            bytes_out: Counter::default(),
-            frame_aborts: Counter::default(),
-            outgoing_cutoffs: Counter::default(),
-            handshake_failures: Counter::default(),
-            registry: Registry::default(),
-        };
-        registry.register(
-            "connections",
-            "Open connections by client class",
-            m.connections.clone(),
-        );
-        registry.register(
-            "calls",
-            "Calls delivered to the server, by client class and method",
-            m.calls.clone(),
-        );
-        registry.register(
-            "denials",
-            "Calls denied by the guard, by client class and reason",
-            m.denials.clone(),
-        );
-        registry.register(
-            "method_denials",
-            "Calls denied by a per-method rule, by client class, rule (as the policy names it) \
-             and quota (calls_per_second, max_inflight_calls)",
-            m.method_denials.clone(),
-        );
-        registry.register(
-            "aborts",
-            "Connections closed, by reason (frame_limit, idle_timeout, not_reading, \
-             peer_aborted, shutdown, ...)",
-            m.aborts.clone(),
-        );
-        registry.register(
-            "inflight_calls",
-            "Calls delivered and neither returned nor finished",
-            m.inflight_calls.clone(),
-        );
-        registry.register(
-            "inflight_bytes",
-            "Bytes of incoming messages still held by the server",
-            m.inflight_bytes.clone(),
-        );
-        registry.register(
-            "received_bytes",
-            "Bytes read from peers",
-            m.bytes_in.clone(),
-        );
-        registry.register("sent_bytes", "Bytes written to peers", m.bytes_out.clone());
-        registry.register(
-            "frame_aborts",
-            "Connections closed for a framing violation (limits, deadlines)",
-            m.frame_aborts.clone(),
-        );
-        registry.register(
-            "outgoing_cutoffs",
-            "Connections cut off because a peer did not read (max_outgoing_bytes, \
-             max_client_outgoing_bytes, max_total_outgoing_bytes)",
-            m.outgoing_cutoffs.clone(),
-        );
-        registry.register(
-            "tls_handshake_failures",
-            "TLS handshakes that failed or timed out",
-            m.handshake_failures.clone(),
-        );
-        Metrics { registry, ..m }
+        let r = &mut registry;
+        Metrics {
+            connections: registered(
+                r,
+                "connections",
+                "Open connections by client class",
+                Family::default(),
+            ),
+            calls: registered(
+                r,
+                "calls",
+                "Calls delivered to the server, by client class and method",
+                Family::default(),
+            ),
+            denials: registered(
+                r,
+                "denials",
+                "Calls denied by the guard, by client class and reason",
+                Family::default(),
+            ),
+            method_denials: registered(
+                r,
+                "method_denials",
+                "Calls denied by a per-method rule, by client class, rule (as the policy names \
+                 it) and quota (calls_per_second, max_inflight_calls)",
+                Family::default(),
+            ),
+            aborts: registered(
+                r,
+                "aborts",
+                "Connections closed, by reason (frame_limit, idle_timeout, not_reading, \
+                 peer_aborted, shutdown, ...)",
+                Family::default(),
+            ),
+            inflight_calls: registered(
+                r,
+                "inflight_calls",
+                "Calls delivered and neither returned nor finished",
+                Gauge::default(),
+            ),
+            inflight_bytes: registered(
+                r,
+                "inflight_bytes",
+                "Bytes of incoming messages still held by the server",
+                Gauge::default(),
+            ),
+            bytes_in: registered(
+                r,
+                "received_bytes",
+                "Bytes read from peers",
+                Counter::default(),
+            ),
+            bytes_out: registered(
+                r,
+                "sent_bytes",
+                "Bytes written to peers",
+                Counter::default(),
+            ),
+            frame_aborts: registered(
+                r,
+                "frame_aborts",
+                "Connections closed for a framing violation (limits, deadlines)",
+                Counter::default(),
+            ),
+            outgoing_cutoffs: registered(
+                r,
+                "outgoing_cutoffs",
+                "Connections cut off because a peer did not read (max_outgoing_bytes, \
+                 max_client_outgoing_bytes, max_total_outgoing_bytes)",
+                Counter::default(),
+            ),
+            handshake_failures: registered(
+                r,
+                "tls_handshake_failures",
+                "TLS handshakes that failed or timed out",
+                Counter::default(),
+            ),
+            registry,
+        }
     }
 }
 
