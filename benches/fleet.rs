@@ -22,7 +22,7 @@ use tokio::runtime::Runtime;
 use tokio::task::LocalSet;
 
 mod common;
-use common::{median, serve_on_thread};
+use common::{interleaved_latency, median, percentile, range, serve_on_thread, us};
 
 const PAYLOAD: &[u8] = &[42u8; 64];
 
@@ -238,45 +238,22 @@ fn criterion_benches(c: &mut Criterion, s: &Setup) {
     g.finish();
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
-}
-
-fn us(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e6
-}
-
 /// Sequential calls in interleaved blocks: p50 and p99 of each, and the ratio of the blocks'
 /// p50s (median and range).
 fn latency_report(s: &Setup, blocks: usize, per_block: usize) {
-    let mut all: Vec<Vec<Duration>> = vec![Vec::new(); s.systems.len()];
-    let mut ratios = Vec::new();
-    s.run(async {
-        for _ in 0..blocks {
-            let mut p50s = Vec::new();
-            for (i, (_, e, _, _)) in s.systems.iter().enumerate() {
-                let mut block = Vec::with_capacity(per_block);
-                for _ in 0..per_block {
-                    let t = Instant::now();
-                    call(e).await;
-                    block.push(t.elapsed());
-                }
-                block.sort();
-                p50s.push(us(percentile(&block, 0.5)));
-                all[i].extend(block);
-            }
-            ratios.push(p50s[1] / p50s[0]);
-        }
-    });
-    for v in &mut all {
-        v.sort();
-    }
+    let lat = s.run(interleaved_latency(
+        s.systems.len(),
+        blocks,
+        per_block,
+        |i| call(&s.systems[i].1),
+    ));
+    let mut ratios: Vec<f64> = lat.block_p50.iter().map(|p| p[1] / p[0]).collect();
     println!("\nsequential echo (64 B), {blocks} interleaved blocks of {per_block} calls each:");
-    for (i, (name, ..)) in s.systems.iter().enumerate() {
+    for (all, (name, ..)) in lat.all.iter().zip(&s.systems) {
         println!(
             "  {name:>10}: p50 {:6.1} us  p99 {:6.1} us",
-            us(percentile(&all[i], 0.5)),
-            us(percentile(&all[i], 0.99))
+            us(percentile(all, 0.5)),
+            us(percentile(all, 0.99))
         );
     }
     let (lo, hi) = range(&ratios);
@@ -284,13 +261,6 @@ fn latency_report(s: &Setup, blocks: usize, per_block: usize) {
         "  p50 redis / in-process: {:.3} (blocks {lo:.3}..{hi:.3})",
         median(&mut ratios)
     );
-}
-
-fn range(v: &[f64]) -> (f64, f64) {
-    (
-        v.iter().cloned().fold(f64::MAX, f64::min),
-        v.iter().cloned().fold(f64::MIN, f64::max),
-    )
 }
 
 /// 128 calls in flight on one connection, interleaved rounds: calls per second of each, and

@@ -20,7 +20,10 @@ use tokio::runtime::Runtime;
 use tokio::task::LocalSet;
 
 mod common;
-use common::{median, threads_cpu_ns, twoparty_connect, twoparty_network};
+use common::{
+    interleaved_latency, median, percentile, range, threads_cpu_ns, twoparty_connect,
+    twoparty_network, us,
+};
 
 const PAYLOAD: &[u8] = &[42u8; 64];
 
@@ -255,32 +258,14 @@ fn criterion_benches(c: &mut Criterion, s: &Setup) {
     g.finish();
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
-}
-
-fn us(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e6
-}
-
 /// Interleaved blocks so all see the same machine conditions.
 fn latency_report(s: &Setup, blocks: usize, per_block: usize) {
     let systems = s.systems();
-    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); systems.len()];
-    s.run(async {
-        for _ in 0..blocks {
-            for (i, (_, e)) in systems.iter().enumerate() {
-                for _ in 0..per_block {
-                    let t = Instant::now();
-                    call(e).await;
-                    samples[i].push(t.elapsed());
-                }
-            }
-        }
-    });
-    for v in &mut samples {
-        v.sort();
-    }
+    let samples = s
+        .run(interleaved_latency(systems.len(), blocks, per_block, |i| {
+            call(systems[i].1)
+        }))
+        .all;
     println!(
         "\nsequential echo latency (64 B), {} calls each, interleaved:",
         samples[0].len()
@@ -314,14 +299,13 @@ fn throughput_report(s: &Setup, calls: u64, rounds: usize) {
                 rates[i].push(x);
             }
         }
+        let (lo, hi) = range(&ratios);
         println!(
-            "  {inflight:>3} in flight: twoparty {:>7.0}/s  capgate {:>7.0}/s  capgate+policy {:>7.0}/s  capgate/twoparty {:.2} (rounds {:.2}..{:.2})  policy/capgate {:.2}",
+            "  {inflight:>3} in flight: twoparty {:>7.0}/s  capgate {:>7.0}/s  capgate+policy {:>7.0}/s  capgate/twoparty {:.2} (rounds {lo:.2}..{hi:.2})  policy/capgate {:.2}",
             median(&mut rates[0]),
             median(&mut rates[1]),
             median(&mut rates[2]),
             median(&mut ratios),
-            ratios.iter().cloned().fold(f64::MAX, f64::min),
-            ratios.iter().cloned().fold(f64::MIN, f64::max),
             median(&mut policy_cost),
         );
     }

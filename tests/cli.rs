@@ -19,54 +19,63 @@ fn temp_dir(name: &str) -> std::path::PathBuf {
     d
 }
 
+/// `capgate ARGS...` run from the repository root: (exit status, stdout, stderr).
+fn capgate(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(BIN)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `capgate ARGS...`, which must exit 0: its stdout.
+fn capgate_ok(args: &[&str]) -> String {
+    let (status, out, err) = capgate(args);
+    assert_eq!(status, Some(0), "capgate {args:?}: {err}");
+    out
+}
+
+/// A file `name` in `dir` holding `text`; its path as a string.
+fn write(dir: &std::path::Path, name: &str, text: impl AsRef<[u8]>) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p.to_str().unwrap().to_owned()
+}
+
 #[test]
 fn policy_check_reports_every_error_and_exits_non_zero() {
     let dir = temp_dir("check");
-    let bad = dir.join("bad.toml");
-    std::fs::write(
-        &bad,
+    let bad = write(
+        &dir,
+        "bad.toml",
         "[[client]]\nname = \"a\"\nmatch = \"any\"\nallow = [\"Namespace.pt\"]\nburst = 0\n",
-    )
-    .unwrap();
-    let out = Command::new(BIN)
-        .args(["policy", "check"])
-        .arg(&bad)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    let b = bad.display();
+    );
+    let (status, _, err) = capgate(&["policy", "check", &bad]);
+    assert_ne!(status, Some(0));
     assert!(
         err.contains(&format!(
-            "{b}:4:10: interface `Namespace` has no method `pt` (did you mean `Namespace.put`?)"
+            "{bad}:4:10: interface `Namespace` has no method `pt` (did you mean `Namespace.put`?)"
         )),
         "{err}"
     );
     assert!(
-        err.contains(&format!("{b}:5:9: `burst` must be at least 1")),
+        err.contains(&format!("{bad}:5:9: `burst` must be at least 1")),
         "{err}"
     );
     assert!(err.contains("2 errors in"), "{err}");
 
-    let good = dir.join("good.toml");
-    std::fs::write(
-        &good,
+    let good = write(
+        &dir,
+        "good.toml",
         "[[client]]\nname = \"a\"\nmatch = \"any\"\nallow = [\"Reader.*\"]\n",
-    )
-    .unwrap();
-    let out = Command::new(BIN)
-        .args(["policy", "check"])
-        .arg(&good)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let out = Command::new(BIN)
-        .args(["policy", "explain"])
-        .arg(&good)
-        .args(["--client", "a", "Namespace.get"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    );
+    capgate_ok(&["policy", "check", &good]);
+    let text = capgate_ok(&["policy", "explain", &good, "--client", "a", "Namespace.get"]);
     assert!(
         text.starts_with("allowed: Namespace.get (Reader.get) for client \"a\": rule \"Reader.*\""),
         "{text}"
@@ -76,17 +85,7 @@ fn policy_check_reports_every_error_and_exits_non_zero() {
 
 /// `capgate policy audit ARGS...` from the repository root: (status, stdout, stderr).
 fn audit(args: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(BIN)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(["policy", "audit"])
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    capgate(&[&["policy", "audit"], args].concat())
 }
 
 const AUDIT_POLICY: &str = "schema/fixtures/audit.toml";
@@ -125,13 +124,11 @@ fn policy_audit_prints_the_exact_report_and_exits_1_on_warnings() {
 #[test]
 fn policy_audit_exits_0_without_warnings_and_2_when_it_cannot_run() {
     let dir = temp_dir("audit");
-    let clean = dir.join("clean.toml");
-    std::fs::write(
-        &clean,
+    let clean = &write(
+        &dir,
+        "clean.toml",
         "[[client]]\nname = \"a\"\nmatch = \"any\"\nallow = [\"Gate.open\", \"Room.read\"]\n",
-    )
-    .unwrap();
-    let clean = clean.to_str().unwrap();
+    );
     let schema = ["--schema", "schema/fixtures/audit.cgr"];
     let (status, text, _) = audit(&[&[clean, "--bootstrap", "Gate"][..], &schema].concat());
     assert_eq!(status, Some(0), "{text}");
@@ -143,19 +140,16 @@ fn policy_audit_exits_0_without_warnings_and_2_when_it_cannot_run() {
         err,
         "capgate: --bootstrap: unknown interface `Gat` (did you mean `Gate`?)\n"
     );
-    let bad = dir.join("bad.toml");
-    std::fs::write(
-        &bad,
+    let bad = write(
+        &dir,
+        "bad.toml",
         "[[client]]\nname = \"a\"\nmatch = \"any\"\nallow = [\"Gate.opn\"]\n",
-    )
-    .unwrap();
-    let (status, _, err) =
-        audit(&[&[bad.to_str().unwrap(), "--bootstrap", "Gate"][..], &schema].concat());
+    );
+    let (status, _, err) = audit(&[&[bad.as_str(), "--bootstrap", "Gate"][..], &schema].concat());
     assert_eq!(status, Some(2));
     assert!(
         err.starts_with(&format!(
-            "{}:4:10: interface `Gate` has no method `opn` (did you mean `Gate.open`?)",
-            bad.display()
+            "{bad}:4:10: interface `Gate` has no method `opn` (did you mean `Gate.open`?)"
         )),
         "{err}"
     );
@@ -291,12 +285,8 @@ fn sigterm_during_a_long_poll_fails_it_clearly_and_exits_zero() {
 
 #[test]
 fn plaintext_on_a_non_loopback_address_needs_an_explicit_flag() {
-    let out = Command::new(BIN)
-        .args(["serve", "--listen", "0.0.0.0:0"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (status, _, err) = capgate(&["serve", "--listen", "0.0.0.0:0"]);
+    assert_ne!(status, Some(0));
     assert!(
         err.contains("refusing to serve plaintext on 0.0.0.0:0: it is not a loopback address")
             && err.contains("--insecure-plaintext"),
@@ -308,24 +298,14 @@ fn plaintext_on_a_non_loopback_address_needs_an_explicit_flag() {
 #[test]
 fn policy_explain_lists_the_method_rules_that_apply() {
     let explain = |method: &str| {
-        let out = Command::new(BIN)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .args([
-                "policy",
-                "explain",
-                "examples/policy.toml",
-                "--client",
-                "admin",
-                method,
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        capgate_ok(&[
+            "policy",
+            "explain",
+            "examples/policy.toml",
+            "--client",
+            "admin",
+            method,
+        ])
     };
     assert_eq!(
         explain("Store.remove"),
@@ -342,41 +322,19 @@ fn policy_explain_lists_the_method_rules_that_apply() {
 #[test]
 fn policy_check_and_explain_take_a_users_schema_as_text_or_compiled() {
     let dir = temp_dir("schema");
-    let p = dir.join("p.toml");
-    std::fs::write(
-        &p,
+    let p = &write(
+        &dir,
+        "p.toml",
         "[[client]]\nname = \"reader\"\nmatch = \"any\"\nallow = [\"Vault.fetch\", \"Vault.Admin.*\", \"vault.capnp:Box.store\"]\n",
-    )
-    .unwrap();
-    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schema/fixtures");
+    );
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/schema/fixtures");
     for schema in ["vault.capnp", "vault.cgr"] {
-        let out = Command::new(BIN)
-            .args(["policy", "check"])
-            .arg(&p)
-            .arg("--schema")
-            .arg(fixtures.join(schema))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let schema = &format!("{fixtures}/{schema}");
+        capgate_ok(&["policy", "check", p, "--schema", schema]);
         let explain = |method: &str| {
-            let out = Command::new(BIN)
-                .args(["policy", "explain"])
-                .arg(&p)
-                .arg("--schema")
-                .arg(fixtures.join(schema))
-                .args(["--client", "reader", method])
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            String::from_utf8(out.stdout).unwrap()
+            capgate_ok(&[
+                "policy", "explain", p, "--schema", schema, "--client", "reader", method,
+            ])
         };
         // Inherited (by either spelling), nested, and denied.
         assert!(explain("Box.fetch").starts_with(
@@ -387,56 +345,44 @@ fn policy_check_and_explain_take_a_users_schema_as_text_or_compiled() {
         assert!(explain("Vault.open").starts_with("denied: Vault.open (Vault.open) is not allowed"));
     }
     // Two files declaring Box: the bare name is an error naming both, at its position.
-    let q = dir.join("q.toml");
-    std::fs::write(
-        &q,
+    let q = write(
+        &dir,
+        "q.toml",
         "[[client]]\nname = \"a\"\nmatch = \"any\"\nallow = [\"Box.store\", \"Vault.opn\"]\n",
-    )
-    .unwrap();
-    let out = Command::new(BIN)
-        .args(["policy", "check"])
-        .arg(&q)
-        .arg("--schema")
-        .arg(fixtures.join("vault.capnp"))
-        .arg("--schema")
-        .arg(fixtures.join("other.capnp"))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    let shown = q.display();
+    );
+    let (status, _, err) = capgate(&[
+        "policy",
+        "check",
+        &q,
+        "--schema",
+        &format!("{fixtures}/vault.capnp"),
+        "--schema",
+        &format!("{fixtures}/other.capnp"),
+    ]);
+    assert_ne!(status, Some(0));
     assert!(
-        err.contains(&format!("{shown}:4:10: interface `Box` is declared in other.capnp and vault.capnp: write `other.capnp:Box.store` or `vault.capnp:Box.store` to pick one")),
+        err.contains(&format!("{q}:4:10: interface `Box` is declared in other.capnp and vault.capnp: write `other.capnp:Box.store` or `vault.capnp:Box.store` to pick one")),
         "{err}"
     );
     assert!(
         err.contains(&format!(
-            "{shown}:4:23: interface `Vault` has no method `opn` (did you mean `Vault.open`?)"
+            "{q}:4:23: interface `Vault` has no method `opn` (did you mean `Vault.open`?)"
         )),
         "{err}"
     );
     // A schema that does not compile, and garbage given as a compiled request.
-    let bad = dir.join("bad.capnp");
-    std::fs::write(
-        &bad,
+    let bad = write(
+        &dir,
+        "bad.capnp",
         "@0xd00dd00dd00dd00d;\ninterface X { m @0 () -> (y :Nope); }\n",
-    )
-    .unwrap();
-    let garbage = dir.join("garbage.cgr");
-    std::fs::write(&garbage, [0xffu8; 40]).unwrap();
+    );
+    let garbage = write(&dir, "garbage.cgr", [0xffu8; 40]);
     for (schema, expected) in [
         (&bad, "does not compile"),
         (&garbage, "invalid code generator request"),
     ] {
-        let out = Command::new(BIN)
-            .args(["policy", "check"])
-            .arg(&p)
-            .arg("--schema")
-            .arg(schema)
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(1), "fails without a panic");
-        let err = String::from_utf8_lossy(&out.stderr);
+        let (status, _, err) = capgate(&["policy", "check", p, "--schema", schema]);
+        assert_eq!(status, Some(1), "fails without a panic");
         assert!(err.contains(expected), "{err}");
     }
 }

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use capnp_rpc::{rpc_twoparty_capnp::Side, twoparty, RpcSystem};
 use futures::AsyncReadExt;
@@ -39,6 +40,68 @@ pub(crate) async fn twoparty_connect(addr: SocketAddr) -> capnp::capability::Cli
 pub(crate) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
+}
+
+/// The `p` quantile (0..=1) of sorted durations.
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
+/// A duration in µs.
+pub(crate) fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+/// The smallest and the largest of `v`.
+pub(crate) fn range(v: &[f64]) -> (f64, f64) {
+    (
+        v.iter().cloned().fold(f64::MAX, f64::min),
+        v.iter().cloned().fold(f64::MIN, f64::max),
+    )
+}
+
+/// Sequential latencies of several systems, measured in interleaved blocks so that all see
+/// the same machine conditions.
+pub(crate) struct Interleaved {
+    /// Each system's latencies, sorted.
+    pub(crate) all: Vec<Vec<Duration>>,
+    /// Each block's p50 of each system, in µs (`block_p50[block][system]`).
+    pub(crate) block_p50: Vec<Vec<f64>>,
+}
+
+/// `blocks` times, `per_block` sequential calls of each of `systems` systems in turn;
+/// `call(i)` makes one call of system `i`. Call inside a LocalSet.
+pub(crate) async fn interleaved_latency<F, Fut>(
+    systems: usize,
+    blocks: usize,
+    per_block: usize,
+    mut call: F,
+) -> Interleaved
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future,
+{
+    let mut all: Vec<Vec<Duration>> = vec![Vec::new(); systems];
+    let mut block_p50 = Vec::with_capacity(blocks);
+    for _ in 0..blocks {
+        let mut p50s = Vec::with_capacity(systems);
+        for (i, samples) in all.iter_mut().enumerate() {
+            let mut block = Vec::with_capacity(per_block);
+            for _ in 0..per_block {
+                let t = Instant::now();
+                call(i).await;
+                block.push(t.elapsed());
+            }
+            block.sort();
+            p50s.push(us(percentile(&block, 0.5)));
+            samples.extend(block);
+        }
+        block_p50.push(p50s);
+    }
+    for v in &mut all {
+        v.sort();
+    }
+    Interleaved { all, block_p50 }
 }
 
 /// Runs `conns` connections x `inflight` calls each, spread over `threads` client threads,

@@ -12,7 +12,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 
 use crate::guard::{DenialCounts, DenialReason, GuardObserver};
 
@@ -79,84 +79,99 @@ pub struct Metrics {
     pub(crate) handshake_failures: Counter,
 }
 
+/// Registers `metric` in `registry` as `name` with `help`, and returns the handle to keep.
+pub(crate) fn registered<M: Metric + Clone>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    metric: M,
+) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("capgate");
-        let m = Metrics {
-            connections: Family::default(),
-            calls: Family::default(),
-            denials: Family::default(),
-            method_denials: Family::default(),
-            aborts: Family::default(),
-            inflight_calls: Gauge::default(),
-            inflight_bytes: Gauge::default(),
-            bytes_in: Counter::default(),
-            bytes_out: Counter::default(),
-            frame_aborts: Counter::default(),
-            outgoing_cutoffs: Counter::default(),
-            handshake_failures: Counter::default(),
-            registry: Registry::default(),
-        };
-        registry.register(
-            "connections",
-            "Open connections by client class",
-            m.connections.clone(),
-        );
-        registry.register(
-            "calls",
-            "Calls delivered to the server, by client class and method",
-            m.calls.clone(),
-        );
-        registry.register(
-            "denials",
-            "Calls denied by the guard, by client class and reason",
-            m.denials.clone(),
-        );
-        registry.register(
-            "method_denials",
-            "Calls denied by a per-method rule, by client class, rule (as the policy names it) \
-             and quota (calls_per_second, max_inflight_calls)",
-            m.method_denials.clone(),
-        );
-        registry.register(
-            "aborts",
-            "Connections closed, by reason (frame_limit, idle_timeout, not_reading, \
-             peer_aborted, shutdown, ...)",
-            m.aborts.clone(),
-        );
-        registry.register(
-            "inflight_calls",
-            "Calls delivered and neither returned nor finished",
-            m.inflight_calls.clone(),
-        );
-        registry.register(
-            "inflight_bytes",
-            "Bytes of incoming messages still held by the server",
-            m.inflight_bytes.clone(),
-        );
-        registry.register(
-            "received_bytes",
-            "Bytes read from peers",
-            m.bytes_in.clone(),
-        );
-        registry.register("sent_bytes", "Bytes written to peers", m.bytes_out.clone());
-        registry.register(
-            "frame_aborts",
-            "Connections closed for a framing violation (limits, deadlines)",
-            m.frame_aborts.clone(),
-        );
-        registry.register(
-            "outgoing_cutoffs",
-            "Connections cut off because a peer did not read (max_outgoing_bytes, \
-             max_client_outgoing_bytes, max_total_outgoing_bytes)",
-            m.outgoing_cutoffs.clone(),
-        );
-        registry.register(
-            "tls_handshake_failures",
-            "TLS handshakes that failed or timed out",
-            m.handshake_failures.clone(),
-        );
-        Metrics { registry, ..m }
+        let r = &mut registry;
+        Metrics {
+            connections: registered(
+                r,
+                "connections",
+                "Open connections by client class",
+                Family::default(),
+            ),
+            calls: registered(
+                r,
+                "calls",
+                "Calls delivered to the server, by client class and method",
+                Family::default(),
+            ),
+            denials: registered(
+                r,
+                "denials",
+                "Calls denied by the guard, by client class and reason",
+                Family::default(),
+            ),
+            method_denials: registered(
+                r,
+                "method_denials",
+                "Calls denied by a per-method rule, by client class, rule (as the policy names \
+                 it) and quota (calls_per_second, max_inflight_calls)",
+                Family::default(),
+            ),
+            aborts: registered(
+                r,
+                "aborts",
+                "Connections closed, by reason (frame_limit, idle_timeout, not_reading, \
+                 peer_aborted, shutdown, ...)",
+                Family::default(),
+            ),
+            inflight_calls: registered(
+                r,
+                "inflight_calls",
+                "Calls delivered and neither returned nor finished",
+                Gauge::default(),
+            ),
+            inflight_bytes: registered(
+                r,
+                "inflight_bytes",
+                "Bytes of incoming messages still held by the server",
+                Gauge::default(),
+            ),
+            bytes_in: registered(
+                r,
+                "received_bytes",
+                "Bytes read from peers",
+                Counter::default(),
+            ),
+            bytes_out: registered(
+                r,
+                "sent_bytes",
+                "Bytes written to peers",
+                Counter::default(),
+            ),
+            frame_aborts: registered(
+                r,
+                "frame_aborts",
+                "Connections closed for a framing violation (limits, deadlines)",
+                Counter::default(),
+            ),
+            outgoing_cutoffs: registered(
+                r,
+                "outgoing_cutoffs",
+                "Connections cut off because a peer did not read (max_outgoing_bytes, \
+                 max_client_outgoing_bytes, max_total_outgoing_bytes)",
+                Counter::default(),
+            ),
+            handshake_failures: registered(
+                r,
+                "tls_handshake_failures",
+                "TLS handshakes that failed or timed out",
+                Counter::default(),
+            ),
+            registry,
+        }
     }
 }
 
@@ -222,11 +237,15 @@ impl DenialCounters {
         }
     }
 
-    fn add(&self, reason: DenialReason, rule: Option<(&str, &'static str)>) {
+    /// Counts a denial for `reason`.
+    fn add(&self, reason: DenialReason) {
         self.by_reason[reason as usize].inc();
-        if let Some((rule, quota)) = rule {
-            method_denial(&self.by_rule, &self.class, rule, quota).inc();
-        }
+    }
+
+    /// The denial counter of a method rule and its quota (a look-up in the family: callers
+    /// keep it).
+    fn rule_counter(&self, rule: &str, quota: &'static str) -> Counter {
+        method_denial(&self.by_rule, &self.class, rule, quota)
     }
 
     /// The counts so far.
@@ -239,12 +258,20 @@ impl DenialCounters {
     }
 }
 
+/// Method rule denial counters by rule and quota.
+type RuleDenials = Vec<(Box<str>, &'static str, Counter)>;
+
 /// A connection's guard reporting to the server's metrics: calls by class and method, calls
 /// in flight, denials into its class's counters.
 pub(crate) struct MetricsObserver {
     metrics: Arc<Metrics>,
     denials: Arc<DenialCounters>,
     calls: HashMap<MethodRef, Counter>,
+    /// The method rules' denial counters this connection has used, by rule and quota (a
+    /// class has few rules: a scan, no label strings built and no family lock per refusal).
+    /// Boxed, and made at the first such refusal: a connection that never gets one carries a
+    /// pointer, not an empty vector (8 bytes, not 24, in every connection's observer).
+    rule_denials: Option<Box<RuleDenials>>,
 }
 
 impl MetricsObserver {
@@ -253,6 +280,7 @@ impl MetricsObserver {
             metrics,
             denials,
             calls: HashMap::new(),
+            rule_denials: None,
         }
     }
 }
@@ -271,12 +299,23 @@ impl GuardObserver for MetricsObserver {
     }
 
     fn denied(&mut self, reason: DenialReason, rule: Option<(&str, &'static str)>) {
-        self.denials.add(reason, rule);
+        self.denials.add(reason);
+        let Some((rule, quota)) = rule else { return };
+        let cache = self.rule_denials.get_or_insert_with(Default::default);
+        let cached = cache
+            .iter()
+            .position(|(r, q, _)| **r == *rule && *q == quota);
+        let i = cached.unwrap_or_else(|| {
+            cache.push((rule.into(), quota, self.denials.rule_counter(rule, quota)));
+            cache.len() - 1
+        });
+        cache[i].2.inc();
     }
 
     fn class_changed(&mut self) {
-        // Call counters are labelled by class.
+        // Both are labelled by class, and a reload brings the class's rules anew.
         self.calls.clear();
+        self.rule_denials = None;
     }
 }
 
@@ -324,5 +363,45 @@ pub(crate) async fn serve_http(
             let _ = s.write_all(body.as_bytes()).await;
             let _ = s.shutdown().await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rule_denials_count_into_the_family_through_the_cached_counter() {
+        let metrics = Arc::new(Metrics::default());
+        let denials = Arc::new(DenialCounters::new(&metrics, "writer"));
+        let mut o = MetricsObserver::new(metrics.clone(), denials.clone());
+        let put = Some(("Namespace.put", "calls_per_second"));
+        o.denied(DenialReason::MethodRate, put);
+        o.denied(DenialReason::MethodRate, put);
+        o.denied(
+            DenialReason::MethodInflight,
+            Some(("Namespace.put", "max_inflight_calls")),
+        );
+        o.denied(DenialReason::Rate, None);
+        assert_eq!(o.rule_denials.as_ref().map(|c| c.len()), Some(2));
+        o.class_changed();
+        assert!(o.rule_denials.is_none());
+        o.denied(DenialReason::MethodRate, put);
+        let text = metrics.encode();
+        for line in [
+            r#"capgate_method_denials_total{class="writer",rule="Namespace.put",quota="calls_per_second"} 3"#,
+            r#"capgate_method_denials_total{class="writer",rule="Namespace.put",quota="max_inflight_calls"} 1"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+        }
+        let counts = denials.snapshot();
+        assert_eq!(
+            (
+                counts.method_rate,
+                counts.method_inflight_calls,
+                counts.rate
+            ),
+            (3, 1, 1)
+        );
     }
 }

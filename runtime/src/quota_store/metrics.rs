@@ -7,6 +7,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::metrics::registered;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
     kind: &'static str,
@@ -44,74 +46,73 @@ pub(crate) struct StoreMetrics {
 }
 
 impl Default for StoreMetrics {
+    /// Metrics registered nowhere (tests).
     fn default() -> Self {
-        let fallbacks = Family::<WhatLabel, Counter>::default();
-        Self {
-            up: Gauge::default(),
-            errors: Family::default(),
-            leases: Counter::default(),
-            leased_calls: Counter::default(),
-            fallback_calls: fallbacks.get_or_create_owned(&WhatLabel { what: "call" }),
-            fallback_connections: fallbacks.get_or_create_owned(&WhatLabel { what: "connection" }),
-            admission_timeouts: Counter::default(),
-            // 100 µs .. ~3 s.
-            latency: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
-            commands: Counter::default(),
-        }
+        Self::register(&mut Registry::default())
     }
 }
 
 impl StoreMetrics {
     /// New metrics, registered in `registry` (prefix `capgate_quota_store_`).
     pub(crate) fn register(registry: &mut Registry) -> Self {
-        let fallbacks = Family::<WhatLabel, Counter>::default();
-        let m = Self {
-            fallback_calls: fallbacks.get_or_create_owned(&WhatLabel { what: "call" }),
-            fallback_connections: fallbacks.get_or_create_owned(&WhatLabel { what: "connection" }),
-            ..Self::default()
-        };
         let r = registry.sub_registry_with_prefix("quota_store");
-        r.register(
+        let up = registered(
+            r,
             "up",
             "1 while the shared quota store answers, 0 while the fallback decides",
-            m.up.clone(),
+            Gauge::default(),
         );
-        r.register(
+        let errors = registered(
+            r,
             "errors",
             "Failed round trips to the quota store (unreachable, timeout) and bad replies",
-            m.errors.clone(),
+            Family::default(),
         );
-        r.register(
+        let leases = registered(
+            r,
             "leases",
             "Leases taken from the quota store (grants of at least one call)",
-            m.leases.clone(),
+            Counter::default(),
         );
-        r.register(
+        let leased_calls = registered(
+            r,
             "leased_calls",
             "Calls granted by the quota store in leases",
-            m.leased_calls.clone(),
+            Counter::default(),
         );
-        r.register(
+        let fallbacks = registered(
+            r,
             "fallbacks",
             "Calls and connections decided by the local fallback (store down or slow)",
-            fallbacks,
+            Family::<WhatLabel, Counter>::default(),
         );
-        r.register(
-            "admission_timeouts",
-            "Connections whose admission did not hear from the store within admission_timeout",
-            m.admission_timeouts.clone(),
-        );
-        r.register(
-            "latency_seconds",
-            "Round trips to the quota store",
-            m.latency.clone(),
-        );
-        r.register(
-            "commands",
-            "Commands sent to the quota store",
-            m.commands.clone(),
-        );
-        m
+        Self {
+            up,
+            errors,
+            leases,
+            leased_calls,
+            fallback_calls: fallbacks.get_or_create_owned(&WhatLabel { what: "call" }),
+            fallback_connections: fallbacks.get_or_create_owned(&WhatLabel { what: "connection" }),
+            admission_timeouts: registered(
+                r,
+                "admission_timeouts",
+                "Connections whose admission did not hear from the store within admission_timeout",
+                Counter::default(),
+            ),
+            // 100 µs .. ~3 s.
+            latency: registered(
+                r,
+                "latency_seconds",
+                "Round trips to the quota store",
+                Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            ),
+            commands: registered(
+                r,
+                "commands",
+                "Commands sent to the quota store",
+                Counter::default(),
+            ),
+        }
     }
 
     /// Counts an error of `kind`.
