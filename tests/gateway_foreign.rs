@@ -14,11 +14,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use capgate::store_capnp::{namespace, reader, store, watcher};
+use capgate::store_capnp::{reader, store};
 use capgate::{cast, Catalog, Client, ClientClass, Matcher, Policy, Quotas, Upstream};
-use capnp::capability::Rc;
+use common::store_scenario::{churn_then_hoard, get, open, put, wait_until, ChannelWatcher};
 use common::upstream::TestGateway;
 use common::*;
 use tokio::sync::mpsc;
@@ -142,48 +142,6 @@ fn cxx_server() -> PathBuf {
         .clone()
 }
 
-struct ChannelWatcher(mpsc::UnboundedSender<String>);
-
-impl watcher::Server for ChannelWatcher {
-    async fn changed(
-        self: Rc<Self>,
-        params: watcher::ChangedParams,
-        _: watcher::ChangedResults,
-    ) -> Result<(), capnp::Error> {
-        let _ = self.0.send(params.get()?.get_key()?.to_string()?);
-        Ok(())
-    }
-}
-
-fn open(s: &store::Client, name: &str) -> namespace::Client {
-    let mut req = s.namespace_request();
-    req.get().set_name(name);
-    req.send().pipeline.get_ns()
-}
-
-async fn put(ns: &namespace::Client, key: &str, value: &[u8]) {
-    let mut req = ns.put_request();
-    req.get().set_key(key);
-    req.get().set_value(value);
-    req.send().promise.await.expect("put");
-}
-
-async fn get(r: &reader::Client, key: &str) -> Option<Vec<u8>> {
-    let mut req = r.get_request();
-    req.get().set_key(key);
-    let reply = req.send().promise.await.expect("get");
-    let r = reply.get().unwrap();
-    r.get_found().then(|| r.get_value().unwrap().to_vec())
-}
-
-async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 fn roomy(name: &str, allow: &[&str], max_exports: u32) -> ClientClass {
     let mut q = Quotas::default();
     q.calls_per_second = std::num::NonZeroU32::MAX;
@@ -237,11 +195,11 @@ async fn scenario(gw: SocketAddr, up: &Foreign) {
         .get_subscription()
         .unwrap();
     put(&ns, "fig", b"purple").await;
-    let key = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+    let change = tokio::time::timeout(Duration::from_secs(10), rx.recv())
         .await
         .expect("the callback arrives")
         .expect("a change");
-    assert_eq!(key, "fig");
+    assert_eq!(change.0, "fig");
 
     // The upstream's exception text reaches the client.
     let bad = open(&s, "");
@@ -260,7 +218,7 @@ async fn scenario(gw: SocketAddr, up: &Foreign) {
 
     // Release reaches the upstream: everything dropped, its live count falls to the store.
     drop((ns, r, deep, ro, sub, bad));
-    eventually("the upstream to free what the client dropped", || {
+    wait_until("the upstream to free what the client dropped", || {
         up.last_live().is_some_and(|l| {
             l.contains("namespaces=0")
                 && l.contains("readers=0")
@@ -300,23 +258,9 @@ async fn denial(gw: SocketAddr, up: &Foreign) {
 async fn churn(gw: SocketAddr) {
     let c = Client::connect(gw).await.unwrap();
     let s: store::Client = c.bootstrap();
-    for i in 0..2000 {
-        let mut req = s.namespace_request();
-        req.get().set_name(format!("n{}", i % 20));
-        let reply = req.send().promise.await.expect("under max_exports");
-        drop(reply.get().unwrap().get_ns().unwrap());
-    }
-    let mut held = Vec::new();
-    let e = loop {
-        assert!(held.len() < 150, "max_exports never enforced");
-        let mut req = s.namespace_request();
-        req.get().set_name(format!("h{}", held.len()));
-        match req.send().promise.await {
-            Ok(r) => held.push(r.get().unwrap().get_ns().unwrap()),
-            Err(e) => break e,
-        }
-    };
+    let (held, e) = churn_then_hoard(&s, 2000).await;
     assert!(e.extra.contains("max_exports = 100 exceeded"), "{e}");
+    assert!((98..=101).contains(&held), "{held} held");
 }
 
 fn run_all(up: Foreign) {

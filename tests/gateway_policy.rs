@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use capgate::demo::{LatencyProxy, Store};
 use capgate::store_capnp::{namespace, reader, store};
 use capgate::{cast, Catalog, Client, ClientClass, Matcher, MethodQuota, Policy, Quotas};
+use common::store_scenario::{churn_then_hoard, time_pipelined_chain};
 use common::upstream::{TestGateway, TwopartyUpstream};
 use common::*;
 
@@ -134,29 +135,13 @@ fn the_exports_mirror_holds_against_an_upstream_that_is_not_capgate() {
     local(async {
         let c = Client::connect(gw.addr).await.unwrap();
         let s: store::Client = c.bootstrap();
-        // Create and drop, 2,000 times: every Release reaches the mirror.
-        for i in 0..2000 {
-            let mut req = s.namespace_request();
-            req.get().set_name(format!("n{}", i % 50));
-            let reply = req.send().promise.await.expect("under max_exports");
-            drop(reply.get().unwrap().get_ns().unwrap());
-        }
-        // Holding 150 crosses it.
-        let mut held = Vec::new();
-        let failure = loop {
-            assert!(held.len() < 150, "max_exports never enforced");
-            let mut req = s.namespace_request();
-            req.get().set_name(format!("h{}", held.len()));
-            match req.send().promise.await {
-                Ok(r) => held.push(r.get().unwrap().get_ns().unwrap()),
-                Err(e) => break e,
-            }
-        };
+        // Create and drop, 2,000 times: every Release reaches the mirror; then hoard.
+        let (held, failure) = churn_then_hoard(&s, 2000).await;
         assert!(
             failure.extra.contains("max_exports = 100 exceeded"),
             "{failure}"
         );
-        assert!((98..=101).contains(&held.len()), "{} held", held.len());
+        assert!((98..=101).contains(&held), "{held} held");
     });
     assert_served(gw.addr);
     gw.stop().unwrap();
@@ -216,27 +201,7 @@ fn a_four_call_chain_through_the_gateway_costs_about_one_round_trip() {
         let proxy = LatencyProxy::start(gw.addr, ONE_WAY).await.unwrap();
         let client = Client::connect(proxy.local_addr()).await.unwrap();
         let s: store::Client = client.bootstrap();
-        s.namespaces_request().send().promise.await.unwrap();
-        let chain = |s: &store::Client| -> reader::Client {
-            let a = open(s, "a");
-            let mut b = a.sub_request();
-            b.get().set_name("b");
-            let b = b.send().pipeline.get_ns();
-            let mut c = b.sub_request();
-            c.get().set_name("c");
-            cast(&c.send().pipeline.get_ns())
-        };
-        let seeded: namespace::Client = cast(&chain(&s));
-        let mut put = seeded.put_request();
-        put.get().set_key("k");
-        put.get().set_value(b"v");
-        put.send().promise.await.unwrap();
-        let start = Instant::now();
-        let mut get = chain(&s).get_request();
-        get.get().set_key("k");
-        let reply = get.send().promise.await.unwrap();
-        let pipelined = start.elapsed();
-        assert_eq!(reply.get().unwrap().get_value().unwrap(), b"v");
+        let pipelined = time_pipelined_chain(&s).await;
         // Four calls awaited one by one would take four round trips (80 ms) at least.
         assert!(
             pipelined < 3 * RTT,

@@ -221,3 +221,51 @@ pub async fn scenario(client: Client, server_store: &capgate::demo::Store) {
     })
     .await;
 }
+
+/// `Store.namespace("a")`, then `sub("b")`, `sub("c")` on it, pipelined: the Reader of a/b/c
+/// before any answer came back.
+pub fn chain(s: &store::Client) -> reader::Client {
+    let a = open(s, "a");
+    let mut b = a.sub_request();
+    b.get().set_name("b");
+    let b = b.send().pipeline.get_ns();
+    let mut c = b.sub_request();
+    c.get().set_name("c");
+    cast(&c.send().pipeline.get_ns())
+}
+
+/// Creates and drops `churn` namespace capabilities (every Release must reach the exports
+/// mirror), then holds more until a call fails: how many were held, and the failure.
+pub async fn churn_then_hoard(s: &store::Client, churn: usize) -> (usize, capnp::Error) {
+    for i in 0..churn {
+        let mut req = s.namespace_request();
+        req.get().set_name(format!("n{}", i % 20));
+        let reply = req.send().promise.await.expect("under max_exports");
+        drop(reply.get().unwrap().get_ns().unwrap());
+    }
+    let mut held = Vec::new();
+    loop {
+        assert!(held.len() < 10_000, "max_exports never enforced");
+        let mut req = s.namespace_request();
+        req.get().set_name(format!("h{}", held.len()));
+        match req.send().promise.await {
+            Ok(r) => held.push(r.get().unwrap().get_ns().unwrap()),
+            Err(e) => return (held.len(), e),
+        }
+    }
+}
+
+/// Seeds `a/b/c` with `k`, then times one pipelined chain ending in `Reader.get("k")`.
+pub async fn time_pipelined_chain(s: &store::Client) -> Duration {
+    // Resolve the bootstrap and seed the key.
+    s.namespaces_request().send().promise.await.unwrap();
+    let seeded: namespace::Client = cast(&chain(s));
+    put(&seeded, "k", b"v").await;
+    let start = Instant::now();
+    let mut get = chain(s).get_request();
+    get.get().set_key("k");
+    let reply = get.send().promise.await.unwrap();
+    let pipelined = start.elapsed();
+    assert_eq!(reply.get().unwrap().get_value().unwrap(), b"v");
+    pipelined
+}
