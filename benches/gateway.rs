@@ -195,6 +195,18 @@ fn main() {
         return;
     }
     let quick = std::env::args().any(|a| a == "--test");
+    if std::env::args().any(|a| a == "cpu") {
+        // Only the 128-in-flight load through the gateway, for a profiler:
+        // `cargo bench --bench gateway -- cpu`.
+        let gateway = start_gateway(start_upstream());
+        let (g, u, _, _) = cpu_per_call(gateway, 200_000);
+        println!(
+            "200,000 calls: gateway {:.1} µs, upstream {:.1} µs per call",
+            g / 1000.0,
+            u / 1000.0
+        );
+        return;
+    }
     let upstream = start_upstream();
     let gateway = start_gateway(upstream);
     let mut quiet = capgate::Limits::default();
