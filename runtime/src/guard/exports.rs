@@ -1,6 +1,8 @@
 //! Outgoing accounting: the capabilities the peer holds from us (a mirror of capnp-rpc's
 //! export table, for `max_exports`) and our own questions awaiting answers.
 
+use std::collections::HashMap;
+
 use capnp_rpc::rpc_capnp::{cap_descriptor, message};
 
 use super::{Answer, Guard};
@@ -97,7 +99,7 @@ impl Guard {
     /// The peer returned our call `q`: with `releaseParamCaps` (C++ callees may set it),
     /// the capabilities our params carried are released with it.
     pub(super) fn returned_to_us(&mut self, q: u32, release_param_caps: bool) {
-        if let Some(ids) = self.param_caps.remove(&q) {
+        if let Some(ids) = self.param_caps.remove(q) {
             if release_param_caps {
                 for id in ids {
                     self.release_export(id, 1);
@@ -113,5 +115,20 @@ impl Guard {
                 self.exports.remove(&id);
             }
         }
+    }
+}
+
+/// Export ids by question id, allocated only once one is recorded: most connections never
+/// pass capabilities in params or results, and an empty map would cost every one 48 bytes.
+#[derive(Default)]
+pub(super) struct QuestionCaps(Option<Box<HashMap<u32, Vec<u32>>>>);
+
+impl QuestionCaps {
+    pub(super) fn insert(&mut self, q: u32, ids: Vec<u32>) {
+        self.0.get_or_insert_with(Default::default).insert(q, ids);
+    }
+
+    pub(super) fn remove(&mut self, q: u32) -> Option<Vec<u32>> {
+        self.0.as_mut()?.remove(&q)
     }
 }

@@ -32,6 +32,7 @@ mod methods;
 mod observer;
 mod reply;
 mod table;
+use exports::QuestionCaps;
 pub(crate) use foreign::unsupported;
 use methods::MethodLimits;
 pub use observer::DenialCounts;
@@ -99,10 +100,10 @@ pub struct Guard {
     /// Mirror of our export table as the peer sees it: export id -> references it holds.
     exports: HashMap<u32, u32>,
     /// Export ids carried by each Return we sent, released by the peer's Finish.
-    returned_caps: HashMap<u32, Vec<u32>>,
+    returned_caps: QuestionCaps,
     /// Export ids carried by the params of each call we sent, released by the peer's Return
     /// when it says `releaseParamCaps`.
-    param_caps: HashMap<u32, Vec<u32>>,
+    param_caps: QuestionCaps,
     /// Who hears about calls and denials (the server's metrics), if anyone.
     observer: Option<Box<dyn GuardObserver>>,
     /// Our own questions (calls and bootstraps we sent) not yet answered by a Return. Only
@@ -127,8 +128,8 @@ impl Guard {
             held_bytes: 0,
             message_bytes: 0,
             exports: HashMap::new(),
-            returned_caps: HashMap::new(),
-            param_caps: HashMap::new(),
+            returned_caps: QuestionCaps::default(),
+            param_caps: QuestionCaps::default(),
             observer: None,
             awaiting: 0,
         }
@@ -251,7 +252,7 @@ impl Guard {
             }
             Ok(message::Finish(Ok(f))) => {
                 let q = f.get_question_id();
-                if let Some(ids) = self.returned_caps.remove(&q) {
+                if let Some(ids) = self.returned_caps.remove(q) {
                     if f.get_release_result_caps() {
                         for id in ids {
                             self.release_export(id, 1);

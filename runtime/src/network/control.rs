@@ -93,7 +93,7 @@ impl ConnectionControl {
             .peer_abort
             .borrow()
             .as_ref()
-            .map(AbortReason::to_error)
+            .map(|r| r.to_error())
     }
 
     /// Charges what this connection queues to a client's and the server's outgoing

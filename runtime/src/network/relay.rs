@@ -244,7 +244,8 @@ async fn upstream_to_client<R: AsyncRead + Unpin>(
                 let reason = up
                     .abort
                     .borrow()
-                    .clone()
+                    .as_deref()
+                    .cloned()
                     .unwrap_or(AbortReason::ReadFailed(e.extra));
                 return End::Close(upstream_fault(upstream, reason));
             }

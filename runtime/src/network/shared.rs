@@ -17,11 +17,11 @@ pub(crate) struct ConnShared {
     /// Decoder, deadlines and guard (sans-IO); the shell around it is this module.
     pub(super) core: RefCell<ConnectionCore>,
     /// Why the connection closes, once known (the first reason wins).
-    pub(super) abort: RefCell<Option<AbortReason>>,
+    pub(super) abort: RefCell<Option<Box<AbortReason>>>,
     pub(super) abort_signal: Signal,
     pub(super) stats: RefCell<ConnectionStats>,
     /// The reason the peer gave in its `Abort`, if it sent one.
-    pub(super) peer_abort: RefCell<Option<AbortReason>>,
+    pub(super) peer_abort: RefCell<Option<Box<AbortReason>>>,
     /// Bytes of incoming messages capnp-rpc still holds.
     pub(super) held_bytes: Rc<Cell<usize>>,
     /// The server's metrics, when this connection reports to them.
@@ -82,11 +82,11 @@ impl ConnShared {
         }
         if let AbortReason::PeerAborted { reason: text, .. } = &reason {
             tracing::debug!(reason = %text, "the peer aborted the connection");
-            *self.peer_abort.borrow_mut() = Some(reason.clone());
+            *self.peer_abort.borrow_mut() = Some(Box::new(reason.clone()));
         }
         let mut slot = self.abort.borrow_mut();
         if slot.is_none() {
-            *slot = Some(reason);
+            *slot = Some(Box::new(reason));
             self.abort_signal.notify();
         }
         error
@@ -100,11 +100,10 @@ impl ConnShared {
     }
 
     pub(super) fn abort_error(&self) -> capnp::Error {
-        self.abort
-            .borrow()
-            .as_ref()
-            .unwrap_or(&AbortReason::Closed("connection closed"))
-            .to_error()
+        match &*self.abort.borrow() {
+            Some(reason) => reason.to_error(),
+            None => AbortReason::Closed("connection closed").to_error(),
+        }
     }
 
     /// Grows whenever bytes move in either direction (idle detection compares snapshots,
