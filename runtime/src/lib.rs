@@ -6,8 +6,9 @@
 //! through the guard's accounting to a coalescing, byte-bounded writer. See
 //! `docs/ARCHITECTURE.md`.
 //!
-//! Serve with [`Server::builder`], connect with [`Client::builder`] (or [`ClientHandle`] from
-//! other threads).
+//! Serve with [`Server::builder`], put the guard in front of an existing server with
+//! [`Gateway::builder`] and an [`Upstream`], connect with [`Client::builder`] (or
+//! [`ClientHandle`] from other threads).
 #![forbid(unsafe_code)]
 
 mod client;
