@@ -1,24 +1,36 @@
 //! Message forms a relay cannot account for (DESIGN rule 11), refused in both directions:
 //! Level-3 RPC (provide, accept, join, third-party capabilities, answers and results),
-//! obsolete messages, and union members this build does not know. In serve mode capnp-rpc
-//! answers them itself; a gateway would pass them to a vat that might act on them.
+//! obsolete messages, and union members this build does not know. Whole messages of such
+//! kinds get `Unimplemented`, as capnp-rpc answers them in serve mode; such forms inside a
+//! message close the connection. A gateway would otherwise pass them to a vat that might act
+//! on them.
 
 use capnp::struct_list;
 use capnp_rpc::rpc_capnp::{call, cap_descriptor, disembargo, message, payload, return_};
 
 use crate::AbortReason;
 
+/// What a relay does with a message it cannot account for.
+pub(crate) enum Refusal {
+    /// A whole message of a kind the relay does not handle: answer it with `Unimplemented`
+    /// (as capnp-rpc does in serve mode), keeping the connection.
+    Unimplemented,
+    /// A form inside a message the relay otherwise handles: close with this reason.
+    Abort(AbortReason),
+}
+
 /// Why `msg` must not be relayed, if it must not. Messages that do not parse are left to
 /// the accounting (which ignores them) and to the receiving vat.
-pub(crate) fn unsupported(msg: message::Reader<'_>) -> Option<AbortReason> {
+pub(crate) fn unsupported(msg: message::Reader<'_>) -> Option<Refusal> {
     let what = match msg.which() {
-        Err(capnp::NotInSchema(n)) => Some(format!("message type {n}")),
-        Ok(message::Provide(_)) => Some("a Provide message".into()),
-        Ok(message::Accept(_)) => Some("an Accept message".into()),
-        Ok(message::Join(_)) => Some("a Join message".into()),
-        Ok(message::ObsoleteSave(_) | message::ObsoleteDelete(_)) => {
-            Some("an obsolete Save/Delete message".into())
-        }
+        Err(capnp::NotInSchema(_))
+        | Ok(
+            message::Provide(_)
+            | message::Accept(_)
+            | message::Join(_)
+            | message::ObsoleteSave(_)
+            | message::ObsoleteDelete(_),
+        ) => return Some(Refusal::Unimplemented),
         Ok(message::Call(Ok(c))) => call_form(c),
         Ok(message::Return(Ok(r))) => return_form(r),
         Ok(message::Resolve(Ok(r))) => match r.which() {
@@ -35,7 +47,17 @@ pub(crate) fn unsupported(msg: message::Reader<'_>) -> Option<AbortReason> {
         },
         _ => None,
     };
-    what.map(|what| AbortReason::Unsupported { what })
+    what.map(|what| Refusal::Abort(AbortReason::Unsupported { what }))
+}
+
+/// The `Unimplemented` answer to `msg`: a copy of it, as the protocol asks.
+pub(crate) fn unimplemented(msg: message::Reader<'_>) -> capnp::Result<Box<[u8]>> {
+    let mut b = capnp::message::Builder::new_default();
+    b.init_root::<message::Builder<'_>>()
+        .set_unimplemented(msg)?;
+    let mut frame = Vec::new();
+    crate::framing::encode_frame(&mut frame, &b.get_segments_for_output());
+    Ok(frame.into_boxed_slice())
 }
 
 fn call_form(c: call::Reader<'_>) -> Option<String> {

@@ -33,7 +33,7 @@ mod observer;
 mod reply;
 mod table;
 use exports::QuestionCaps;
-pub(crate) use foreign::unsupported;
+pub(crate) use foreign::{unimplemented, unsupported, Refusal};
 use methods::MethodLimits;
 pub use observer::DenialCounts;
 pub(crate) use observer::{DenialReason, GuardObserver};

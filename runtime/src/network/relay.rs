@@ -18,7 +18,7 @@ use super::reader::{Lease, ReadState};
 use super::shared::ConnShared;
 use super::writer;
 use crate::core::{abort_frame, peer_abort, ConnectionCore, Event, Message};
-use crate::guard::{unsupported, Guard};
+use crate::guard::{unimplemented, unsupported, Guard, Refusal};
 use crate::upstream::Streams;
 use crate::{AbortReason, Limits};
 
@@ -208,13 +208,21 @@ async fn client_to_upstream<R: AsyncRead + Unpin>(
             }
             Ok(Event::Deliver { message, .. }) => {
                 let refused = match message.get_root::<message::Reader<'_>>() {
-                    Ok(root) => unsupported(root),
-                    Err(e) => Some(AbortReason::Unsupported {
+                    Ok(root) => unsupported(root).map(|r| answer(r, root)),
+                    Err(e) => Some(Err(AbortReason::Unsupported {
                         what: format!("a message that is not an rpc message ({e})"),
-                    }),
+                    })),
                 };
-                if let Some(reason) = refused {
-                    return End::Close(reason);
+                match refused {
+                    None => {}
+                    Some(Ok(echo)) => {
+                        if let Err(reason) = client.outbox.push(Message::Encoded(echo)) {
+                            client.note_cut_off();
+                            return End::Close(reason);
+                        }
+                        continue;
+                    }
+                    Some(Err(reason)) => return End::Close(reason),
                 }
                 if let Err(reason) = up.outbox.push(Message::Relayed(message.into_segments())) {
                     return End::Close(upstream_fault(upstream, reason));
@@ -267,13 +275,22 @@ async fn upstream_to_client<R: AsyncRead + Unpin>(
                 },
                 other => upstream_fault(upstream, other),
             }),
-            Ok(root) => match unsupported(root) {
-                Some(reason) => Err(upstream_fault(upstream, reason)),
-                None => client.core.borrow_mut().outgoing(root),
+            Ok(root) => match unsupported(root).map(|r| answer(r, root)) {
+                Some(Ok(echo)) => Ok(Some(echo)),
+                Some(Err(reason)) => Err(upstream_fault(upstream, reason)),
+                None => client.core.borrow_mut().outgoing(root).map(|()| None),
             },
         };
-        if let Err(reason) = accounted {
-            return End::Close(reason);
+        match accounted {
+            Err(reason) => return End::Close(reason),
+            Ok(Some(echo)) => {
+                // Answered to the upstream; nothing reaches the client.
+                if let Err(reason) = up.outbox.push(Message::Encoded(echo)) {
+                    return End::Close(upstream_fault(upstream, reason));
+                }
+                continue;
+            }
+            Ok(None) => {}
         }
         if let Err(reason) = client
             .outbox
@@ -282,6 +299,16 @@ async fn upstream_to_client<R: AsyncRead + Unpin>(
             client.note_cut_off();
             return End::Close(reason);
         }
+    }
+}
+
+/// The frame answering a refused message: its `Unimplemented` echo, or the reason to close.
+fn answer(refusal: Refusal, root: message::Reader<'_>) -> Result<Box<[u8]>, AbortReason> {
+    match refusal {
+        Refusal::Abort(reason) => Err(reason),
+        Refusal::Unimplemented => unimplemented(root).map_err(|e| AbortReason::Unsupported {
+            what: format!("a message that cannot be echoed as Unimplemented ({e})"),
+        }),
     }
 }
 
