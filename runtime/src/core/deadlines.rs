@@ -19,7 +19,8 @@ use super::AbortReason;
 #[derive(Debug)]
 pub(crate) struct Deadlines {
     frame_timeout: Duration,
-    idle_timeout: Duration,
+    /// `None`: no idle check (a relay's upstream side, whose calls count on the client side).
+    idle_timeout: Option<Duration>,
     /// When the reader first waited for the rest of the current frame.
     frame_started: Option<Instant>,
     /// When the idle check runs next, and the activity count it compares against.
@@ -32,7 +33,7 @@ pub(crate) struct Deadlines {
 impl Deadlines {
     pub(crate) fn new(
         frame_timeout: Duration,
-        idle_timeout: Duration,
+        idle_timeout: Option<Duration>,
         write_timeout: Duration,
     ) -> Self {
         Self {
@@ -43,6 +44,12 @@ impl Deadlines {
             write_timeout,
             write_blocked: None,
         }
+    }
+
+    /// No idle check from now on.
+    pub(crate) fn without_idle_check(&mut self) {
+        self.idle_timeout = None;
+        self.idle_check = None;
     }
 
     /// The current write could not complete at once: its deadline (`now` is read when the
@@ -72,8 +79,8 @@ impl Deadlines {
         if in_frame && self.frame_started.is_none() {
             self.frame_started = Some(now());
         }
-        if self.idle_check.is_none() {
-            self.idle_check = Some((now() + self.idle_timeout, activity));
+        if let (None, Some(idle)) = (self.idle_check, self.idle_timeout) {
+            self.idle_check = Some((now() + idle, activity));
         }
     }
 
@@ -115,15 +122,15 @@ impl Deadlines {
                     if now < at {
                         return Ok(());
                     }
-                    if activity == mark && in_flight == 0 {
-                        return Err(AbortReason::Idle {
-                            limit: self.idle_timeout,
-                        });
+                    if let (Some(limit), true) =
+                        (self.idle_timeout, activity == mark && in_flight == 0)
+                    {
+                        return Err(AbortReason::Idle { limit });
                     }
                 }
             }
         }
-        self.idle_check = Some((now + self.idle_timeout, activity));
+        self.idle_check = self.idle_timeout.map(|idle| (now + idle, activity));
         Ok(())
     }
 }
@@ -172,7 +179,7 @@ mod tests {
     #[test]
     fn a_frame_not_completed_in_time_aborts_with_what_had_arrived() {
         let t0 = Instant::now();
-        let mut d = Deadlines::new(FRAME, IDLE, WRITE);
+        let mut d = Deadlines::new(FRAME, Some(IDLE), WRITE);
         d.before_wait(|| t0, true, 10);
         assert_eq!(d.poll_timeout(), Some(at(t0, 500)));
         // Waiting again inside the same frame does not move its deadline.
@@ -188,9 +195,22 @@ mod tests {
     }
 
     #[test]
+    fn without_an_idle_check_only_frames_have_deadlines() {
+        let t0 = Instant::now();
+        let mut d = Deadlines::new(FRAME, None, WRITE);
+        d.before_wait(|| t0, false, 10);
+        assert_eq!(d.poll_timeout(), None, "nothing to wake for between frames");
+        d.before_wait(|| t0, true, 10);
+        assert_eq!(d.poll_timeout(), Some(at(t0, 500)));
+        d.frame_done();
+        assert_eq!(d.handle_timeout(at(t0, 100_000), 10, 0, 0), Ok(()));
+        assert_eq!(d.poll_timeout(), None);
+    }
+
+    #[test]
     fn a_completed_frame_stops_its_clock() {
         let t0 = Instant::now();
-        let mut d = Deadlines::new(FRAME, IDLE, WRITE);
+        let mut d = Deadlines::new(FRAME, Some(IDLE), WRITE);
         d.before_wait(|| t0, true, 10);
         d.frame_done();
         assert_eq!(d.poll_timeout(), Some(at(t0, 10_000)));
@@ -201,7 +221,7 @@ mod tests {
     #[test]
     fn idle_closes_only_without_activity_and_calls_in_flight() {
         let t0 = Instant::now();
-        let mut d = Deadlines::new(FRAME, IDLE, WRITE);
+        let mut d = Deadlines::new(FRAME, Some(IDLE), WRITE);
         d.before_wait(|| t0, false, 100);
         // Bytes moved since: re-armed one period on.
         assert_eq!(d.handle_timeout(at(t0, 10_000), 150, 0, 0), Ok(()));
@@ -217,7 +237,7 @@ mod tests {
     #[test]
     fn an_early_timer_changes_nothing() {
         let t0 = Instant::now();
-        let mut d = Deadlines::new(FRAME, IDLE, WRITE);
+        let mut d = Deadlines::new(FRAME, Some(IDLE), WRITE);
         d.before_wait(|| t0, false, 0);
         assert_eq!(d.handle_timeout(at(t0, 1), 0, 0, 0), Ok(()));
         assert_eq!(d.poll_timeout(), Some(at(t0, 10_000)));
@@ -226,7 +246,7 @@ mod tests {
     #[test]
     fn inside_a_frame_the_idle_check_is_re_armed_not_applied() {
         let t0 = Instant::now();
-        let mut d = Deadlines::new(Duration::from_secs(60), IDLE, WRITE);
+        let mut d = Deadlines::new(Duration::from_secs(60), Some(IDLE), WRITE);
         d.before_wait(|| t0, true, 0);
         assert_eq!(d.poll_timeout(), Some(at(t0, 10_000)));
         assert_eq!(d.handle_timeout(at(t0, 10_000), 0, 0, 4), Ok(()));
@@ -236,7 +256,7 @@ mod tests {
     #[test]
     fn a_blocked_write_times_out_from_when_it_first_blocked_and_a_done_one_never() {
         let t0 = Instant::now();
-        let mut d = Deadlines::new(FRAME, IDLE, WRITE);
+        let mut d = Deadlines::new(FRAME, Some(IDLE), WRITE);
         assert_eq!(d.check_write(at(t0, 100_000)), Ok(()), "no write blocked");
         assert_eq!(d.write_blocked(|| t0), at(t0, 2_000));
         // Blocking again later (the write made some progress, then blocked) keeps the start.

@@ -66,7 +66,7 @@ impl ConnectionCore {
             outbox: Rc::new(Outbox::new(limits.max_outgoing_bytes)),
             deadlines: Deadlines::new(
                 limits.frame_timeout,
-                limits.idle_timeout,
+                Some(limits.idle_timeout),
                 limits.write_timeout,
             ),
             guard,
@@ -75,6 +75,13 @@ impl ConnectionCore {
             linger_timeout: limits.linger_timeout,
             linger_bytes: limits.max_message_bytes.saturating_mul(2) + 64 * 1024,
         }
+    }
+
+    /// The same core without an idle check: for a relay's upstream side, whose calls in
+    /// flight and idle time count on the client side.
+    pub(crate) fn without_idle_check(mut self) -> Self {
+        self.deadlines.without_idle_check();
+        self
     }
 
     /// Decodes from bytes read from the peer: how many it consumed, and a frame if one

@@ -21,7 +21,8 @@ pub(super) struct ReadState<R> {
     pos: usize,
     end: usize,
     /// One timer for both deadlines, armed lazily and moved only when the core's next
-    /// deadline is earlier or when it fires: no timer work per message.
+    /// deadline is earlier or when it fires: no timer work per message. `None` while the
+    /// core has no deadline.
     timer: Option<Pin<Box<Sleep>>>,
     eof: bool,
 }
@@ -112,12 +113,18 @@ impl<R: AsyncRead + Unpin> ReadState<R> {
                     }
                 }
             });
-            let timer = timer.as_mut().expect("armed above");
+            // No timer when the core has no deadline to keep (no idle check, between frames).
+            let timer = async {
+                match timer.as_mut() {
+                    Some(t) => t.as_mut().await,
+                    None => std::future::pending().await,
+                }
+            };
             let event = tokio::select! {
                 biased;
                 () = shared.aborted() => Event::Aborted,
                 r = read => Event::Read(r),
-                () = timer.as_mut() => Event::Timer,
+                () = timer => Event::Timer,
             };
             match event {
                 Event::Aborted => return Err(shared.abort_error()),
@@ -168,8 +175,11 @@ impl<R: AsyncRead + Unpin> ReadState<R> {
         let next = core.poll_timeout().map(Instant::from_std);
         drop(core);
         checked.map_err(|e| shared.fail(e))?;
-        if let (Some(timer), Some(at)) = (&mut self.timer, next) {
-            timer.as_mut().reset(at);
+        match (&mut self.timer, next) {
+            (Some(timer), Some(at)) => timer.as_mut().reset(at),
+            // Nothing left to keep: a fired timer must not stay armed in the past.
+            (timer, None) => *timer = None,
+            (None, Some(_)) => {}
         }
         Ok(())
     }

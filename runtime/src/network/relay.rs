@@ -26,10 +26,6 @@ use crate::{AbortReason, Limits};
 /// reading: TCP semantics, bounded by the upstream's `write_timeout`).
 const PAUSE_BYTES: usize = 256 * 1024;
 
-/// The client side's idle check covers the pair; the upstream side has none of its own
-/// (its calls in flight are counted on the client side).
-const UPSTREAM_IDLE: Duration = Duration::from_secs(365 * 24 * 3600);
-
 /// A relayed connection, from connecting upstream until both sides are closed.
 pub(crate) type RelayFuture = std::pin::Pin<Box<dyn Future<Output = Result<(), capnp::Error>>>>;
 
@@ -108,7 +104,6 @@ where
         }),
         Some(Ok((up_read, up_write))) => {
             let up_limits = Arc::new(Limits {
-                idle_timeout: UPSTREAM_IDLE,
                 max_outgoing_bytes: PAUSE_BYTES + limits.max_message_bytes + 64 * 1024,
                 // The client side polls for its next call (as in serve); the upstream side
                 // has no calls of its own to wait for.
@@ -117,7 +112,8 @@ where
                 call_poll: Duration::ZERO,
                 ..Limits::clone(limits)
             });
-            let core = ConnectionCore::new(&up_limits, Guard::allow_all());
+            // The client side's idle check covers the pair: calls in flight count there.
+            let core = ConnectionCore::new(&up_limits, Guard::allow_all()).without_idle_check();
             let up = ConnShared::new(up_limits, core);
             let mut up_lease = ReadState::new(up_read);
             let up_writing = writer::run(up_write, up.clone());
