@@ -60,16 +60,6 @@ fn start_gateway_with(upstream: SocketAddr, limits: capgate::Limits) -> SocketAd
 
 const CHILD_ENV: &str = "CAPGATE_BENCH_GATEWAY_CHILD";
 
-fn rss_of(pid: u32) -> usize {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse::<usize>().ok())
-        .unwrap_or(0)
-        * 1024
-}
-
 /// RSS growth of a gateway in a process of its own per idle relayed pair: `n` connections
 /// through it, each after one call.
 fn idle_bytes_per_pair(upstream: SocketAddr, n: usize) -> f64 {
@@ -109,12 +99,12 @@ fn idle_bytes_per_pair(upstream: SocketAddr, n: usize) -> f64 {
             held.push(f.await);
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        let before = rss_of(pid);
+        let before = common::process_rss(pid);
         for f in connect(n) {
             held.push(f.await);
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        let grown = rss_of(pid).saturating_sub(before);
+        let grown = common::process_rss(pid).saturating_sub(before);
         drop(held);
         grown as f64 / n as f64
     });

@@ -36,6 +36,17 @@ pub(crate) async fn twoparty_connect(addr: SocketAddr) -> capnp::capability::Cli
     client
 }
 
+/// Resident set size of process `pid`, in bytes (0 if it cannot be read).
+pub(crate) fn process_rss(pid: u32) -> usize {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<usize>().ok())
+        .unwrap_or(0)
+        * 1024
+}
+
 /// The median (sorts `v`).
 pub(crate) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);

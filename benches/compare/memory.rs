@@ -27,16 +27,6 @@ pub(crate) fn child_serve(what: &str) {
     let _ = std::io::stdin().read_line(&mut s);
 }
 
-pub(crate) fn child_rss(pid: u32) -> usize {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse::<usize>().ok())
-        .unwrap_or(0)
-        * 1024
-}
-
 pub(crate) fn memory_report(b: &Bench) {
     use std::io::BufRead;
     let n = if b.quick { 30 } else { 500 };
@@ -97,7 +87,7 @@ pub(crate) fn memory_report(b: &Bench) {
             let warm = connect_one().await;
             warm.echo(&payload).await;
             tokio::time::sleep(Duration::from_millis(100)).await;
-            let before = child_rss(pid);
+            let before = common::process_rss(pid);
             let mut held = Vec::new();
             for _ in 0..n {
                 let c = connect_one().await;
@@ -105,7 +95,7 @@ pub(crate) fn memory_report(b: &Bench) {
                 held.push(c);
             }
             tokio::time::sleep(Duration::from_millis(300)).await;
-            let per = child_rss(pid).saturating_sub(before) as f64 / n as f64;
+            let per = common::process_rss(pid).saturating_sub(before) as f64 / n as f64;
             drop(held);
             per
         });
