@@ -39,7 +39,7 @@ pub(crate) struct OutgoingAccount {
     client_label: Box<str>,
     reserved: AtomicUsize,
     cut: AtomicBool,
-    reason: Mutex<Option<AbortReason>>,
+    reason: Mutex<Option<Box<AbortReason>>>,
     waker: AtomicWaker,
 }
 
@@ -183,7 +183,7 @@ impl OutgoingAccount {
     }
 
     fn cut_off(&self, reason: AbortReason) {
-        *lock(&self.reason) = Some(reason);
+        *lock(&self.reason) = Some(Box::new(reason));
         self.cut.store(true, Ordering::Release);
         self.waker.wake();
     }
@@ -191,7 +191,7 @@ impl OutgoingAccount {
     /// Why another connection's push cut this one off, if it did.
     pub(crate) fn cut_reason(&self) -> Option<AbortReason> {
         if self.cut.load(Ordering::Acquire) {
-            lock(&self.reason).clone()
+            lock(&self.reason).as_deref().cloned()
         } else {
             None
         }

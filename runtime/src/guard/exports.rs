@@ -19,13 +19,22 @@ impl Guard {
                 // capnp-rpc sets noFinishNeeded on results without capabilities: the peer
                 // will not send Finish, and the answer is gone once returned.
                 let done = ret.get_no_finish_needed();
+                let ids = match ret.which() {
+                    Ok(capnp_rpc::rpc_capnp::return_::Results(Ok(payload))) => {
+                        self.export_descriptors(payload.get_cap_table())
+                    }
+                    _ => Vec::new(),
+                };
+                // The ids stay with the answer until its Finish; an answer that is not kept
+                // (finished already, or no Finish expected) keeps them in `returned_caps`.
+                let mut ids = Some(ids);
                 match self.answers.get(q) {
                     Some(&Answer::Running(m)) => {
                         self.ended(m);
                         if done {
                             self.answers.remove(q);
-                        } else {
-                            self.answers.insert(q, Answer::Returned);
+                        } else if let Some(ids) = ids.take() {
+                            self.answers.insert(q, Answer::Returned(ids.into_boxed_slice()));
                         }
                     }
                     Some(Answer::Cancelled) => {
@@ -33,11 +42,8 @@ impl Guard {
                     }
                     _ => {}
                 }
-                if let Ok(capnp_rpc::rpc_capnp::return_::Results(Ok(payload))) = ret.which() {
-                    let ids = self.export_descriptors(payload.get_cap_table());
-                    if !ids.is_empty() {
-                        self.returned_caps.insert(q, ids);
-                    }
+                if let Some(ids) = ids.filter(|ids| !ids.is_empty()) {
+                    self.returned_caps.insert(q, ids);
                 }
             }
             Ok(message::Call(Ok(c))) => {
@@ -108,6 +114,16 @@ impl Guard {
         }
     }
 
+    /// The peer finished a question whose Return carried `ids`: with `releaseResultCaps`
+    /// (the default) it no longer holds them.
+    pub(super) fn finished_caps(&mut self, ids: &[u32], release_result_caps: bool) {
+        if release_result_caps {
+            for &id in ids {
+                self.release_export(id, 1);
+            }
+        }
+    }
+
     pub(super) fn release_export(&mut self, id: u32, count: u32) {
         if let Some(n) = self.exports.get_mut(&id) {
             *n = n.saturating_sub(count);
@@ -119,7 +135,8 @@ impl Guard {
 }
 
 /// Export ids by question id, allocated only once one is recorded: most connections never
-/// pass capabilities in params or results, and an empty map would cost every one 48 bytes.
+/// have any (the ids of a returned answer live in its entry), and an empty map costs 48
+/// bytes.
 #[derive(Default)]
 #[allow(clippy::box_collection)] // the box is the point: 8 bytes while empty, not 48
 pub(super) struct QuestionCaps(Option<Box<HashMap<u32, Vec<u32>>>>);

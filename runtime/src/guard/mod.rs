@@ -68,8 +68,9 @@ enum Answer {
     /// Delivered; no Return sent and no Finish received: in flight. The method, for calls
     /// (per-method in-flight counts); `None` for bootstraps.
     Running(Option<MethodRef>),
-    /// Returned; capnp-rpc keeps the results until Finish.
-    Returned,
+    /// Returned; capnp-rpc keeps the results until Finish. The export ids the results
+    /// carried, released by a Finish that says `releaseResultCaps`.
+    Returned(Box<[u32]>),
     /// Finished before it returned: capnp-rpc keeps the entry for the connection's life.
     Cancelled,
     /// Denied by the guard; waiting for the peer's Finish.
@@ -99,7 +100,8 @@ pub struct Guard {
     message_bytes: usize,
     /// Mirror of our export table as the peer sees it: export id -> references it holds.
     exports: HashMap<u32, u32>,
-    /// Export ids carried by each Return we sent, released by the peer's Finish.
+    /// Export ids carried by a Return we sent whose answer is not kept (see
+    /// `Answer::Returned`), released by the peer's Finish.
     returned_caps: QuestionCaps,
     /// Export ids carried by the params of each call we sent, released by the peer's Return
     /// when it says `releaseParamCaps`.
@@ -253,11 +255,7 @@ impl Guard {
             Ok(message::Finish(Ok(f))) => {
                 let q = f.get_question_id();
                 if let Some(ids) = self.returned_caps.remove(q) {
-                    if f.get_release_result_caps() {
-                        for id in ids {
-                            self.release_export(id, 1);
-                        }
-                    }
+                    self.finished_caps(&ids, f.get_release_result_caps());
                 }
                 match self.answers.get(q) {
                     Some(Answer::Denied(_)) => {
@@ -269,8 +267,10 @@ impl Guard {
                         self.answers.insert(q, Answer::Cancelled);
                         Verdict::Deliver
                     }
-                    Some(Answer::Returned) => {
-                        self.answers.remove(q);
+                    Some(Answer::Returned(_)) => {
+                        if let Some(Answer::Returned(ids)) = self.answers.remove(q) {
+                            self.finished_caps(&ids, f.get_release_result_caps());
+                        }
                         Verdict::Deliver
                     }
                     Some(Answer::Cancelled) | None => Verdict::Deliver,
@@ -297,7 +297,7 @@ impl Guard {
                 id: q,
                 state: match a {
                     Answer::Running(_) => "call in flight",
-                    Answer::Returned => "returned, not finished",
+                    Answer::Returned(_) => "returned, not finished",
                     Answer::Cancelled => "cancelled",
                     Answer::Denied(_) => "denied, not finished",
                 },

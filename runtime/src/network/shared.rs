@@ -23,7 +23,7 @@ pub(crate) struct ConnShared {
     /// The reason the peer gave in its `Abort`, if it sent one.
     pub(super) peer_abort: RefCell<Option<Box<AbortReason>>>,
     /// Bytes of incoming messages capnp-rpc still holds.
-    pub(super) held_bytes: Rc<Cell<usize>>,
+    pub(super) held_bytes: Cell<usize>,
     /// The server's metrics, when this connection reports to them.
     pub(super) metrics: RefCell<Option<std::sync::Arc<crate::Metrics>>>,
 }
@@ -58,7 +58,7 @@ impl ConnShared {
             abort_signal: Signal::default(),
             stats: RefCell::new(ConnectionStats::default()),
             peer_abort: RefCell::new(None),
-            held_bytes: Rc::new(Cell::new(0)),
+            held_bytes: Cell::new(0),
             metrics: RefCell::new(None),
             limits,
         })

@@ -216,3 +216,51 @@ fn exports_are_mirrored_and_over_max_exports_aborts() {
     feed(&mut g, &rel);
     assert_eq!(g.exports_held(), 3);
 }
+
+#[test]
+fn result_caps_stay_held_without_release_result_caps_and_are_released_once() {
+    let mut g = guard();
+    let ns = method("Store", "namespace");
+    let finish = |q: u32, release: bool| {
+        let mut b = Builder::new_default();
+        {
+            let mut f = b.init_root::<message::Builder>().init_finish();
+            f.set_question_id(q);
+            f.set_release_result_caps(release);
+        }
+        b
+    };
+    feed_call(&mut g, 1, ns);
+    g.outgoing(return_with_caps(1, &[10]).get_root_as_reader().unwrap())
+        .unwrap();
+    feed(&mut g, &finish(1, false));
+    assert_eq!(g.exports_held(), 1, "the peer kept the result's capability");
+    // The answer is gone: a second Finish for the id releases nothing more.
+    feed_call(&mut g, 2, ns);
+    g.outgoing(return_with_caps(2, &[10, 11]).get_root_as_reader().unwrap())
+        .unwrap();
+    assert_eq!(g.exports_held(), 2);
+    feed(&mut g, &finish(2, true));
+    feed(&mut g, &finish(2, true));
+    assert_eq!(g.exports_held(), 1, "export 10 is still held once");
+}
+
+#[test]
+fn result_caps_of_an_answer_not_kept_are_released_by_its_finish() {
+    let mut g = guard();
+    let ns = method("Store", "namespace");
+    // A foreign callee may say noFinishNeeded on results with capabilities; the peer may
+    // still finish the question.
+    feed_call(&mut g, 1, ns);
+    let mut ret = return_with_caps(1, &[20]);
+    {
+        let root = ret.get_root::<message::Builder>().unwrap();
+        if let Ok(message::Which::Return(Ok(mut r))) = root.which() {
+            r.set_no_finish_needed(true);
+        }
+    }
+    g.outgoing(ret.get_root_as_reader().unwrap()).unwrap();
+    assert_eq!(g.exports_held(), 1);
+    feed(&mut g, &finish_msg(1));
+    assert_eq!(g.exports_held(), 0);
+}
