@@ -261,7 +261,12 @@ async fn churn(gw: SocketAddr) {
     let c = Client::connect(gw).await.unwrap();
     let s: store::Client = c.bootstrap();
     let (held, e) = churn_then_hoard(&s, 2000).await;
-    assert!(e.extra.contains("max_exports = 100 exceeded"), "{e}");
+    assert!(
+        e.extra.contains("max_exports = 100 exceeded")
+            && e.extra.contains("capabilities from upstream ")
+            && e.extra.contains(" through this gateway"),
+        "{e}"
+    );
     assert!((98..=101).contains(&held), "{held} held");
 }
 

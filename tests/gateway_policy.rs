@@ -137,11 +137,17 @@ fn the_exports_mirror_holds_against_an_upstream_that_is_not_capgate() {
         let s: store::Client = c.bootstrap();
         // Create and drop, 2,000 times: every Release reaches the mirror; then hoard.
         let (held, failure) = churn_then_hoard(&s, 2000).await;
-        assert!(
-            failure.extra.contains("max_exports = 100 exceeded"),
-            "{failure}"
-        );
         assert!((98..=101).contains(&held), "{held} held");
+        assert_eq!(
+            failure.extra,
+            format!(
+                "the peer aborted the connection: capgate: max_exports = 100 exceeded: the peer \
+                 holds 101 capabilities from \
+                 upstream {} through this gateway (client \"everyone\"); release capabilities \
+                 you no longer use",
+                up.upstream().name()
+            )
+        );
     });
     assert_served(gw.addr);
     gw.stop().unwrap();

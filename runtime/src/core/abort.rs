@@ -92,8 +92,9 @@ pub enum AbortReason {
     },
     /// The peer holds more capabilities from us than `max_exports`.
     #[error(
-        "capgate: max_exports = {limit} exceeded: the peer holds {held} capabilities from this \
-         server (client \"{class}\"); release capabilities you no longer use"
+        "capgate: max_exports = {limit} exceeded: the peer holds {held} capabilities from {} \
+         (client \"{class}\"); release capabilities you no longer use",
+        exports_source(.upstream.as_deref())
     )]
     Exports {
         /// The class quota.
@@ -102,6 +103,8 @@ pub enum AbortReason {
         held: usize,
         /// The client class.
         class: String,
+        /// The upstream they come from, through the gateway (`None`: from this server).
+        upstream: Option<String>,
     },
     /// The peer does not read what we send: an outgoing byte budget was exceeded.
     #[error("{}", outgoing_text(scope, *queued, *limit, *held))]
@@ -304,6 +307,15 @@ fn fmt_duration(d: Duration) -> String {
         format!("{} s", d.as_secs())
     } else {
         format!("{} ms", d.as_millis())
+    }
+}
+
+
+/// Who the capabilities of a `max_exports` abort come from, as its text says.
+fn exports_source(upstream: Option<&str>) -> String {
+    match upstream {
+        None => "this server".to_string(),
+        Some(u) => format!("upstream {u} through this gateway"),
     }
 }
 

@@ -72,6 +72,7 @@ impl Guard {
                 limit: max,
                 held: self.exports.len(),
                 class: self.class.name().to_string(),
+                upstream: None,
             });
         }
         Ok(())

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use crate::AbortReason;
 use capgate_policy::ClientClass;
 use capgate_schema::{Catalog, MethodRef};
-use capnp_rpc::rpc_capnp::{cap_descriptor, exception, message};
+use capnp_rpc::rpc_capnp::{cap_descriptor, exception, message, resolve};
 
 mod calls;
 mod exports;
@@ -282,6 +282,21 @@ impl Guard {
                 if let Ok(capnp_rpc::rpc_capnp::return_::Results(Ok(p))) = ret.which() {
                     if let Some(v) = self.too_many_caps("Return", p.get_cap_table()) {
                         return v;
+                    }
+                }
+                Verdict::Deliver
+            }
+            // The peer could not take a capability we resolved a promise to: it never held
+            // it (rule 11; C++ releases the export the same way).
+            Ok(message::Unimplemented(Ok(echo))) => {
+                if let Ok(message::Resolve(Ok(r))) = echo.which() {
+                    if let Ok(resolve::Cap(Ok(d))) = r.which() {
+                        if let Ok(
+                            cap_descriptor::SenderHosted(id) | cap_descriptor::SenderPromise(id),
+                        ) = d.which()
+                        {
+                            self.release_export(id, 1);
+                        }
                     }
                 }
                 Verdict::Deliver

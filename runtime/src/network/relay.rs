@@ -274,7 +274,23 @@ async fn upstream_to_client<R: AsyncRead + Unpin>(
             Ok(root) => match unsupported(root).map(|r| answer(r, root)) {
                 Some(Ok(echo)) => Ok(Some(echo)),
                 Some(Err(reason)) => Err(upstream_fault(upstream, reason)),
-                None => client.core.borrow_mut().outgoing(root).map(|()| None),
+                None => client
+                    .core
+                    .borrow_mut()
+                    .outgoing(root)
+                    .map(|()| None)
+                    .map_err(|reason| match reason {
+                        // The capabilities are the upstream's, not the gateway's.
+                        AbortReason::Exports {
+                            limit, held, class, ..
+                        } => AbortReason::Exports {
+                            limit,
+                            held,
+                            class,
+                            upstream: Some(upstream.to_string()),
+                        },
+                        other => other,
+                    }),
             },
         };
         match accounted {

@@ -264,3 +264,21 @@ fn result_caps_of_an_answer_not_kept_are_released_by_its_finish() {
     feed(&mut g, &finish_msg(1));
     assert_eq!(g.exports_held(), 0);
 }
+
+#[test]
+fn an_unimplemented_echo_of_our_resolve_takes_its_capability_off_the_mirror() {
+    let mut g = guard();
+    let resolve = |m: message::Builder<'_>| {
+        let mut r = m.init_resolve();
+        r.set_promise_id(7);
+        r.init_cap().set_sender_hosted(30);
+    };
+    let mut ours = Builder::new_default();
+    resolve(ours.init_root::<message::Builder>());
+    g.outgoing(ours.get_root_as_reader().unwrap()).unwrap();
+    assert_eq!(g.exports_held(), 1);
+    let mut echo = Builder::new_default();
+    resolve(echo.init_root::<message::Builder>().init_unimplemented());
+    assert!(matches!(feed(&mut g, &echo), Verdict::Deliver));
+    assert_eq!(g.exports_held(), 0, "the peer never took it");
+}
