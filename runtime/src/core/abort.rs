@@ -310,7 +310,6 @@ fn fmt_duration(d: Duration) -> String {
     }
 }
 
-
 /// Who the capabilities of a `max_exports` abort come from, as its text says.
 fn exports_source(upstream: Option<&str>) -> String {
     match upstream {

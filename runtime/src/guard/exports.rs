@@ -34,7 +34,8 @@ impl Guard {
                         if done {
                             self.answers.remove(q);
                         } else if let Some(ids) = ids.take() {
-                            self.answers.insert(q, Answer::Returned(ids.into_boxed_slice()));
+                            self.answers
+                                .insert(q, Answer::Returned(ids.into_boxed_slice()));
                         }
                     }
                     Some(Answer::Cancelled) => {
