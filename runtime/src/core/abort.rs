@@ -231,6 +231,22 @@ fn outgoing_text(scope: &BudgetScope, queued: usize, limit: usize, held: usize) 
 }
 
 impl AbortReason {
+    /// The reason as the gateway gives it, when the accounting of `upstream`'s messages
+    /// found it: the capabilities of a `max_exports` abort are the upstream's.
+    pub(crate) fn relayed_from(self, upstream: &str) -> Self {
+        match self {
+            AbortReason::Exports {
+                limit, held, class, ..
+            } => AbortReason::Exports {
+                limit,
+                held,
+                class,
+                upstream: Some(upstream.to_string()),
+            },
+            other => other,
+        }
+    }
+
     /// The kind of the `Abort` the peer receives.
     pub fn kind(&self) -> capnp::ErrorKind {
         match self {

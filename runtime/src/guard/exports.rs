@@ -27,33 +27,29 @@ impl Guard {
                 };
                 // The ids stay with the answer until its Finish; an answer that is not kept
                 // (finished already, or no Finish expected) keeps them in `returned_caps`.
-                let mut ids = Some(ids);
                 match self.answers.get(q) {
+                    Some(&Answer::Running(m)) if !done => {
+                        self.ended(m);
+                        self.answers
+                            .insert(q, Answer::Returned(ids.into_boxed_slice()));
+                    }
                     Some(&Answer::Running(m)) => {
                         self.ended(m);
-                        if done {
-                            self.answers.remove(q);
-                        } else if let Some(ids) = ids.take() {
-                            self.answers
-                                .insert(q, Answer::Returned(ids.into_boxed_slice()));
-                        }
+                        self.answers.remove(q);
+                        self.returned_caps.insert(q, ids);
                     }
                     Some(Answer::Cancelled) => {
                         self.answers.remove(q);
+                        self.returned_caps.insert(q, ids);
                     }
-                    _ => {}
-                }
-                if let Some(ids) = ids.filter(|ids| !ids.is_empty()) {
-                    self.returned_caps.insert(q, ids);
+                    _ => self.returned_caps.insert(q, ids),
                 }
             }
             Ok(message::Call(Ok(c))) => {
                 self.awaiting = self.awaiting.saturating_add(1);
                 if let Ok(p) = c.get_params() {
                     let ids = self.export_descriptors(p.get_cap_table());
-                    if !ids.is_empty() {
-                        self.param_caps.insert(c.get_question_id(), ids);
-                    }
+                    self.param_caps.insert(c.get_question_id(), ids);
                 }
             }
             Ok(message::Bootstrap(_)) => {
@@ -95,13 +91,9 @@ impl Guard {
     }
 
     fn export_descriptor(&mut self, d: cap_descriptor::Reader<'_>) -> Option<u32> {
-        match d.which() {
-            Ok(cap_descriptor::SenderHosted(id) | cap_descriptor::SenderPromise(id)) => {
-                *self.exports.entry(id).or_insert(0) += 1;
-                Some(id)
-            }
-            _ => None,
-        }
+        let id = sender_export(d)?;
+        *self.exports.entry(id).or_insert(0) += 1;
+        Some(id)
     }
 
     /// The peer returned our call `q`: with `releaseParamCaps` (C++ callees may set it),
@@ -136,6 +128,14 @@ impl Guard {
     }
 }
 
+/// The export a descriptor written by us names, if it names one of ours.
+pub(super) fn sender_export(d: cap_descriptor::Reader<'_>) -> Option<u32> {
+    match d.which() {
+        Ok(cap_descriptor::SenderHosted(id) | cap_descriptor::SenderPromise(id)) => Some(id),
+        _ => None,
+    }
+}
+
 /// Export ids by question id, allocated only once one is recorded: most connections never
 /// have any (the ids of a returned answer live in its entry), and an empty map costs 48
 /// bytes.
@@ -144,8 +144,11 @@ impl Guard {
 pub(super) struct QuestionCaps(Option<Box<HashMap<u32, Vec<u32>>>>);
 
 impl QuestionCaps {
+    /// Records `ids` for `q`; no ids, no entry (and no map).
     pub(super) fn insert(&mut self, q: u32, ids: Vec<u32>) {
-        self.0.get_or_insert_with(Default::default).insert(q, ids);
+        if !ids.is_empty() {
+            self.0.get_or_insert_with(Default::default).insert(q, ids);
+        }
     }
 
     pub(super) fn remove(&mut self, q: u32) -> Option<Vec<u32>> {

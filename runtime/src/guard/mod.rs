@@ -289,15 +289,15 @@ impl Guard {
             // The peer could not take a capability we resolved a promise to: it never held
             // it (rule 11; C++ releases the export the same way).
             Ok(message::Unimplemented(Ok(echo))) => {
-                if let Ok(message::Resolve(Ok(r))) = echo.which() {
-                    if let Ok(resolve::Cap(Ok(d))) = r.which() {
-                        if let Ok(
-                            cap_descriptor::SenderHosted(id) | cap_descriptor::SenderPromise(id),
-                        ) = d.which()
-                        {
-                            self.release_export(id, 1);
-                        }
-                    }
+                let resolved = match echo.which() {
+                    Ok(message::Resolve(Ok(r))) => match r.which() {
+                        Ok(resolve::Cap(Ok(d))) => exports::sender_export(d),
+                        _ => None,
+                    },
+                    _ => None,
+                };
+                if let Some(id) = resolved {
+                    self.release_export(id, 1);
                 }
                 Verdict::Deliver
             }

@@ -279,18 +279,7 @@ async fn upstream_to_client<R: AsyncRead + Unpin>(
                     .borrow_mut()
                     .outgoing(root)
                     .map(|()| None)
-                    .map_err(|reason| match reason {
-                        // The capabilities are the upstream's, not the gateway's.
-                        AbortReason::Exports {
-                            limit, held, class, ..
-                        } => AbortReason::Exports {
-                            limit,
-                            held,
-                            class,
-                            upstream: Some(upstream.to_string()),
-                        },
-                        other => other,
-                    }),
+                    .map_err(|reason| reason.relayed_from(upstream)),
             },
         };
         match accounted {
