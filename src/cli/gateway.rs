@@ -23,6 +23,10 @@ pub(crate) struct GatewayArgs {
     /// A client whose upstream cannot be reached in time gets an Abort naming it.
     #[arg(long, value_parser = capgate::parse_duration, value_name = "TIME")]
     upstream_connect_timeout: Option<std::time::Duration>,
+    /// Relay one connection on stdin/stdout (for a parent process that spawned this one);
+    /// exits when stdin closes.
+    #[arg(long, conflicts_with_all = ["listen", "unix"])]
+    stdio: bool,
     #[command(flatten)]
     schema: SchemaArgs,
     #[command(flatten)]
@@ -46,8 +50,10 @@ pub(crate) fn run(args: GatewayArgs) -> Result<(), String> {
         upstream = upstream.connect_timeout(t);
     }
     let catalog = args.schema.catalog()?;
-    if !args.common.has_listener() {
-        return Err("nothing to listen on: pass --listen ADDR and/or --unix PATH".into());
+    if !args.common.has_listener() && !args.stdio {
+        return Err(
+            "nothing to listen on: pass --listen ADDR and/or --unix PATH, or --stdio".into(),
+        );
     }
     tracing::info!(
         upstream = upstream.name(),
@@ -56,5 +62,8 @@ pub(crate) fn run(args: GatewayArgs) -> Result<(), String> {
     let server = args
         .common
         .build(capgate::Gateway::builder().upstream(upstream), &catalog)?;
+    if args.stdio {
+        return args.common.serve_stdio(server);
+    }
     args.common.serve(server)
 }

@@ -148,17 +148,7 @@ pub(crate) fn run(args: ServeArgs) -> Result<(), String> {
     };
     let server = common.build(builder, capgate::Catalog::builtin())?;
     if args.stdio {
-        let handle = server.shutdown_handle();
-        return super::block_on_local(async move {
-            tokio::task::spawn_local(async move {
-                wait_for_signal().await;
-                handle.shutdown();
-            });
-            server
-                .serve_stream(tokio::io::stdin(), tokio::io::stdout(), "stdio")
-                .await;
-            Ok(())
-        })?;
+        return common.serve_stdio(server);
     }
     common.serve(server)
 }
@@ -223,6 +213,26 @@ impl ServerArgs {
             builder = builder.policy(policy);
         }
         builder.build().map_err(|e| e.to_string())
+    }
+
+    /// Serves one connection on stdin/stdout until stdin closes or SIGTERM / Ctrl-C,
+    /// reloading the policy on SIGHUP and file changes. Logs go to stderr, as always.
+    pub(crate) fn serve_stdio(&self, server: Server) -> Result<(), String> {
+        let handle = server.shutdown_handle();
+        let policy = server.policy_handle();
+        let policy_path = self.policy.clone();
+        super::block_on_local(async move {
+            tokio::task::spawn_local(async move {
+                wait_for_signal().await;
+                handle.shutdown();
+            });
+            if let Some(path) = policy_path {
+                tokio::task::spawn_local(reload_on_sighup(path, policy));
+            }
+            server
+                .serve_stream(tokio::io::stdin(), tokio::io::stdout(), "stdio")
+                .await;
+        })
     }
 
     /// Prints one `listening on` line per listener, then serves until SIGTERM / Ctrl-C,
