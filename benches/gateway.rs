@@ -187,11 +187,16 @@ fn main() {
     let quick = std::env::args().any(|a| a == "--test");
     if std::env::args().any(|a| a == "cpu") {
         // Only the 128-in-flight load through the gateway, for a profiler:
-        // `cargo bench --bench gateway -- cpu`.
+        // `cargo bench --bench gateway -- cpu`; `CAPGATE_BENCH_CALLS=N` sets the number of
+        // calls (fewer under callgrind, which runs each thread about 50x slower).
+        let calls = std::env::var("CAPGATE_BENCH_CALLS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(200_000);
         let gateway = start_gateway(start_upstream());
-        let (g, u, _, _) = cpu_per_call(gateway, 200_000);
+        let (g, u, _, _) = cpu_per_call(gateway, calls);
         println!(
-            "200,000 calls: gateway {:.1} µs, upstream {:.1} µs per call",
+            "{calls} calls: gateway {:.1} µs, upstream {:.1} µs per call",
             g / 1000.0,
             u / 1000.0
         );
