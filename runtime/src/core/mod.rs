@@ -128,15 +128,43 @@ impl ConnectionCore {
         frame: Frame,
         held_bytes: usize,
     ) -> Result<Event, AbortReason> {
+        self.inspect_as(frame, held_bytes, false)
+    }
+
+    /// [`Self::inspect`] for a relay, which passes delivered frames on as read: what it
+    /// cannot account for (`Guard::incoming_relayed`), and frames that are not rpc
+    /// messages, are refused here.
+    pub(crate) fn inspect_relayed(
+        &mut self,
+        frame: Frame,
+        held_bytes: usize,
+    ) -> Result<Event, AbortReason> {
+        self.inspect_as(frame, held_bytes, true)
+    }
+
+    fn inspect_as(
+        &mut self,
+        frame: Frame,
+        held_bytes: usize,
+        relayed: bool,
+    ) -> Result<Event, AbortReason> {
         use capnp_rpc::rpc_capnp::message;
         let wire_bytes = frame.wire_bytes();
         let message = self.open(frame);
-        let Ok(root) = message.get_root::<message::Reader<'_>>() else {
+        let root = match message.get_root::<message::Reader<'_>>() {
+            Ok(root) => root,
+            Err(e) if relayed => {
+                return Err(AbortReason::Unsupported {
+                    what: format!("a message that is not an rpc message ({e})"),
+                })
+            }
             // Not an rpc message at all: the consumer reports it to the peer.
-            return Ok(Event::Deliver {
-                message,
-                wire_bytes,
-            });
+            Err(_) => {
+                return Ok(Event::Deliver {
+                    message,
+                    wire_bytes,
+                })
+            }
         };
         // Checked by the union tag alone: the guard parses the message itself. Not delivered:
         // capnp-rpc would echo the peer's reason, whatever its size, in its own Abort.
@@ -144,7 +172,12 @@ impl ConnectionCore {
             return Err(peer_abort(root));
         }
         self.guard.set_held_bytes(held_bytes, wire_bytes);
-        match self.guard.incoming(root) {
+        let verdict = if relayed {
+            self.guard.incoming_relayed(root)
+        } else {
+            self.guard.incoming(root)
+        };
+        match verdict {
             Verdict::Deliver => Ok(Event::Deliver {
                 message,
                 wire_bytes,
@@ -174,6 +207,15 @@ impl ConnectionCore {
         msg: capnp_rpc::rpc_capnp::message::Reader<'_>,
     ) -> Result<(), AbortReason> {
         self.guard.outgoing(msg)
+    }
+
+    /// Accounts for a message a relay passes on to this side's peer: what it must refuse
+    /// instead (see `Guard::outgoing_relayed`), or the accounting's error.
+    pub(crate) fn outgoing_relayed(
+        &mut self,
+        msg: capnp_rpc::rpc_capnp::message::Reader<'_>,
+    ) -> Result<Option<crate::guard::Refusal>, AbortReason> {
+        self.guard.outgoing_relayed(msg)
     }
 
     /// The shell is about to wait for bytes; `activity` counts bytes moved either way so far.

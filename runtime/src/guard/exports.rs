@@ -13,7 +13,14 @@ impl Guard {
     /// (rule 8: outgoing messages are never rewritten): the peer holds more capabilities
     /// from us than `max_exports`.
     pub fn outgoing(&mut self, msg: message::Reader<'_>) -> Result<(), AbortReason> {
-        match msg.which() {
+        self.outgoing_kind(msg.which())
+    }
+
+    pub(super) fn outgoing_kind(
+        &mut self,
+        which: Result<message::WhichReader<'_>, capnp::NotInSchema>,
+    ) -> Result<(), AbortReason> {
+        match which {
             Ok(message::Return(Ok(ret))) => {
                 let q = ret.get_answer_id();
                 // capnp-rpc sets noFinishNeeded on results without capabilities: the peer

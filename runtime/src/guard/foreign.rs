@@ -8,6 +8,7 @@
 use capnp::struct_list;
 use capnp_rpc::rpc_capnp::{call, cap_descriptor, disembargo, message, payload, return_};
 
+use super::{Guard, Verdict};
 use crate::AbortReason;
 
 /// What a relay does with a message it cannot account for.
@@ -19,10 +20,55 @@ pub(crate) enum Refusal {
     Abort(AbortReason),
 }
 
-/// Why `msg` must not be relayed, if it must not. Messages that do not parse are left to
-/// the accounting (which ignores them) and to the receiving vat.
-pub(crate) fn unsupported(msg: message::Reader<'_>) -> Option<Refusal> {
-    let what = match msg.which() {
+impl Guard {
+    /// [`Guard::incoming`] for a relay: the same walk of the message also refuses what the
+    /// relay cannot account for. A Call or Return is judged by the guard first (a denied
+    /// call is answered whatever its params hold); the other kinds refused here leave no
+    /// state in the guard.
+    pub(crate) fn incoming_relayed(&mut self, msg: message::Reader<'_>) -> Verdict {
+        let which = msg.which();
+        let refused = refusal(&which);
+        let judged_first = matches!(which, Ok(message::Call(_) | message::Return(_)));
+        match refused {
+            Some(r) if !judged_first => refuse(r, msg),
+            refused => match (self.incoming_kind(which), refused) {
+                (Verdict::Deliver, Some(r)) => refuse(r, msg),
+                (verdict, _) => verdict,
+            },
+        }
+    }
+
+    /// [`Guard::outgoing`] for a relay: what the relay must refuse instead of passing on
+    /// (nothing is accounted for it), or the accounting's error.
+    pub(crate) fn outgoing_relayed(
+        &mut self,
+        msg: message::Reader<'_>,
+    ) -> Result<Option<Refusal>, AbortReason> {
+        let which = msg.which();
+        if let Some(r) = refusal(&which) {
+            return Ok(Some(r));
+        }
+        self.outgoing_kind(which).map(|()| None)
+    }
+}
+
+/// The verdict on a refused incoming message: its `Unimplemented` echo, or the abort.
+fn refuse(refusal: Refusal, msg: message::Reader<'_>) -> Verdict {
+    match refusal {
+        Refusal::Abort(reason) => Verdict::Abort(reason),
+        Refusal::Unimplemented => match unimplemented(msg) {
+            Ok(echo) => Verdict::Reply(echo),
+            Err(e) => Verdict::Abort(AbortReason::Unsupported {
+                what: format!("a message that cannot be echoed as Unimplemented ({e})"),
+            }),
+        },
+    }
+}
+
+/// Why a message of this kind must not be relayed, if it must not. Messages that do not
+/// parse are left to the accounting (which ignores them) and to the receiving vat.
+fn refusal(which: &Result<message::WhichReader<'_>, capnp::NotInSchema>) -> Option<Refusal> {
+    let what = match which {
         Err(capnp::NotInSchema(_))
         | Ok(
             message::Provide(_)
@@ -31,8 +77,8 @@ pub(crate) fn unsupported(msg: message::Reader<'_>) -> Option<Refusal> {
             | message::ObsoleteSave(_)
             | message::ObsoleteDelete(_),
         ) => return Some(Refusal::Unimplemented),
-        Ok(message::Call(Ok(c))) => call_form(c),
-        Ok(message::Return(Ok(r))) => return_form(r),
+        Ok(message::Call(Ok(c))) => call_form(*c),
+        Ok(message::Return(Ok(r))) => return_form(*r),
         Ok(message::Resolve(Ok(r))) => match r.which() {
             Ok(capnp_rpc::rpc_capnp::resolve::Cap(Ok(d))) => descriptor_form(d),
             Err(capnp::NotInSchema(n)) => Some(format!("a Resolve of unknown form {n}")),

@@ -33,7 +33,7 @@ mod observer;
 mod reply;
 mod table;
 use exports::QuestionCaps;
-pub(crate) use foreign::{unimplemented, unsupported, Refusal};
+pub(crate) use foreign::{unimplemented, Refusal};
 use methods::MethodLimits;
 pub use observer::DenialCounts;
 pub(crate) use observer::{DenialReason, GuardObserver};
@@ -216,7 +216,14 @@ impl Guard {
 
     /// Inspects an incoming message.
     pub fn incoming(&mut self, msg: message::Reader<'_>) -> Verdict {
-        match msg.which() {
+        self.incoming_kind(msg.which())
+    }
+
+    fn incoming_kind(
+        &mut self,
+        which: Result<message::WhichReader<'_>, capnp::NotInSchema>,
+    ) -> Verdict {
+        match which {
             Ok(message::Call(Ok(c))) => self.call(c),
             Ok(message::Bootstrap(Ok(b))) => {
                 let q = b.get_question_id();

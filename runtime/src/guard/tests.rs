@@ -1,7 +1,8 @@
 //! The guard's tests, by topic: `calls` (the allowlist, denials and their replies,
 //! pipelining, question ids), `quotas` (class quotas and exports), `model` (a property test
-//! against a model of the answer table), `methods` (per-method rules). The messages they
-//! feed and the decoding of replies are here.
+//! against a model of the answer table), `methods` (per-method rules), `relayed` (a relay's
+//! refusal of the forms it cannot account for). The messages they feed and the decoding of
+//! replies are here.
 
 use std::sync::Arc;
 
@@ -16,6 +17,7 @@ mod calls;
 mod methods;
 mod model;
 mod quotas;
+mod relayed;
 
 #[derive(Clone, Copy)]
 enum Target {

@@ -18,7 +18,7 @@ use super::reader::{Lease, ReadState};
 use super::shared::ConnShared;
 use super::writer;
 use crate::core::{abort_frame, peer_abort, ConnectionCore, Event, Message};
-use crate::guard::{unimplemented, unsupported, Guard, Refusal};
+use crate::guard::{unimplemented, Guard, Refusal};
 use crate::upstream::Streams;
 use crate::{AbortReason, Limits};
 
@@ -190,7 +190,7 @@ async fn client_to_upstream<R: AsyncRead + Unpin>(
         let event = client
             .core
             .borrow_mut()
-            .inspect(frame, up.outbox.queued_bytes());
+            .inspect_relayed(frame, up.outbox.queued_bytes());
         match event {
             Err(reason) => return End::Close(reason),
             Ok(Event::Reply(frames)) => {
@@ -203,23 +203,6 @@ async fn client_to_upstream<R: AsyncRead + Unpin>(
                 }
             }
             Ok(Event::Deliver { message, .. }) => {
-                let refused = match message.get_root::<message::Reader<'_>>() {
-                    Ok(root) => unsupported(root).map(|r| answer(r, root)),
-                    Err(e) => Some(Err(AbortReason::Unsupported {
-                        what: format!("a message that is not an rpc message ({e})"),
-                    })),
-                };
-                match refused {
-                    None => {}
-                    Some(Ok(echo)) => {
-                        if let Err(reason) = client.outbox.push(Message::Encoded(echo)) {
-                            client.note_cut_off();
-                            return End::Close(reason);
-                        }
-                        continue;
-                    }
-                    Some(Err(reason)) => return End::Close(reason),
-                }
                 if let Err(reason) = up.outbox.push(Message::Relayed(message.into_segments())) {
                     return End::Close(upstream_fault(upstream, reason));
                 }
@@ -271,15 +254,12 @@ async fn upstream_to_client<R: AsyncRead + Unpin>(
                 },
                 other => upstream_fault(upstream, other),
             }),
-            Ok(root) => match unsupported(root).map(|r| answer(r, root)) {
-                Some(Ok(echo)) => Ok(Some(echo)),
-                Some(Err(reason)) => Err(upstream_fault(upstream, reason)),
-                None => client
-                    .core
-                    .borrow_mut()
-                    .outgoing(root)
-                    .map(|()| None)
-                    .map_err(|reason| reason.relayed_from(upstream)),
+            Ok(root) => match client.core.borrow_mut().outgoing_relayed(root) {
+                Ok(None) => Ok(None),
+                Ok(Some(refusal)) => answer(refusal, root)
+                    .map(Some)
+                    .map_err(|reason| upstream_fault(upstream, reason)),
+                Err(reason) => Err(reason.relayed_from(upstream)),
             },
         };
         match accounted {
