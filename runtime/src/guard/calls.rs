@@ -10,15 +10,16 @@ use super::methods::Over;
 use super::{denied, reply, Answer, Denial, DenialReason, Guard, Verdict};
 
 impl Guard {
-    pub(super) fn call(&mut self, c: call::Reader<'_>) -> Verdict {
+    /// `relayed`: a call the guard would deliver whose params carry a form a relay cannot
+    /// account for closes the connection instead (see `foreign.rs`).
+    pub(super) fn call(&mut self, c: call::Reader<'_>, relayed: bool) -> Verdict {
         let q = c.get_question_id();
         if let Some(v) = self.reuse(q).or_else(|| self.answers_overflow()) {
             return v;
         }
-        if let Ok(p) = c.get_params() {
-            if let Some(v) = self.too_many_caps("Call", p.get_cap_table()) {
-                return v;
-            }
+        let table = c.get_params().and_then(|p| p.get_cap_table()).ok();
+        if let Some(v) = self.too_many_caps("Call", table) {
+            return v;
         }
         self.calls += 1;
         let m = MethodRef {
@@ -138,6 +139,9 @@ impl Guard {
             // An Overloaded answer is not inherited by pipelined calls as a permission denial
             // would be, but they cannot run either: the same denial applies.
             return self.deny(q, Some(c), Rc::new(d));
+        }
+        if let Some(what) = relayed.then(|| super::foreign::table_form(table)).flatten() {
+            return Verdict::Abort(crate::AbortReason::Unsupported { what });
         }
         self.answers.insert(q, Answer::Running(Some(m)));
         self.started(Some(m));

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use capnp_rpc::rpc_capnp::{cap_descriptor, message};
 
-use super::{Answer, Guard};
+use super::{foreign, Answer, Guard};
 use crate::AbortReason;
 
 impl Guard {
@@ -13,25 +13,41 @@ impl Guard {
     /// (rule 8: outgoing messages are never rewritten): the peer holds more capabilities
     /// from us than `max_exports`.
     pub fn outgoing(&mut self, msg: message::Reader<'_>) -> Result<(), AbortReason> {
-        self.outgoing_kind(msg.which())
+        self.outgoing_kind(msg.which(), false).map(|_| ())
     }
 
+    /// `relayed`: a Call or Return carrying a form a relay cannot account for is not
+    /// accounted; the form is returned instead (see `foreign.rs`).
     pub(super) fn outgoing_kind(
         &mut self,
         which: Result<message::WhichReader<'_>, capnp::NotInSchema>,
-    ) -> Result<(), AbortReason> {
+        relayed: bool,
+    ) -> Result<Option<String>, AbortReason> {
         match which {
             Ok(message::Return(Ok(ret))) => {
                 let q = ret.get_answer_id();
                 // capnp-rpc sets noFinishNeeded on results without capabilities: the peer
                 // will not send Finish, and the answer is gone once returned.
                 let done = ret.get_no_finish_needed();
-                let ids = match ret.which() {
+                let table = match ret.which() {
                     Ok(capnp_rpc::rpc_capnp::return_::Results(Ok(payload))) => {
-                        self.export_descriptors(payload.get_cap_table())
+                        payload.get_cap_table().ok()
                     }
-                    _ => Vec::new(),
+                    other => {
+                        if relayed {
+                            if let Some(what) = foreign::return_form(&other) {
+                                return Ok(Some(what));
+                            }
+                        }
+                        None
+                    }
                 };
+                if relayed {
+                    if let Some(what) = foreign::table_form(table) {
+                        return Ok(Some(what));
+                    }
+                }
+                let ids = self.export_descriptors(table);
                 // The ids stay with the answer until its Finish; an answer that is not kept
                 // (finished already, or no Finish expected) keeps them in `returned_caps`.
                 match self.answers.get(q) {
@@ -53,22 +69,27 @@ impl Guard {
                 }
             }
             Ok(message::Call(Ok(c))) => {
+                if relayed {
+                    if let Some(what) = foreign::call_form(c) {
+                        return Ok(Some(what));
+                    }
+                }
                 self.awaiting = self.awaiting.saturating_add(1);
                 if let Ok(p) = c.get_params() {
-                    let ids = self.export_descriptors(p.get_cap_table());
+                    let ids = self.export_descriptors(p.get_cap_table().ok());
                     self.param_caps.insert(c.get_question_id(), ids);
                 }
             }
             Ok(message::Bootstrap(_)) => {
                 self.awaiting = self.awaiting.saturating_add(1);
-                return Ok(());
+                return Ok(None);
             }
             Ok(message::Resolve(Ok(r))) => {
                 if let Ok(capnp_rpc::rpc_capnp::resolve::Cap(Ok(d))) = r.which() {
                     self.export_descriptor(d);
                 }
             }
-            _ => return Ok(()),
+            _ => return Ok(None),
         }
         let max = self.class.quotas().max_exports;
         if self.exports.len() > max as usize {
@@ -79,15 +100,15 @@ impl Guard {
                 upstream: None,
             });
         }
-        Ok(())
+        Ok(None)
     }
 
     fn export_descriptors(
         &mut self,
-        table: capnp::Result<capnp::struct_list::Reader<'_, cap_descriptor::Owned>>,
+        table: Option<capnp::struct_list::Reader<'_, cap_descriptor::Owned>>,
     ) -> Vec<u32> {
         let mut ids = Vec::new();
-        if let Ok(table) = table {
+        if let Some(table) = table {
             for d in table.iter() {
                 if let Some(id) = self.export_descriptor(d) {
                     ids.push(id);

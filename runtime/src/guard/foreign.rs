@@ -6,7 +6,7 @@
 //! on them.
 
 use capnp::struct_list;
-use capnp_rpc::rpc_capnp::{call, cap_descriptor, disembargo, message, payload, return_};
+use capnp_rpc::rpc_capnp::{call, cap_descriptor, disembargo, message, return_};
 
 use super::{Guard, Verdict};
 use crate::AbortReason;
@@ -22,19 +22,14 @@ pub(crate) enum Refusal {
 
 impl Guard {
     /// [`Guard::incoming`] for a relay: the same walk of the message also refuses what the
-    /// relay cannot account for. A Call or Return is judged by the guard first (a denied
-    /// call is answered whatever its params hold); the other kinds refused here leave no
-    /// state in the guard.
+    /// relay cannot account for. In a Call or Return the guard judges first (a denied call
+    /// is answered whatever its params hold); the other kinds refused here leave no state
+    /// in the guard.
     pub(crate) fn incoming_relayed(&mut self, msg: message::Reader<'_>) -> Verdict {
         let which = msg.which();
-        let refused = refusal(&which);
-        let judged_first = matches!(which, Ok(message::Call(_) | message::Return(_)));
-        match refused {
-            Some(r) if !judged_first => refuse(r, msg),
-            refused => match (self.incoming_kind(which), refused) {
-                (Verdict::Deliver, Some(r)) => refuse(r, msg),
-                (verdict, _) => verdict,
-            },
+        match refusal(&which) {
+            Some(r) => refuse(r, msg),
+            None => self.incoming_kind(which, true),
         }
     }
 
@@ -48,7 +43,8 @@ impl Guard {
         if let Some(r) = refusal(&which) {
             return Ok(Some(r));
         }
-        self.outgoing_kind(which).map(|()| None)
+        let form = self.outgoing_kind(which, true)?;
+        Ok(form.map(|what| Refusal::Abort(AbortReason::Unsupported { what })))
     }
 }
 
@@ -65,8 +61,10 @@ fn refuse(refusal: Refusal, msg: message::Reader<'_>) -> Verdict {
     }
 }
 
-/// Why a message of this kind must not be relayed, if it must not. Messages that do not
-/// parse are left to the accounting (which ignores them) and to the receiving vat.
+/// Why a message of this kind must not be relayed, if it must not; forms inside a Call or
+/// Return are found in the guard's own walk of them (`call_form`, `return_form`,
+/// `table_form`). Messages that do not parse are left to the accounting (which ignores
+/// them) and to the receiving vat.
 fn refusal(which: &Result<message::WhichReader<'_>, capnp::NotInSchema>) -> Option<Refusal> {
     let what = match which {
         Err(capnp::NotInSchema(_))
@@ -77,8 +75,6 @@ fn refusal(which: &Result<message::WhichReader<'_>, capnp::NotInSchema>) -> Opti
             | message::ObsoleteSave(_)
             | message::ObsoleteDelete(_),
         ) => return Some(Refusal::Unimplemented),
-        Ok(message::Call(Ok(c))) => call_form(*c),
-        Ok(message::Return(Ok(r))) => return_form(*r),
         Ok(message::Resolve(Ok(r))) => match r.which() {
             Ok(capnp_rpc::rpc_capnp::resolve::Cap(Ok(d))) => descriptor_form(d),
             Err(capnp::NotInSchema(n)) => Some(format!("a Resolve of unknown form {n}")),
@@ -106,7 +102,8 @@ pub(crate) fn unimplemented(msg: message::Reader<'_>) -> capnp::Result<Box<[u8]>
     Ok(frame.into_boxed_slice())
 }
 
-fn call_form(c: call::Reader<'_>) -> Option<String> {
+/// A Call's forms a relay refuses: results sent to a third party, third-party caps.
+pub(super) fn call_form(c: call::Reader<'_>) -> Option<String> {
     match c.get_send_results_to().which() {
         Ok(call::send_results_to::ThirdParty(_)) => {
             return Some("a Call with sendResultsTo.thirdParty".into())
@@ -114,21 +111,25 @@ fn call_form(c: call::Reader<'_>) -> Option<String> {
         Err(capnp::NotInSchema(n)) => return Some(format!("a Call with sendResultsTo form {n}")),
         _ => {}
     }
-    c.get_params().ok().and_then(payload_form)
+    table_form(c.get_params().and_then(|p| p.get_cap_table()).ok())
 }
 
-fn return_form(r: return_::Reader<'_>) -> Option<String> {
-    match r.which() {
+/// A Return's forms a relay refuses, other than results (see `table_form`).
+pub(super) fn return_form(
+    which: &Result<return_::WhichReader<'_>, capnp::NotInSchema>,
+) -> Option<String> {
+    match which {
         Ok(return_::AcceptFromThirdParty(_)) => Some("a Return with acceptFromThirdParty".into()),
-        Ok(return_::Results(Ok(p))) => payload_form(p),
         Err(capnp::NotInSchema(n)) => Some(format!("a Return of unknown form {n}")),
         _ => None,
     }
 }
 
-fn payload_form(p: payload::Reader<'_>) -> Option<String> {
-    let table: struct_list::Reader<'_, cap_descriptor::Owned> = p.get_cap_table().ok()?;
-    table.iter().find_map(descriptor_form)
+/// The first capability in a cap table that a relay refuses, if any.
+pub(super) fn table_form(
+    table: Option<struct_list::Reader<'_, cap_descriptor::Owned>>,
+) -> Option<String> {
+    table?.iter().find_map(descriptor_form)
 }
 
 fn descriptor_form(d: cap_descriptor::Reader<'_>) -> Option<String> {

@@ -216,15 +216,18 @@ impl Guard {
 
     /// Inspects an incoming message.
     pub fn incoming(&mut self, msg: message::Reader<'_>) -> Verdict {
-        self.incoming_kind(msg.which())
+        self.incoming_kind(msg.which(), false)
     }
 
+    /// `relayed`: also refuse the forms inside a Call or Return that a relay cannot account
+    /// for (see `foreign.rs`), after the guard's own judgement.
     fn incoming_kind(
         &mut self,
         which: Result<message::WhichReader<'_>, capnp::NotInSchema>,
+        relayed: bool,
     ) -> Verdict {
         match which {
-            Ok(message::Call(Ok(c))) => self.call(c),
+            Ok(message::Call(Ok(c))) => self.call(c, relayed),
             Ok(message::Bootstrap(Ok(b))) => {
                 let q = b.get_question_id();
                 if let Some(v) = self.reuse(q).or_else(|| self.answers_overflow()) {
@@ -286,12 +289,23 @@ impl Guard {
             Ok(message::Return(Ok(ret))) => {
                 self.awaiting = self.awaiting.saturating_sub(1);
                 self.returned_to_us(ret.get_answer_id(), ret.get_release_param_caps());
-                if let Ok(capnp_rpc::rpc_capnp::return_::Results(Ok(p))) = ret.which() {
-                    if let Some(v) = self.too_many_caps("Return", p.get_cap_table()) {
-                        return v;
+                let table = match ret.which() {
+                    Ok(capnp_rpc::rpc_capnp::return_::Results(Ok(p))) => p.get_cap_table().ok(),
+                    other => {
+                        if let Some(what) = relayed.then(|| foreign::return_form(&other)).flatten()
+                        {
+                            return Verdict::Abort(AbortReason::Unsupported { what });
+                        }
+                        None
                     }
+                };
+                if let Some(v) = self.too_many_caps("Return", table) {
+                    return v;
                 }
-                Verdict::Deliver
+                match relayed.then(|| foreign::table_form(table)).flatten() {
+                    Some(what) => Verdict::Abort(AbortReason::Unsupported { what }),
+                    None => Verdict::Deliver,
+                }
             }
             // The peer could not take a capability we resolved a promise to: it never held
             // it (rule 11; C++ releases the export the same way).
@@ -346,7 +360,7 @@ impl Guard {
     fn too_many_caps(
         &self,
         what: &'static str,
-        table: capnp::Result<capnp::struct_list::Reader<'_, cap_descriptor::Owned>>,
+        table: Option<capnp::struct_list::Reader<'_, cap_descriptor::Owned>>,
     ) -> Option<Verdict> {
         let n = table.map_or(0, |t| t.len());
         let max = self.class.quotas().max_caps_per_message;
