@@ -218,17 +218,9 @@ impl ServerArgs {
     /// Serves one connection on stdin/stdout until stdin closes or SIGTERM / Ctrl-C,
     /// reloading the policy on SIGHUP and file changes. Logs go to stderr, as always.
     pub(crate) fn serve_stdio(&self, server: Server) -> Result<(), String> {
-        let handle = server.shutdown_handle();
-        let policy = server.policy_handle();
         let policy_path = self.policy.clone();
         super::block_on_local(async move {
-            tokio::task::spawn_local(async move {
-                wait_for_signal().await;
-                handle.shutdown();
-            });
-            if let Some(path) = policy_path {
-                tokio::task::spawn_local(reload_on_sighup(path, policy));
-            }
+            spawn_controls(policy_path, &server);
             server
                 .serve_stream(tokio::io::stdin(), tokio::io::stdout(), "stdio")
                 .await;
@@ -248,21 +240,27 @@ impl ServerArgs {
             }
             let _ = out.flush();
         }
-        let handle = server.shutdown_handle();
-        let policy = server.policy_handle();
         let policy_path = self.policy.clone();
         super::block_on_local(async move {
-            tokio::task::spawn_local(async move {
-                wait_for_signal().await;
-                tracing::info!("shutting down: no new connections, finishing in-flight calls");
-                handle.shutdown();
-            });
-            if let Some(path) = policy_path {
-                tokio::task::spawn_local(reload_on_sighup(path, policy));
-            }
+            spawn_controls(policy_path, &server);
             server.serve().await
         })?
         .map_err(|e| e.to_string())
+    }
+}
+
+/// Inside the local set: shuts `server` down on SIGTERM / Ctrl-C, and reloads its policy
+/// from `policy_path` on SIGHUP and file changes.
+fn spawn_controls(policy_path: Option<PathBuf>, server: &Server) {
+    let handle = server.shutdown_handle();
+    let policy = server.policy_handle();
+    tokio::task::spawn_local(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down: no new connections, finishing in-flight calls");
+        handle.shutdown();
+    });
+    if let Some(path) = policy_path {
+        tokio::task::spawn_local(reload_on_sighup(path, policy));
     }
 }
 
